@@ -1,0 +1,32 @@
+"""featurelens: interpret the features of a convolutional network by inverting it.
+
+Receptive fields of every layer, maximally activating examples, projections of a unit back to
+the input (gradient, deconvnet, guided backprop), Zeiler-Fergus figures and an explorer.
+"""
+
+from featurelens.empirical import EmpiricalReceptiveField, empirical_receptive_field
+from featurelens.graph import LayerError, TraceError, get_layer, layer_names
+from featurelens.receptive_field import (
+    NotAlignedError,
+    ReceptiveField,
+    UnsupportedOpError,
+    receptive_field,
+    receptive_fields,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EmpiricalReceptiveField",
+    "LayerError",
+    "NotAlignedError",
+    "ReceptiveField",
+    "TraceError",
+    "UnsupportedOpError",
+    "__version__",
+    "empirical_receptive_field",
+    "get_layer",
+    "layer_names",
+    "receptive_field",
+    "receptive_fields",
+]

@@ -1,0 +1,231 @@
+"""The independent receptive-field verifier: support of an input gradient.
+
+On a float64 copy of the model whose weights are strictly positive averaging kernels, with
+activations and norms replaced by the identity and max pooling by average pooling of the same
+geometry, the network is a positive linear map: an input position influences a unit exactly
+when the unit's gradient with respect to it is non-zero. No cancellation can hide a pixel, and
+float64 keeps the tiny contributions of border pixels from underflowing (float32 does not on
+deep nets).
+
+This module shares nothing with the analytic engine (:mod:`featurelens.receptive_field`): it
+needs no tracing, only a forward pass with the layer captured by a hook, and it replaces
+operations at the ``__torch_function__`` level, so functional calls (``F.relu``,
+``F.max_pool2d``, ``x.sigmoid()``) are covered as much as modules.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from featurelens.graph import capture, get_layer
+
+__all__ = ["EmpiricalReceptiveField", "empirical_receptive_field"]
+
+
+@dataclass(frozen=True)
+class EmpiricalReceptiveField:
+    """Input positions with a non-zero gradient for one location of one layer.
+
+    Attributes
+    ----------
+    mask
+        Bool tensor with the input's spatial shape: True where the unit depends on the input.
+    region
+        Half-open bounding box of ``mask`` (empty slices if the mask is empty), comparable with
+        :meth:`featurelens.ReceptiveField.region`.
+    """
+
+    mask: torch.Tensor
+    region: tuple[slice, ...]
+
+    @property
+    def is_dense(self) -> bool:
+        """Every position of the bounding box is in the mask (no holes, e.g. from dilation)."""
+        box = self.mask[self.region]
+        return bool(box.numel() > 0 and box.all())
+
+
+_IDENTITY_FUNCTIONS = {
+    F.relu, F.relu_, F.relu6, F.hardtanh, F.hardtanh_, F.gelu, F.silu, F.mish, F.elu, F.elu_,
+    F.selu, F.celu, F.leaky_relu, F.leaky_relu_, F.prelu, F.rrelu, F.hardswish, F.hardsigmoid,
+    F.sigmoid, F.tanh, F.softplus, F.logsigmoid, F.threshold, F.dropout, F.dropout1d,
+    F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout, F.batch_norm,
+    F.instance_norm, F.group_norm, F.layer_norm, F.local_response_norm,
+    torch.relu, torch.relu_, torch.sigmoid, torch.tanh, torch.clamp, torch.clip,
+    torch.clamp_min, torch.batch_norm, torch.layer_norm, torch.group_norm, torch.instance_norm,
+    torch.Tensor.relu, torch.Tensor.relu_, torch.Tensor.sigmoid, torch.Tensor.sigmoid_,
+    torch.Tensor.tanh, torch.Tensor.tanh_, torch.Tensor.clamp, torch.Tensor.clamp_,
+    torch.Tensor.clamp_min, torch.Tensor.clamp_min_, torch.Tensor.clip,
+}  # fmt: skip
+
+
+def _max_pool_as_average(func, args, kwargs, d: int):  # noqa: ANN001
+    """Average pooling with max pooling's exact geometry (dilation and ceil_mode included)."""
+    names = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+    a = dict(zip(names, args))
+    a.update(kwargs)
+    x = a["input"]
+    reference = func(*args, **kwargs)  # real max pool, for its output shape
+    ref = reference[0] if isinstance(reference, tuple) else reference
+
+    def tup(v, default):  # noqa: ANN001, ANN202
+        v = default if v is None else v
+        return (
+            tuple(v) * (d if len(tuple(v)) == 1 else 1)
+            if isinstance(v, (list, tuple))
+            else (v,) * d
+        )
+
+    k = tup(a["kernel_size"], None)
+    s = tup(a.get("stride") or a["kernel_size"], None)
+    q = tup(a.get("padding", 0), 0)
+    dil = tup(a.get("dilation", 1), 1)
+    pads: list[int] = []
+    for i in reversed(range(d)):
+        n = x.shape[x.dim() - d + i]
+        n_out = ref.shape[ref.dim() - d + i]
+        needed = (n_out - 1) * s[i] + dil[i] * (k[i] - 1) + 1
+        pads += [q[i], needed - n - q[i]]
+    xp = F.pad(x, pads)
+    c = xp.shape[1]
+    weight = torch.full(
+        (c, 1, *k), 1.0 / float(torch.tensor(k).prod()), dtype=x.dtype, device=x.device
+    )
+    conv = (F.conv1d, F.conv2d, F.conv3d)[d - 1]
+    out = conv(xp, weight, stride=s, dilation=dil, groups=c)
+    if isinstance(reference, tuple):
+        return out, reference[1]
+    return out
+
+
+_MAX_POOLS = {}
+for _d in (1, 2, 3):
+    for _f in (getattr(F, f"max_pool{_d}d"), getattr(F, f"max_pool{_d}d_with_indices"),
+               getattr(torch, f"max_pool{_d}d")):  # fmt: skip
+        _MAX_POOLS[_f] = _d
+_ADAPTIVE_MAX = {
+    getattr(F, f"adaptive_max_pool{d}d"): getattr(F, f"adaptive_avg_pool{d}d") for d in (1, 2, 3)
+}
+_ADAPTIVE_MAX.update(
+    {
+        getattr(F, f"adaptive_max_pool{d}d_with_indices"): getattr(F, f"adaptive_avg_pool{d}d")
+        for d in (1, 2, 3)
+    }  # fmt: skip
+)
+
+
+class _PositiveLinearMode(TorchFunctionMode):
+    """Activations and norms become the identity; max pooling becomes average pooling."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        if func in _IDENTITY_FUNCTIONS:
+            x = args[0] if args else kwargs.get("input")
+            return x
+        if func in _MAX_POOLS:
+            return _max_pool_as_average(func, args, kwargs, _MAX_POOLS[func])
+        if func in _ADAPTIVE_MAX:
+            x = args[0] if args else kwargs["input"]
+            size = args[1] if len(args) > 1 else kwargs["output_size"]
+            out = _ADAPTIVE_MAX[func](x, size)
+            return (out, None) if func.__name__.endswith("indices") else out
+        if func in (torch.amax, torch.Tensor.amax):
+            x = args[0]
+            dim = args[1] if len(args) > 1 else kwargs.get("dim", ())
+            keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+            return x.mean(dim=dim, keepdim=keepdim) if dim != () else x.mean()
+        return func(*args, **kwargs)
+
+
+def _positive_copy(model: nn.Module) -> nn.Module:
+    """A float64 deep copy whose weighted layers average their inputs with positive weights."""
+    m = copy.deepcopy(model).double().eval()
+    with torch.no_grad():
+        for module in m.modules():
+            for name, p in list(module.named_parameters(recurse=False)):
+                if name == "weight" and isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+                    fan_in = p[0].numel()
+                    p.fill_(1.0 / fan_in)
+                elif name == "bias":
+                    p.zero_()
+                else:
+                    p.fill_(1.0)
+    for p in m.parameters():
+        p.requires_grad_(False)
+    for hook_dict in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks"):
+        for module in m.modules():
+            getattr(module, hook_dict).clear()
+    return m
+
+
+def empirical_receptive_field(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    layer: str,
+    location: Sequence[int] | int,
+    channel_dim: int = 1,
+) -> EmpiricalReceptiveField:
+    """Receptive field of ``layer`` at ``location`` from the support of an input gradient.
+
+    Independent of :func:`featurelens.receptive_field` (no tracing); slower, and exact in the
+    sense that it reports precisely the positions the unit depends on. Dilated kernels can leave
+    holes: compare bounding boxes (``.region``) with the analytic region.
+
+    Parameters
+    ----------
+    model
+        Left untouched: the computation runs on a float64 copy.
+    input_shape
+        ``(C, *spatial)`` without the batch dimension.
+    layer
+        Dotted ``named_modules()`` name.
+    location
+        One int per spatial axis of the layer's output (``()`` for a layer without spatial
+        axes, such as a classifier).
+    channel_dim
+        The layer output's channel dim; the dims after it are spatial. Set it to -1 for a
+        channels-last layer (``(N, *spatial, C)``, as inside ConvNeXt blocks).
+    """
+    shape = tuple(int(v) for v in input_shape)
+    if not 2 <= len(shape) <= 4:
+        raise ValueError(f"input_shape {shape} is not (C, *spatial) with 1 to 3 spatial axes")
+    get_layer(model, layer)
+    loc = (location,) if isinstance(location, int) else tuple(int(v) for v in location)
+    probe = _positive_copy(model)
+    device = next((p.device for p in probe.parameters()), torch.device("cpu"))
+    x = torch.ones((1, *shape), dtype=torch.float64, device=device, requires_grad=True)
+    with _PositiveLinearMode(), capture(probe, [layer]) as run:
+        y = run(x)[layer]
+    if y.dim() > 2 and channel_dim % y.dim() != 1:
+        y = y.movedim(channel_dim, 1)
+    spatial = y.shape[2:]
+    if y.dim() <= 2:
+        if any(loc):
+            raise ValueError(f"layer {layer!r} has no spatial axes; use location ()")
+        target = y.sum()
+    else:
+        if len(loc) != len(spatial):
+            raise ValueError(
+                f"location {loc} has {len(loc)} coordinate(s); layer {layer!r} output has "
+                f"spatial shape {tuple(spatial)}"
+            )
+        for axis, (u, n) in enumerate(zip(loc, spatial)):
+            if not 0 <= u < n:
+                raise ValueError(f"location {loc} out of range on axis {axis}: valid 0..{n - 1}")
+        target = y[(0, slice(None), *loc)].sum()
+    (grad,) = torch.autograd.grad(target, x)
+    mask = (grad[0] != 0).any(dim=0).cpu()
+    region = []
+    for axis in range(mask.dim()):
+        other = tuple(i for i in range(mask.dim()) if i != axis)
+        hit = mask.any(dim=other) if other else mask
+        idx = torch.nonzero(hit).flatten()
+        region.append(slice(int(idx[0]), int(idx[-1]) + 1) if len(idx) else slice(0, 0))
+    return EmpiricalReceptiveField(mask=mask, region=tuple(region))
