@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # torch and torchvision are pinned to the builds that lie on this machine's disk.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test lint format venv browser clean
+.PHONY: demo test test-slow lint format venv browser clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,9 @@ format: $(STAMP)
 
 test: $(STAMP) browser lint
 	$(PY) -m pytest -n 2 -q
+
+test-slow: $(STAMP) browser
+	$(PY) -m pytest -n 2 -q -m slow
 
 clean:
 	rm -rf $(VENV) featurelens-demo .pytest_cache
