@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -74,7 +75,14 @@ class ReceptiveField:
         Every unit of the layer depends on the whole input (global pooling, flatten + linear,
         squeeze-and-excitation gating, ...); :meth:`region` then returns the whole input.
     aligned
-        False where merged branches have different centres; the region is then their union.
+        False where merged branches have different centres (Distill's alignment check), or
+        where one location is broadcast over a map without seeing the whole input; the
+        region is then the union of the branches' regions.
+    bounds
+        Exact clipped input bounds ``(first, last)`` (inclusive) of every output location, per
+        axis; ``(0, -1)`` for a location that sees only padding. :meth:`region` reads them:
+        away from the borders they equal the clipped Distill interval, at the borders they are
+        exact where the formula is not (explicit pads, crops, dilated taps that skip pixels).
     """
 
     size: tuple[int, ...]
@@ -84,6 +92,7 @@ class ReceptiveField:
     output_shape: tuple[int, ...]
     is_global: bool = False
     aligned: bool = True
+    bounds: tuple[tuple[tuple[int, int], ...], ...] = field(default=(), repr=False, compare=False)
 
     @property
     def ndim(self) -> int:
@@ -125,13 +134,17 @@ class ReceptiveField:
         A global field returns the whole input.
         """
         loc = self._check_location(location)
-        if self.is_global:
-            return tuple(slice(0, n) for n in self.input_shape)
+        if not clip:
+            return tuple(slice(first, last + 1) for first, last in self.interval(loc))
+        if self.bounds:
+            spans = [b[u] for b, u in zip(self.bounds, loc)]
+            if any(last < first for first, last in spans):  # sees only padding
+                return tuple(slice(0, 0) for _ in spans)
+            return tuple(slice(first, last + 1) for first, last in spans)
         out = []
         for (first, last), n in zip(self.interval(loc), self.input_shape):
-            if clip:
-                first, last = max(first, 0), min(last, n - 1)
-            out.append(slice(first, last + 1))
+            first, last = max(first, 0), min(last, n - 1)
+            out.append(slice(first, max(last + 1, first)))
         return tuple(out)
 
     def __repr__(self) -> str:
@@ -163,13 +176,23 @@ class ReceptiveField:
 # Propagation state of one tensor
 
 
-@dataclass(frozen=True)
+_EMPTY = np.iinfo(np.int64).max  # "first" of a location that depends on no input at all
+
+
+@dataclass(frozen=True, eq=False)
 class _Field:
     """Receptive-field state of one tensor in the graph.
 
     ``dims[i]`` is the input spatial axis held by tensor dim ``i`` (None for batch, channel
-    and other dims). Geometry and ``lengths`` are per input axis; an axis that no tensor dim
-    holds any more has length 1 (it has been pooled or flattened away).
+    and other dims). Everything else is per input axis: the Distill geometry (``size``,
+    ``stride``, ``padding``), the number of locations (``lengths``; an axis that no tensor dim
+    holds any more has length 1: it has been pooled or flattened away), and the exact clipped
+    bounds of every location (``first[axis][u]``, ``last[axis][u]``, inclusive; ``first`` is
+    ``_EMPTY`` and ``last`` is -1 for a location that sees only padding).
+
+    The geometry is what the layer does away from the borders; the bounds are exact everywhere,
+    including border locations whose windows reach into padding, explicit pads and crops, and
+    dilated windows whose taps skip the first input positions.
     """
 
     dims: tuple[int | None, ...]
@@ -177,39 +200,64 @@ class _Field:
     stride: tuple[int, ...]
     padding: tuple[int, ...]
     lengths: tuple[int, ...]
-    covers_all: bool = False  # depends on the whole input through a broadcast (SE gating)
+    first: tuple[np.ndarray, ...]
+    last: tuple[np.ndarray, ...]
     aligned: bool = True
 
-    def with_axis(self, axis: int, r: int, j: int, p: int, n: int) -> _Field:
-        def put(t: tuple[int, ...], v: int) -> tuple[int, ...]:
-            return t[:axis] + (v,) + t[axis + 1 :]
-
-        return replace(
-            self,
-            size=put(self.size, r),
-            stride=put(self.stride, j),
-            padding=put(self.padding, p),
-            lengths=put(self.lengths, n),
+    @classmethod
+    def identity(cls, spatial: tuple[int, ...]) -> _Field:
+        d = len(spatial)
+        return cls(
+            dims=(None, None) + tuple(range(d)),
+            size=(1,) * d,
+            stride=(1,) * d,
+            padding=(0,) * d,
+            lengths=tuple(spatial),
+            first=tuple(np.arange(n, dtype=np.int64) for n in spatial),
+            last=tuple(np.arange(n, dtype=np.int64) for n in spatial),
         )
 
+    def _put(self, axis: int, **values: Any) -> _Field:
+        changes = {}
+        for name, v in values.items():
+            t = getattr(self, name)
+            changes[name] = t[:axis] + (v,) + t[axis + 1 :]
+        return replace(self, **changes)
+
     def window(self, axis: int, k: int, s: int, q: int, d: int, n_out: int) -> _Field:
+        """A sliding window (kernel k, stride s, left padding q, dilation d) on ``axis``.
+
+        Also expresses explicit padding (k=1, q=left), crops and strided slices (k=1, q=-start,
+        s=step) and broadcasting one location (s=0).
+        """
         r, j, p = self.size[axis], self.stride[axis], self.padding[axis]
-        return self.with_axis(axis, r + d * (k - 1) * j, j * s, p + q * j, n_out)
+        n_in = self.lengths[axis]
+        taps = np.arange(n_out, dtype=np.int64)[:, None] * s - q + np.arange(k) * d  # (n_out, k)
+        valid = (taps >= 0) & (taps < n_in)
+        safe = np.clip(taps, 0, max(n_in - 1, 0))
+        first = np.where(valid, self.first[axis][safe], _EMPTY).min(axis=1)
+        last = np.where(valid, self.last[axis][safe], -1).max(axis=1)
+        return self._put(
+            axis,
+            size=r + d * (k - 1) * j,
+            stride=j * s,
+            padding=p + q * j,
+            lengths=n_out,
+            first=first,
+            last=last,
+        )
 
     def collapse(self, axis: int) -> _Field:
         """Union over all locations of ``axis`` (global pooling, flatten)."""
         n = self.lengths[axis]
         return self.window(axis, n, n, 0, 1, 1)
 
-
-def _covers_input(f: _Field, input_shape: tuple[int, ...]) -> bool:
-    """Every location's clipped interval is the whole input, on every axis."""
-    for r, j, p, n, length in zip(f.size, f.stride, f.padding, f.lengths, input_shape):
-        first_end = -p + r - 1
-        last_start = (n - 1) * j - p
-        if not (last_start <= 0 and first_end >= length - 1):
-            return False
-    return True
+    def covers(self, input_shape: tuple[int, ...]) -> bool:
+        """Every location sees the whole input on every axis."""
+        return all(
+            bool((f == 0).all() and (lst == n - 1).all())
+            for f, lst, n in zip(self.first, self.last, input_shape)
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -316,8 +364,12 @@ _ADAPTIVE_FUNCTIONS.update(
 class _Propagator(fx.Interpreter):
     """Runs the traced graph on a real (zero) input and propagates fields beside the values."""
 
-    def __init__(self, gm: fx.GraphModule, input_shape: tuple[int, ...]):
+    def __init__(
+        self, gm: fx.GraphModule, input_shape: tuple[int, ...], stop_at: fx.Node | None = None
+    ):
         super().__init__(gm)
+        self.stop_at = stop_at
+        self.input_shape = input_shape
         self.spatial = input_shape[1:]
         self.fields: dict[fx.Node, Any] = {}
         self.modules = dict(gm.named_modules())
@@ -382,20 +434,15 @@ class _Propagator(fx.Interpreter):
             if self._placeholder_seen:
                 self.fields[n] = None
             else:
-                d = len(self.spatial)
-                self.fields[n] = _Field(
-                    dims=(None, None) + tuple(range(d)),
-                    size=(1,) * d,
-                    stride=(1,) * d,
-                    padding=(0,) * d,
-                    lengths=tuple(self.spatial),
-                )
+                self.fields[n] = _Field.identity(tuple(self.spatial))
                 self._placeholder_seen = True
             return result
         if n.op in ("get_attr", "output"):
             self.fields[n] = None
             return result
         self.fields[n] = self._propagate(n, result)
+        if n is self.stop_at:
+            raise _Done
         return result
 
     # -- dispatch -----------------------------------------------------------------------------
@@ -556,6 +603,12 @@ class _Propagator(fx.Interpreter):
     # -- rules --------------------------------------------------------------------------------
     def _spatial_tail(self, node: fx.Node, f: _Field, x: torch.Tensor, d: int) -> list[int]:
         """Input axes held by the last ``d`` tensor dims (the dims a d-D kernel slides over)."""
+        if x.dim() != d + 2:
+            raise ValueError(
+                f"{self._where(node)} works on (N, C, {d} spatial dims) but gets a tensor of shape "
+                f"{tuple(x.shape)}: input_shape {tuple(self.input_shape)} must be (C, *spatial) with "
+                "the spatial dims this layer expects"
+            )
         axes = list(f.dims[-d:]) if x.dim() >= d else []
         if len(axes) != d:
             raise self._unsupported(
@@ -604,6 +657,8 @@ class _Propagator(fx.Interpreter):
             n_out = result.shape[result.dim() - d + i]
             if n_out == 1:
                 out = out.collapse(axis)
+            elif n_in == 1:
+                out = out.window(axis, 1, 0, 0, 1, n_out)  # one location, repeated
             elif n_in % n_out == 0:
                 k = n_in // n_out
                 out = out.window(axis, k, k, 0, 1, n_out)
@@ -629,86 +684,97 @@ class _Propagator(fx.Interpreter):
                 if left or pad[2 * i + 1]:
                     raise self._unsupported(node, f"pads tensor dim {dim}, which is not spatial")
                 continue
-            r, j, p = out.size[axis], out.stride[axis], out.padding[axis]
-            out = out.with_axis(axis, r, j, p + left * j, result.shape[dim])
+            out = out.window(axis, 1, 1, left, 1, result.shape[dim])
         return out
 
     def _merge(self, node, inputs, result):  # noqa: ANN001
-        """Elementwise op (with broadcasting) over one or more fields: union of intervals."""
+        """Elementwise op (with broadcasting) over one or more fields: union of dependencies."""
         if not isinstance(result, torch.Tensor):
             raise self._unsupported(node, "returns a non-tensor")
         nd = result.dim()
-        placed: list[tuple[_Field, list[bool]]] = []
         dims: list[int | None] = [None] * nd
+        merged: _Field | None = None
         for f, x in inputs:
             offset = nd - x.dim()
             if offset < 0:
                 raise self._unsupported(node, "output has fewer dims than an input")
-            broadcast_axis = [False] * len(f.lengths)
             for i, axis in enumerate(f.dims):
-                if axis is None:
-                    continue
-                out_dim = offset + i
-                if x.shape[i] == 1 and result.shape[out_dim] != 1:
-                    broadcast_axis[axis] = True
-                    continue
-                if dims[out_dim] is not None and dims[out_dim] != axis:
+                if axis is None or (x.shape[i] == 1 and result.shape[offset + i] != 1):
+                    continue  # broadcast dims carry no location
+                if dims[offset + i] is not None and dims[offset + i] != axis:
                     raise self._unsupported(node, "combines different spatial axes in one dim")
-                dims[out_dim] = axis
-            placed.append((f, broadcast_axis))
-        merged: _Field | None = None
-        covers = False
-        for f, bcast in placed:
-            if any(bcast):
-                # one location broadcast over many: exact only if it already sees everything
-                if not (f.covers_all or _covers_input(f, self.spatial)):
-                    raise NotAlignedError(
-                        f"{self._where(node)}: a branch with one location per axis "
-                        f"{[a for a, b in enumerate(bcast) if b]} is broadcast over a larger map; "
-                        "its receptive field does not cover the input, so units of the result do "
-                        "not share one geometry. Use featurelens.empirical_receptive_field."
-                    )
-                covers = True
-                continue
+                dims[offset + i] = axis
             merged = f if merged is None else self._union(node, merged, f)
-        if merged is None:  # every input was broadcast (all global)
-            merged = placed[0][0]
-        lengths = list(merged.lengths)
-        for out_dim, axis in enumerate(dims):
-            if axis is not None:
-                lengths[axis] = result.shape[out_dim]
-        return replace(
-            merged,
-            dims=tuple(dims),
-            lengths=tuple(lengths),
-            covers_all=merged.covers_all or covers or any(f.covers_all for f, _ in placed),
-        )
+        return replace(merged, dims=tuple(dims))
 
     def _union(self, node: fx.Node, a: _Field, b: _Field) -> _Field:
-        size, stride, padding, aligned = [], [], [], a.aligned and b.aligned
-        for axis, (ra, ja, pa, na, rb, jb, pb, nb) in enumerate(
-            zip(a.size, a.stride, a.padding, a.lengths, b.size, b.stride, b.padding, b.lengths)
-        ):
-            if ja != jb and max(na, nb) > 1:
+        """Union of two fields over the same locations; a length-1 axis is broadcast."""
+        out = a
+        aligned = a.aligned and b.aligned
+        for axis in range(len(a.lengths)):
+            # per axis, ``big`` has the locations and ``other`` is either alike or broadcast
+            big, other = (b, a) if a.lengths[axis] == 1 < b.lengths[axis] else (a, b)
+            n, n_other = big.lengths[axis], other.lengths[axis]
+            if n_other not in (n, 1):
+                raise self._unsupported(node, f"merges maps of lengths {n} and {n_other}")
+            r, j, p = big.size[axis], big.stride[axis], big.padding[axis]
+            ro, jo, po = other.size[axis], other.stride[axis], other.padding[axis]
+            first = np.minimum(big.first[axis], other.first[axis])
+            last = np.maximum(big.last[axis], other.last[axis])
+            if n_other == 1 and n > 1:
+                # One location reaches every location of the map (squeeze-and-excitation
+                # gating): the geometry is the map's; aligned only if that location sees all.
+                if not (
+                    other.first[axis][0] == 0 and other.last[axis][0] == self.spatial[axis] - 1
+                ):
+                    aligned = False
+                out = out._put(axis, size=r, stride=j, padding=p, lengths=n, first=first, last=last)
+                continue
+            if j != jo and n > 1:
                 raise NotAlignedError(
                     f"{self._where(node)}: branches merge with different effective strides on "
-                    f"axis {axis} ({ja} and {jb}); no single receptive-field geometry. Use "
+                    f"axis {axis} ({j} and {jo}); no single receptive-field geometry. Use "
                     "featurelens.empirical_receptive_field for these layers."
                 )
-            p = max(pa, pb)
-            size.append(max(ra - pa, rb - pb) + p)
-            stride.append(max(ja, jb))
-            padding.append(p)
-            if (ra - 1) - 2 * pa != (rb - 1) - 2 * pb:
+            pad = max(p, po)
+            size = max(r - p, ro - po) + pad
+            out = out._put(
+                axis, size=size, stride=j, padding=pad, lengths=n, first=first, last=last
+            )
+            if (r - 1) - 2 * p != (ro - 1) - 2 * po:
                 aligned = False
-        return replace(
-            a,
-            size=tuple(size),
-            stride=tuple(stride),
-            padding=tuple(padding),
-            aligned=aligned,
-            covers_all=a.covers_all or b.covers_all,
-        )
+        self._check_separable(node, a, b, out)
+        return replace(out, aligned=aligned)
+
+    def _check_separable(self, node: fx.Node, a: _Field, b: _Field, out: _Field) -> None:
+        """Per-axis bounds stay exact through a union unless a branch sees only padding at some
+        locations where the other branch reaches further on another axis: then the union's
+        bounding box differs between locations in a way one table per axis cannot hold."""
+
+        def empty_axes(f: _Field) -> list[int]:
+            return [ax for ax in range(len(f.lengths)) if (f.last[ax] < f.first[ax]).any()]
+
+        empty = {id(a): empty_axes(a), id(b): empty_axes(b)}
+        ok = True
+        for x, y in ((a, b), (b, a)):
+            for e in empty[id(x)]:
+                # where x sees nothing (on axis e), the union must be y alone on every axis
+                if any(f != e for f in empty[id(y)]):
+                    ok = False
+                for ax in range(len(out.lengths)):
+                    if ax != e:
+                        n = out.lengths[ax]
+                        ok = (
+                            ok
+                            and np.array_equal(np.broadcast_to(y.first[ax], (n,)), out.first[ax])
+                            and np.array_equal(np.broadcast_to(y.last[ax], (n,)), out.last[ax])
+                        )
+        if not ok:
+            raise UnsupportedOpError(
+                f"{self._where(node)}: merges a branch whose border locations see only padding "
+                "with a branch that reaches further; the union is not one box per axis there "
+                "(not supported yet). Use featurelens.empirical_receptive_field for this layer."
+            )
 
     def _reshape(self, node, f, x, result):  # noqa: ANN001
         """view/reshape/flatten/squeeze/unsqueeze: keep spatial dims that survive one-to-one,
@@ -857,17 +923,13 @@ class _Propagator(fx.Interpreter):
             n = x.shape[src_dim]
             if isinstance(i, int):
                 if axis is not None:
-                    u = i % n
-                    r, j, p = out.size[axis], out.stride[axis], out.padding[axis]
-                    out = out.with_axis(axis, r, j, p - u * j, 1)
+                    out = out.window(axis, 1, 1, -(i % n), 1, 1)
             elif isinstance(i, slice):
                 start, stop, step = i.indices(n)
                 if axis is not None:
                     if step <= 0:
                         raise self._unsupported(node, "negative step on a spatial axis")
-                    r, j, p = out.size[axis], out.stride[axis], out.padding[axis]
-                    length = len(range(start, stop, step))
-                    out = out.with_axis(axis, r, j * step, p - start * j, length)
+                    out = out.window(axis, 1, step, -start, 1, len(range(start, stop, step)))
                 dims.append(axis)
             else:
                 raise self._unsupported(node, f"index {i!r}")
@@ -919,7 +981,7 @@ def _reshape_groups(a: list[int], b: list[int]) -> list[tuple[list[int], list[in
 def _check_input_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
     try:
         shape = tuple(int(v) for v in input_shape)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise ValueError(
             f"input_shape must be a sequence of ints (C, *spatial), got {input_shape!r}"
         ) from exc
@@ -930,6 +992,42 @@ def _check_input_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
             "(1, 32, 64, 64) for volumes"
         )
     return shape
+
+
+class _Done(Exception):
+    """Stops the propagation once the requested layer's node has its field."""
+
+
+def _propagate(
+    model: nn.Module, input_shape: Sequence[int], stop_at: str | None = None
+) -> dict[str, ReceptiveField]:
+    shape = _check_input_shape(input_shape)
+    traced = trace(model)
+    target = traced.node(stop_at) if stop_at is not None else None
+    prop = _Propagator(traced.graph_module, shape, stop_at=target)
+    param = next(model.parameters(), None)
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    device = param.device if param is not None else torch.device("cpu")
+    x = torch.zeros((1, *shape), dtype=dtype, device=device)
+    with preserved(model, freeze=False), torch.no_grad():
+        try:
+            prop.run(x)
+        except _Done:
+            pass
+        except (UnsupportedOpError, NotAlignedError, ValueError) as exc:
+            # fx appends "While executing ..." to the message: keep ours, it names the op
+            raise type(exc)(str(exc).split("\n\nWhile executing")[0]) from None
+        except RuntimeError as exc:
+            raise ValueError(
+                f"the model rejects inputs of shape (N, {', '.join(map(str, shape))}): "
+                f"{str(exc).splitlines()[0]}"
+            ) from exc
+    out: dict[str, ReceptiveField] = {}
+    for name, node in traced.outputs.items():
+        f = prop.fields.get(node)
+        if isinstance(f, _Field):
+            out[name] = _to_value(f, shape[1:])
+    return out
 
 
 def receptive_fields(model: nn.Module, input_shape: Sequence[int]) -> dict[str, ReceptiveField]:
@@ -946,31 +1044,19 @@ def receptive_fields(model: nn.Module, input_shape: Sequence[int]) -> dict[str, 
     -------
     dict
         ``{layer name: ReceptiveField}`` for :func:`featurelens.layer_names` ``(model)``.
+
+    Raises
+    ------
+    TraceError
+        The model cannot be traced with torch.fx (the message names the line).
+    UnsupportedOpError
+        An operation whose effect on the receptive field is unknown (named, with its line).
+    NotAlignedError
+        Branches with different effective strides merge.
+    ValueError
+        ``input_shape`` is not ``(C, *spatial)`` or the model rejects it.
     """
-    shape = _check_input_shape(input_shape)
-    traced = trace(model)
-    prop = _Propagator(traced.graph_module, shape)
-    param = next(model.parameters(), None)
-    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    device = param.device if param is not None else torch.device("cpu")
-    x = torch.zeros((1, *shape), dtype=dtype, device=device)
-    with preserved(model, freeze=False), torch.no_grad():
-        try:
-            prop.run(x)
-        except (UnsupportedOpError, NotAlignedError):
-            raise
-        except RuntimeError as exc:
-            raise ValueError(
-                f"the model rejects inputs of shape (N, {', '.join(map(str, shape))}): "
-                f"{str(exc).splitlines()[0]}"
-            ) from exc
-    out: dict[str, ReceptiveField] = {}
-    for name, node in traced.outputs.items():
-        f = prop.fields.get(node)
-        if not isinstance(f, _Field):
-            continue
-        out[name] = _to_value(f, shape[1:])
-    return out
+    return _propagate(model, input_shape)
 
 
 def _to_value(f: _Field, spatial: tuple[int, ...]) -> ReceptiveField:
@@ -980,16 +1066,21 @@ def _to_value(f: _Field, spatial: tuple[int, ...]) -> ReceptiveField:
         padding=f.padding,
         input_shape=tuple(spatial),
         output_shape=f.lengths,
-        is_global=f.covers_all or _covers_input(f, spatial),
+        is_global=f.covers(spatial),
         aligned=f.aligned,
+        bounds=tuple(
+            tuple((int(a), int(b)) if b >= a else (0, -1) for a, b in zip(fa, la))
+            for fa, la in zip(f.first, f.last)
+        ),
     )
 
 
 def receptive_field(model: nn.Module, input_shape: Sequence[int], layer: str) -> ReceptiveField:
-    """Receptive field of one layer (see :func:`receptive_fields`)."""
-    traced = trace(model)
-    traced.node(layer)  # unknown or ambiguous layer: LayerError with valid names
-    fields = receptive_fields(model, input_shape)
+    """Receptive field of one layer (see :func:`receptive_fields`).
+
+    Only the graph up to ``layer`` is analysed, so operations after it do not matter.
+    """
+    fields = _propagate(model, input_shape, stop_at=layer)
     if layer not in fields:
         raise ValueError(f"layer {layer!r} does not output a tensor with a receptive field")
     return fields[layer]
