@@ -297,7 +297,7 @@ def test_region_indexes_the_input_and_validates_locations(small_cnn):
     x = torch.arange(28 * 28.0).reshape(1, 1, 28, 28)
     # size 8, stride 2, padding 3: rows [-3, 4] clipped to [0, 4], columns [9, 16]
     assert (rf.size, rf.stride, rf.padding) == ((8, 8), (2, 2), (3, 3))
-    patch = x[..., *rf.region((0, 6))]
+    patch = x[(..., *rf.region((0, 6)))]
     assert torch.equal(patch, x[..., 0:5, 9:17])
     with pytest.raises(
         ValueError, match=r"location \(14, 0\) is out of range on axis 0: valid 0..13"
