@@ -1,0 +1,579 @@
+"""Projections of a unit back to the input: gradient, deconvnet, guided backprop.
+
+For a unit ``y[layer, channel, location]`` and an input ``x`` the projection is the backward
+pass from that one value to ``x``, with the rectifier rule of the chosen method
+(:data:`featurelens.rules.METHODS`). Three things make it fast and keep it exact:
+
+* **Truncation.** The forward pass stops at ``layer`` (:func:`featurelens.graph.capture`):
+  nothing after it runs.
+* **Receptive-field crop.** A unit depends only on its receptive field, so it is computed on
+  a crop of the input holding that field and the result is put back into a zero map of the
+  input's size. The crop starts on a multiple of the layer's effective stride, so every
+  intermediate grid of the truncated network lines up with the full image's, and is clamped to
+  the image (shifted inwards by whole strides near the far border), so real zero padding stays
+  real padding. Every value the unit depends on is then computed from the same numbers in the
+  same order: in float64 the maps equal the full-image ones bit for bit (tested).
+* **Batching.** Crops of many units (any examples, channels, locations) are stacked and go
+  through one forward and one backward of the *sum* of the selected units: rows are
+  independent in eval mode, so each row's gradient is its own unit's.
+
+The model is used in eval mode with frozen parameters and comes back exactly as it was given,
+also after an error (:func:`featurelens.graph.preserved`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from featurelens.graph import TraceError, capture, preserved, resolve_layers
+from featurelens.receptive_field import (
+    NotAlignedError,
+    ReceptiveField,
+    UnsupportedOpError,
+    receptive_field,
+)
+from featurelens.rules import OTHER_ACTIVATIONS, Rule, get_rule, rule_mode
+from featurelens.unit import Unit
+
+__all__ = ["CropWarning", "project", "project_units"]
+
+DEFAULT_CHUNK_SIZE = 32
+
+
+class CropWarning(UserWarning):
+    """The receptive-field crop was turned off for a call (the result is still exact)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+
+
+def project(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    layer: str,
+    channel: int | torch.Tensor,
+    location: Sequence[int] | torch.Tensor | None = None,
+    method: str | Rule = "gradient",
+    *,
+    crop: bool = True,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    device: torch.device | str | None = None,
+    other_activations: str = "error",
+) -> torch.Tensor:
+    """Project one unit per example back to the input.
+
+    Parameters
+    ----------
+    model
+        Any ``nn.Module``; left exactly as given (mode, parameters, ``requires_grad``, hooks).
+    inputs
+        ``(N, C, *spatial)`` with 1 to 3 spatial axes (signals, images, volumes). Not modified;
+        its ``requires_grad`` is untouched.
+    layer
+        Dotted ``named_modules()`` name of the layer (:func:`featurelens.layer_names`). Its
+        output is ``(N, K, *spatial_l)`` (or ``(N, K)``, then locations are ``()``).
+    channel
+        An int (the same channel for every example) or a LongTensor ``(N,)``.
+    location
+        None: each example's arg-max of its channel's map (the first in row-major order on
+        ties). A tuple of ints (the same location for every example) or a LongTensor
+        ``(N, d)`` with one int per spatial axis of the layer's output.
+    method
+        A name in :data:`featurelens.rules.METHODS`: ``"gradient"`` (Simonyan et al. 2013),
+        ``"deconvnet"`` (Zeiler & Fergus 2014), ``"guided"`` (Springenberg et al. 2014).
+    crop
+        Compute each unit on the input crop holding its receptive field (exact, much faster).
+        Falls back to the whole input when the field is global; also, with a
+        :class:`CropWarning`, when the field cannot be computed (the model does not trace, an
+        operation the receptive-field engine does not know) or the network normalises over
+        positions (GroupNorm, InstanceNorm, LayerNorm) before the layer.
+    chunk_size
+        Units per forward/backward pass: memory is about ``chunk_size`` times the activations
+        of one crop.
+    device
+        Where to compute (the model must already live there); default: the device of the
+        model's parameters. Results come back on ``inputs.device``.
+    other_activations
+        Under ``deconvnet``/``guided``, what a non-rectifier activation (GELU, SiLU, sigmoid,
+        LeakyReLU, ReLU6, ...) does: ``"error"`` (default, :class:`ActivationError` naming the
+        activation and the module running it) or ``"gradient"`` (plain gradient through it).
+
+    Returns
+    -------
+    torch.Tensor
+        ``(N, C, *spatial)`` like ``inputs``: row ``i`` is ``d y[i, channel_i, location_i] /
+        d inputs[i]`` under the method's rule; zero outside the unit's receptive field.
+
+    Raises
+    ------
+    LayerError
+        ``layer`` is not an addressable layer (the message lists valid names).
+    ValueError
+        Unknown method; channel or location out of range or of the wrong rank; inputs the
+        model rejects. The message names the bad value and the valid range.
+    ActivationError
+        An activation without a rule for ``method`` (see ``other_activations``).
+
+    Examples
+    --------
+    >>> maps = featurelens.project(model, images, "features.15", channel=7, method="guided")
+    >>> maps.shape == images.shape
+    True
+    """
+    x = _check_inputs(inputs)
+    n = x.shape[0]
+    channels = _per_example_channel(channel, n)
+    locations = _per_example_location(location, n)
+    jobs = [_Job(i, layer, channels[i], locations[i], f"example {i}") for i in range(n)]
+    return _project(model, x, jobs, method, crop, chunk_size, device, other_activations)
+
+
+def project_units(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    units: Sequence[Unit],
+    method: str | Rule = "gradient",
+    *,
+    rows: Sequence[int] | torch.Tensor | None = None,
+    crop: bool = True,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    device: torch.device | str | None = None,
+    other_activations: str = "error",
+) -> torch.Tensor:
+    """Project many units, of any layers, channels and examples, in few batched passes.
+
+    Each result equals the one-unit call :func:`project` would give for it.
+
+    Parameters
+    ----------
+    inputs
+        ``(N, C, *spatial)``.
+    units
+        M :class:`featurelens.Unit` values; ``location=None`` means the arg-max of that
+        channel on that unit's example (one truncated forward per example and layer, shared
+        by all its units).
+    rows
+        The example of ``inputs`` each unit belongs to, ``(M,)`` ints. Default: unit ``i``
+        belongs to example ``i`` (then M must equal N).
+    method, crop, chunk_size, device, other_activations
+        As in :func:`project`.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(M, C, *spatial)``: one map per unit, on ``inputs.device``.
+
+    Examples
+    --------
+    All 256 channels of a layer on 9 images, each at its own arg-max (the Zeiler-Fergus job)::
+
+        units = [Unit("features.15", k) for k in range(256) for _ in range(9)]
+        rows = list(range(9)) * 256
+        maps = project_units(model, images, units, "guided", rows=rows)  # (2304, 3, H, W)
+    """
+    x = _check_inputs(inputs)
+    n = x.shape[0]
+    units = list(units)
+    for i, u in enumerate(units):
+        if not isinstance(u, Unit):
+            raise TypeError(f"units[{i}] is {u!r}, not a featurelens.Unit")
+    if rows is None:
+        if len(units) != n:
+            raise ValueError(
+                f"{len(units)} units for {n} examples: pass rows= (the example of each unit) "
+                "or one unit per example"
+            )
+        row_list = list(range(n))
+    else:
+        row_list = _int_list(rows, "rows")
+        if len(row_list) != len(units):
+            raise ValueError(f"rows has {len(row_list)} entries for {len(units)} units")
+        for i, r in enumerate(row_list):
+            if not 0 <= r < n:
+                raise ValueError(f"rows[{i}] = {r} is out of range: valid 0..{n - 1}")
+    jobs = [
+        _Job(r, u.layer, u.channel, u.location, f"units[{i}] (example {r})")
+        for i, (u, r) in enumerate(zip(units, row_list))
+    ]
+    return _project(model, x, jobs, method, crop, chunk_size, device, other_activations)
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks
+
+
+@dataclass(frozen=True)
+class _Job:
+    row: int
+    layer: str
+    channel: int
+    location: tuple[int, ...] | None
+    label: str
+
+
+def _check_inputs(inputs: Any) -> torch.Tensor:
+    if not isinstance(inputs, torch.Tensor):
+        raise TypeError(f"inputs must be a tensor (N, C, *spatial), got {type(inputs).__name__}")
+    if not 3 <= inputs.dim() <= 5:
+        raise ValueError(
+            f"inputs of shape {tuple(inputs.shape)} are not (N, C, *spatial) with 1 to 3 "
+            "spatial axes: e.g. (N, 3, 224, 224) images, (N, 1, 16000) signals, "
+            "(N, 1, 32, 64, 64) volumes"
+        )
+    if not inputs.is_floating_point():
+        raise ValueError(f"inputs must be floating point, got {inputs.dtype}")
+    if inputs.shape[0] == 0:
+        raise ValueError("inputs hold no example (N = 0)")
+    return inputs.detach()
+
+
+def _int_list(v: Any, what: str) -> list[int]:
+    if isinstance(v, torch.Tensor):
+        if v.is_floating_point() or v.is_complex() or v.dim() != 1:
+            raise ValueError(f"{what} must be a 1-D integer tensor, got {v.dtype} {tuple(v.shape)}")
+        return [int(a) for a in v.tolist()]
+    return [int(a) for a in v]
+
+
+def _per_example_channel(channel: Any, n: int) -> list[int]:
+    if isinstance(channel, torch.Tensor):
+        if channel.dim() == 0:
+            return [int(channel)] * n
+        if channel.dim() != 1 or channel.shape[0] != n or channel.is_floating_point():
+            raise ValueError(
+                f"channel must be an int or an integer tensor of shape ({n},), one per example; "
+                f"got {channel.dtype} of shape {tuple(channel.shape)}"
+            )
+        return [int(c) for c in channel.tolist()]
+    if isinstance(channel, bool) or not isinstance(channel, int):
+        raise TypeError(f"channel must be an int or a LongTensor (N,), got {channel!r}")
+    return [channel] * n
+
+
+def _per_example_location(location: Any, n: int) -> list[tuple[int, ...] | None]:
+    if location is None:
+        return [None] * n
+    if isinstance(location, torch.Tensor):
+        if location.is_floating_point():
+            raise ValueError(f"location must hold integers, got {location.dtype}")
+        if location.dim() == 2 and location.shape[0] == n:
+            return [tuple(int(v) for v in row) for row in location.tolist()]
+        if location.dim() == 1:
+            return [tuple(int(v) for v in location.tolist())] * n
+        raise ValueError(
+            f"location must be a tuple of ints or an integer tensor (N, d) = ({n}, d), "
+            f"got shape {tuple(location.shape)}"
+        )
+    if isinstance(location, int):
+        location = (location,)
+    return [tuple(int(v) for v in location)] * n
+
+
+# --------------------------------------------------------------------------------------------
+# Receptive-field crops
+
+
+@dataclass(frozen=True)
+class _Crop:
+    """One crop size per call; a start per unit. ``stride`` is the layer's effective stride."""
+
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    input_shape: tuple[int, ...]
+
+    @classmethod
+    def full(cls, input_shape: tuple[int, ...]) -> _Crop:
+        d = len(input_shape)
+        return cls(tuple(input_shape), (1,) * d, (0,) * d, tuple(input_shape))
+
+    @classmethod
+    def for_field(cls, rf: ReceptiveField) -> _Crop:
+        size = []
+        for r, j, p, n in zip(rf.size, rf.stride, rf.padding, rf.input_shape):
+            # An interior unit's field starts at u*j - p, i.e. (-p) mod j past a multiple of j:
+            # that much slack before it once the start is aligned down.
+            need = r + (-p) % j
+            if need >= n:
+                size.append(n)
+            else:
+                # Round up so that n - size is a multiple of j: a crop flush with the far
+                # border then also starts on the grid.
+                size.append(n - j * ((n - need) // j))
+        return cls(tuple(size), rf.stride, rf.padding, rf.input_shape)
+
+    @property
+    def is_full(self) -> bool:
+        return self.size == self.input_shape
+
+    def start(self, location: tuple[int, ...]) -> tuple[int, ...]:
+        if self.is_full:
+            return (0,) * len(self.size)
+        out = []
+        for u, j, p, n, size in zip(
+            location, self.stride, self.padding, self.input_shape, self.size
+        ):
+            a = (max(u * j - p, 0) // j) * j
+            if a + size > n:
+                a = n - size  # a multiple of j by construction of size
+            out.append(a)
+        return tuple(out)
+
+    def local(self, location: tuple[int, ...], start: tuple[int, ...]) -> tuple[int, ...]:
+        """The unit's location on the crop's grid."""
+        return tuple(u - a // j for u, a, j in zip(location, start, self.stride))
+
+    def slices(self, start: tuple[int, ...]) -> tuple[slice, ...]:
+        return tuple(slice(a, a + s) for a, s in zip(start, self.size))
+
+
+class _SpatialStatistics(TorchFunctionMode):
+    """Records normalisations computed over positions (their crops would not be exact)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        name = None
+        if func is F.group_norm:
+            name = "group_norm"
+        elif func is F.layer_norm:
+            x = args[0] if args else kwargs.get("input")
+            if isinstance(x, torch.Tensor) and x.dim() > 2:
+                name = "layer_norm"
+        elif func is F.instance_norm:
+            use_input_stats = args[5] if len(args) > 5 else kwargs.get("use_input_stats", True)
+            if use_input_stats:
+                name = "instance_norm"
+        elif func is F.batch_norm:
+            training = args[5] if len(args) > 5 else kwargs.get("training", False)
+            if training:
+                name = "batch_norm with batch statistics"
+        if name is not None and name not in self.seen:
+            self.seen.append(name)
+        return func(*args, **kwargs)
+
+
+def _plan_crop(
+    model: nn.Module, x: torch.Tensor, layer: str, out_spatial: tuple[int, ...], stats: list[str]
+) -> _Crop:
+    full = _Crop.full(tuple(x.shape[2:]))
+    why = None
+    try:
+        rf = receptive_field(model, tuple(x.shape[1:]), layer)
+    except (TraceError, UnsupportedOpError, NotAlignedError, ValueError) as exc:
+        why = f"its receptive field cannot be computed ({type(exc).__name__}: {exc})"
+    else:
+        if rf.is_global:
+            return full
+        if stats:
+            why = f"the network normalises over positions before it ({', '.join(stats)})"
+        elif tuple(rf.output_shape) != out_spatial:
+            why = (
+                f"its output's spatial shape {out_spatial} does not match the receptive-field "
+                f"grid {rf.output_shape}"
+            )
+    if why is not None:
+        warnings.warn(
+            f"projection of layer {layer!r} computed on the whole input (exact, slower): {why}. "
+            "Pass crop=False to silence this warning.",
+            CropWarning,
+            stacklevel=4,
+        )
+        return full
+    return _Crop.for_field(rf)
+
+
+# --------------------------------------------------------------------------------------------
+# The core
+
+
+def _project(
+    model: nn.Module,
+    x: torch.Tensor,
+    jobs: list[_Job],
+    method: str | Rule,
+    crop: bool,
+    chunk_size: int,
+    device: torch.device | str | None,
+    other_activations: str,
+) -> torch.Tensor:
+    rule = get_rule(method)
+    if other_activations not in OTHER_ACTIVATIONS:
+        raise ValueError(
+            f"unknown other_activations {other_activations!r}; valid: "
+            + ", ".join(map(repr, OTHER_ACTIVATIONS))
+        )
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if device is None:
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else x.device
+    device = torch.device(device)
+    out = torch.zeros((len(jobs), *x.shape[1:]), dtype=x.dtype, device=x.device)
+    layers = list(dict.fromkeys(job.layer for job in jobs))
+    with preserved(model), _grad_enabled():
+        for layer in layers:
+            resolve_layers(model, [layer])
+            idx = [i for i, job in enumerate(jobs) if job.layer == layer]
+            _project_layer(
+                model, x, [jobs[i] for i in idx], idx, out, rule, crop, chunk_size, device,
+                other_activations,
+            )  # fmt: skip
+    return out
+
+
+@contextlib.contextmanager
+def _grad_enabled() -> Iterator[None]:
+    # A caller inside torch.no_grad() or inference_mode() still gets gradients.
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+def _forward(model: nn.Module, run: Any, x: torch.Tensor, layer: str) -> torch.Tensor:
+    try:
+        return run(x)[layer]
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(
+            f"the model rejects inputs of shape {tuple(x.shape)} ({x.dtype}, {x.device}): {first}"
+        ) from exc
+
+
+def _project_layer(
+    model: nn.Module,
+    x: torch.Tensor,
+    jobs: list[_Job],
+    out_index: list[int],
+    out: torch.Tensor,
+    rule: Rule,
+    crop: bool,
+    chunk_size: int,
+    device: torch.device,
+    other_activations: str,
+) -> None:
+    layer = jobs[0].layer
+    # 1. One example through the truncated model: the layer's shape, errors for activations
+    #    without a rule, normalisations over positions.
+    probe_row = next((job.row for job in jobs if job.location is None), jobs[0].row)
+    stats = _SpatialStatistics()
+    with (
+        torch.no_grad(),
+        capture(model, [layer]) as run,
+        rule_mode(model, rule, other_activations),
+        stats,
+    ):
+        y = _forward(model, run, x[probe_row : probe_row + 1].to(device), layer)
+    shape = tuple(y.shape[1:])
+    if len(shape) < 1:
+        raise ValueError(f"layer {layer!r} outputs shape {tuple(y.shape)}: no channel axis")
+    n_channels, out_spatial = shape[0], shape[1:]
+    for job in jobs:
+        _check_unit(job, layer, n_channels, out_spatial)
+
+    # 2. Arg-max locations: one truncated forward per example, shared by all its units.
+    locations = _argmax_locations(model, x, jobs, layer, chunk_size, device, probe_row, y)
+
+    # 3. Crops.
+    if crop and len(out_spatial) == x.dim() - 2:
+        plan = _plan_crop(model, x, layer, out_spatial, stats.seen)
+    else:
+        plan = _Crop.full(tuple(x.shape[2:]))
+
+    # 4. Batched forward/backward, chunk by chunk.
+    with capture(model, [layer]) as run:
+        for lo in range(0, len(jobs), chunk_size):
+            part = range(lo, min(lo + chunk_size, len(jobs)))
+            starts = [plan.start(locations[k]) for k in part]
+            crops = torch.stack(
+                [x[jobs[k].row][(slice(None), *plan.slices(s))] for k, s in zip(part, starts)]
+            )
+            crops = crops.to(device).requires_grad_(True)
+            with rule_mode(model, rule, other_activations):
+                y = _forward(model, run, crops, layer)
+            rows = torch.arange(len(part), device=y.device)
+            index: list[Any] = [
+                rows,
+                torch.tensor([jobs[k].channel for k in part], device=y.device),
+            ]
+            for axis in range(len(out_spatial)):
+                local = [plan.local(locations[k], s)[axis] for k, s in zip(part, starts)]
+                index.append(torch.tensor(local, device=y.device))
+            (grad,) = torch.autograd.grad(y[tuple(index)].sum(), crops)
+            grad = grad.to(out.device)
+            for g, k, s in zip(grad, part, starts):
+                out[out_index[k]][(slice(None), *plan.slices(s))] = g
+
+
+def _check_unit(job: _Job, layer: str, n_channels: int, out_spatial: tuple[int, ...]) -> None:
+    if not 0 <= job.channel < n_channels:
+        raise ValueError(
+            f"channel {job.channel} of {job.label} is out of range: layer {layer!r} has "
+            f"{n_channels} channels, valid 0..{n_channels - 1}"
+        )
+    if job.location is None:
+        return
+    loc = job.location
+    if len(loc) != len(out_spatial):
+        raise ValueError(
+            f"location {loc} of {job.label} has {len(loc)} coordinate(s); layer {layer!r} "
+            f"outputs spatial shape {out_spatial}, so a location has {len(out_spatial)}"
+        )
+    for axis, (u, size) in enumerate(zip(loc, out_spatial)):
+        if not 0 <= u < size:
+            raise ValueError(
+                f"location {loc} of {job.label} is out of range on axis {axis}: valid "
+                f"0..{size - 1} (layer {layer!r} outputs spatial shape {out_spatial})"
+            )
+
+
+def _argmax_locations(
+    model: nn.Module,
+    x: torch.Tensor,
+    jobs: list[_Job],
+    layer: str,
+    chunk_size: int,
+    device: torch.device,
+    probe_row: int,
+    probe: torch.Tensor,
+) -> list[tuple[int, ...]]:
+    wanted: dict[int, list[int]] = {}
+    for k, job in enumerate(jobs):
+        if job.location is None:
+            wanted.setdefault(job.row, []).append(k)
+    found: dict[int, tuple[int, ...]] = {}
+
+    def take(row: int, y: torch.Tensor) -> None:  # y: (K, *spatial_l) of one example
+        for k in wanted[row]:
+            fmap = y[jobs[k].channel]
+            if fmap.dim() == 0:
+                found[k] = ()
+                continue
+            flat = int(torch.argmax(fmap.reshape(-1)))  # first maximum in row-major order
+            found[k] = tuple(int(v) for v in torch.unravel_index(torch.tensor(flat), fmap.shape))
+
+    if probe_row in wanted:
+        take(probe_row, probe[0])
+    rest = [r for r in wanted if r != probe_row]
+    if rest:
+        with torch.no_grad(), capture(model, [layer]) as run:
+            for lo in range(0, len(rest), chunk_size):
+                part = rest[lo : lo + chunk_size]
+                y = _forward(model, run, x[part].to(device), layer)
+                for i, row in enumerate(part):
+                    take(row, y[i])
+    return [found[k] if job.location is None else job.location for k, job in enumerate(jobs)]
