@@ -1,0 +1,292 @@
+"""Zeiler-Fergus figures and layer sheets from a model, its data and an atlas.
+
+This module computes (examples, projections, receptive-field boxes) and hands them to the pure
+renderers of :mod:`featurelens.render`:
+
+* :func:`zf_grid` / :func:`zf_figure`: for one channel's top-k hits, the projection of each
+  hit's unit on its example next to the input patch, both cut to the unit's receptive-field
+  box (Zeiler & Fergus 2014, Fig. 2);
+* :func:`layer_sheet`: every channel of a layer, top-1 hit only.
+
+Projections go through :func:`featurelens.project` in batches: all k hits of a channel in one
+call, and for sheets and reports many channels per call (:func:`project_hits`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+from featurelens.atlas import Atlas, Hit
+from featurelens.receptive_field import ReceptiveField, receptive_field
+from featurelens.render import (
+    Box,
+    Figure,
+    box_of,
+    get_style,
+    render_layer_sheet,
+    render_zf,
+)
+
+__all__ = [
+    "HitBatch",
+    "check_method",
+    "layer_sheet",
+    "load_examples",
+    "project_hits",
+    "zf_figure",
+    "zf_grid",
+]
+
+
+def check_method(method: str) -> str:
+    """``method`` if it is a key of :data:`featurelens.rules.METHODS`, else a ValueError."""
+    from featurelens.rules import get_rule
+
+    return get_rule(method).name
+
+
+def _example(data: Any, index: int) -> torch.Tensor:
+    item = data[index]
+    if isinstance(item, tuple | list):
+        item = item[0]
+    if not isinstance(item, torch.Tensor):
+        raise TypeError(
+            f"dataset item {index} is a {type(item).__name__}; featurelens needs a tensor "
+            "(C, *spatial) or a (tensor, label) pair"
+        )
+    return item
+
+
+def load_examples(data: Any, indices: Sequence[int]) -> torch.Tensor:
+    """Stack ``data[i]`` (tensor or ``(tensor, label)``) for ``indices``: (N, C, *spatial).
+
+    ``data`` may also be a tensor (N, C, *spatial).
+    """
+    if isinstance(data, torch.Tensor):
+        return data[torch.as_tensor(list(indices), dtype=torch.long)]
+    return torch.stack([_example(data, int(i)) for i in indices])
+
+
+@dataclass(frozen=True)
+class HitBatch:
+    """Examples and projections of many (channel, hit) units of one layer.
+
+    Attributes
+    ----------
+    examples, projections
+        (N, C, *spatial) float tensors on the CPU; row ``i`` is unit ``units[i]``.
+    units
+        ``(channel, Hit)`` per row.
+    boxes
+        The unclipped receptive-field box of each row's unit.
+    """
+
+    examples: torch.Tensor
+    projections: torch.Tensor
+    units: tuple[tuple[int, Hit], ...]
+    boxes: tuple[Box, ...]
+
+
+def project_hits(
+    model: nn.Module,
+    data: Any,
+    layer: str,
+    units: Sequence[tuple[int, Hit]],
+    rf: ReceptiveField,
+    method: str = "deconvnet",
+    device: str | torch.device | None = None,
+) -> HitBatch:
+    """Project every ``(channel, hit)`` unit of ``layer`` on its example, in one call.
+
+    The unit of a hit is ``(layer, channel, hit.location)`` on example ``hit.index``.
+    """
+    from featurelens.project import project
+
+    indices = [hit.index for _, hit in units]
+    examples = load_examples(data, indices).float()
+    channels = torch.tensor([c for c, _ in units], dtype=torch.long)
+    dims = len(units[0][1].location)
+    if dims == 0:  # a layer without spatial axes: the unit is the channel itself
+        locations = None
+    else:
+        locations = torch.tensor([list(hit.location) for _, hit in units], dtype=torch.long)
+    projections = project(
+        model, examples, layer, channels, locations, method=method, device=device
+    ).detach()
+    projections = projections.to("cpu")
+    boxes = tuple(
+        box_of(rf, hit.location) if dims else box_of(rf, (0,) * rf.ndim) for _, hit in units
+    )
+    return HitBatch(examples, projections, tuple(units), boxes)
+
+
+def _normalisation(atlas: Atlas, mean: Any, std: Any) -> tuple[Any, Any]:
+    if mean is not None and std is not None:
+        return mean, std
+    spec = atlas.data_spec
+    if spec is not None and spec.mean is not None:
+        return spec.mean, spec.std
+    return None, None
+
+
+def _hits(atlas: Atlas, layer: str, channel: int, k: int) -> list[Hit]:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    hits = atlas.top(layer, channel)[:k]
+    if not hits:
+        raise ValueError(f"channel {channel} of layer {layer!r} has no hits in this atlas")
+    return hits
+
+
+def zf_title(layer: str, channel: int, method: str, style: str, rf: ReceptiveField) -> str:
+    size = "x".join(map(str, rf.input_shape if rf.is_global else rf.size))
+    return f"{layer} · channel {channel} · {method} · {style} · receptive field {size}"
+
+
+def figure_from_batch(
+    batch: HitBatch,
+    rows: slice | Sequence[int],
+    title: str,
+    style: str,
+    mean: Any = None,
+    std: Any = None,
+) -> Figure:
+    """The ZF figure of some rows of a :class:`HitBatch` (one channel's hits)."""
+    if isinstance(rows, slice):
+        rows = range(*rows.indices(len(batch.units)))
+    rows = list(rows)
+    idx = torch.tensor(rows, dtype=torch.long)
+    return render_zf(
+        batch.examples[idx],
+        batch.projections[idx],
+        [batch.boxes[i] for i in rows],
+        style,
+        mean,
+        std,
+        title=title,
+    )
+
+
+def zf_figure(
+    model: nn.Module,
+    data: Any,
+    atlas: Atlas,
+    layer: str,
+    channel: int,
+    method: str = "deconvnet",
+    k: int = 9,
+    style: str = "rgb",
+    *,
+    device: str | torch.device | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> Figure:
+    """:func:`zf_grid` with its layout: ``.image`` and ``.layout`` (cell rectangles).
+
+    Displays itself in Jupyter.
+    """
+    check_method(method)
+    style = get_style(style).name
+    hits = _hits(atlas, layer, channel, k)
+    rf = receptive_field(model, atlas.input_shape, layer)
+    batch = project_hits(model, data, layer, [(channel, h) for h in hits], rf, method, device)
+    mean, std = _normalisation(atlas, mean, std)
+    title = zf_title(layer, channel, method, style, rf)
+    fig = figure_from_batch(batch, slice(None), title, style, mean, std)
+    fig.meta.update(layer=layer, channel=channel, method=method, hits=hits, receptive_field=rf)
+    return fig
+
+
+def zf_grid(
+    model: nn.Module,
+    data: Any,
+    atlas: Atlas,
+    layer: str,
+    channel: int,
+    method: str = "deconvnet",
+    k: int = 9,
+    style: str = "rgb",
+    *,
+    device: str | torch.device | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> Image.Image:
+    """The Zeiler & Fergus (2014, Fig. 2) picture of one channel.
+
+    For each of the channel's top-``k`` hits (from ``atlas``), the projection of unit
+    ``(layer, channel, hit.location)`` on example ``hit.index`` of ``data``, cut to the unit's
+    receptive-field box, in one block; the input patches cut from the same boxes in a second
+    block, hit ``i`` at the same place in both (rank order, row by row). Boxes that run past
+    the input border keep their full size; the part outside is a light checkerboard.
+
+    Parameters
+    ----------
+    model, data
+        The scanned model and dataset (``atlas.build_model()``, ``atlas.build_data()``).
+    atlas
+        From :func:`featurelens.scan` or :meth:`featurelens.Atlas.load`.
+    layer, channel
+        The feature map.
+    method
+        A key of :data:`featurelens.rules.METHODS`: ``gradient``, ``deconvnet``, ``guided``.
+    k
+        Hits shown (at most the atlas' top_k).
+    style
+        A key of :data:`featurelens.render.STYLES`: ``rgb``, ``magnitude``, ``signed``.
+    mean, std
+        The data's normalisation, to show patches as the original pixels; default the atlas'
+        data spec's (patches are scaled per example when neither is known).
+
+    Returns
+    -------
+    PIL.Image.Image
+        RGB; displays itself in Jupyter. 1-D data gives aligned line plots, 3-D data the
+        central slice of every box (said in the caption).
+    """
+    return zf_figure(
+        model, data, atlas, layer, channel, method, k, style, device=device, mean=mean, std=std
+    ).image
+
+
+def layer_sheet(
+    model: nn.Module,
+    data: Any,
+    atlas: Atlas,
+    layer: str,
+    method: str = "deconvnet",
+    style: str = "rgb",
+    channels: Sequence[int] | None = None,
+    *,
+    device: str | torch.device | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    columns: int = 8,
+) -> Image.Image:
+    """Every channel of ``layer`` at a glance: top-1 projection and patch per channel.
+
+    ``channels`` selects some (default all). Projections are computed in one batched call.
+    """
+    check_method(method)
+    style = get_style(style).name
+    chosen = list(range(atlas.channels(layer))) if channels is None else list(channels)
+    units = [(c, _hits(atlas, layer, c, 1)[0]) for c in chosen]
+    rf = receptive_field(model, atlas.input_shape, layer)
+    batch = project_hits(model, data, layer, units, rf, method, device)
+    mean, std = _normalisation(atlas, mean, std)
+    return render_layer_sheet(
+        batch.examples,
+        batch.projections,
+        batch.boxes,
+        [str(c) for c in chosen],
+        style,
+        mean,
+        std,
+        title=f"{layer} · top-1 of every channel · {method} · {style}",
+        columns=columns,
+    ).image

@@ -1,0 +1,501 @@
+"""The static HTML atlas: ``featurelens report ATLAS_DIR --out DIR``.
+
+Writes a site that opens from disk without a server (relative links only)::
+
+    DIR/index.html              model, data, scan settings; per layer its receptive field
+                                (size, stride, padding), channel count, sheet and page link
+    DIR/layer-<name>.html       one card per channel: its Zeiler-Fergus grid, and the hits
+                                (rank, dataset index, score, location)
+    DIR/img/<name>/sheet.png    the layer sheet (top-1 of every channel)
+    DIR/img/<name>/channel-<k>.png
+    DIR/style.css
+
+Images carry ``loading="lazy"`` and their size, so a page of 512 cards stays usable. The
+projections are batched over many channels per call (:func:`featurelens.figures.project_hits`)
+and a tqdm bar counts channels. The atlas directory is only read.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from featurelens.atlas import Atlas, AtlasError
+from featurelens.figures import (
+    _hits,
+    _normalisation,
+    check_method,
+    figure_from_batch,
+    project_hits,
+    zf_title,
+)
+from featurelens.receptive_field import ReceptiveField, receptive_field
+from featurelens.render import get_style, render_cells, render_sheet_cells
+
+__all__ = ["ReportError", "write_report"]
+
+EXAMPLES_PER_CALL = 288  # hits projected per project() call (32 channels of top 9)
+
+
+class ReportError(ValueError):
+    """A report that cannot be written as asked (output inside the atlas, ...)."""
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "_"
+
+
+@dataclass(frozen=True)
+class _LayerInfo:
+    name: str
+    slug: str
+    channels: list[int]
+    total_channels: int
+    output_shape: tuple[int, ...]
+    rf: ReceptiveField | None
+    rf_error: str | None = None
+
+    @property
+    def page(self) -> str:
+        return f"layer-{self.slug}.html"
+
+    @property
+    def img_dir(self) -> str:
+        return f"img/{self.slug}"
+
+
+def is_within(path: Path, parent: Path) -> bool:
+    try:
+        path.resolve().relative_to(parent.resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def write_report(
+    atlas: Atlas | str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    model: nn.Module | None = None,
+    data: Any = None,
+    method: str = "deconvnet",
+    style: str = "rgb",
+    k: int | None = None,
+    layers: Sequence[str] | None = None,
+    channels: int | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> Path:
+    """Write the HTML atlas of ``atlas`` into ``out``; returns the path of ``index.html``.
+
+    Parameters
+    ----------
+    atlas
+        An :class:`~featurelens.Atlas` or its directory (then model and data are rebuilt from
+        its manifest unless given).
+    out
+        Output directory (created); must not be the atlas directory or inside it.
+    model, data
+        The scanned model and dataset; default :meth:`Atlas.build_model` / ``build_data``.
+    method, style
+        Projection method (:data:`featurelens.rules.METHODS`) and style
+        (:data:`featurelens.render.STYLES`).
+    k
+        Hits per channel (default: the atlas' top_k).
+    layers
+        Only these layers (default: all of the atlas).
+    channels
+        Only the first ``channels`` channels of each layer (default: all).
+    """
+    method = check_method(method)
+    style = get_style(style).name
+    out = Path(out)
+    atlas_dir = None
+    if not isinstance(atlas, Atlas):
+        atlas_dir = Path(atlas)
+        atlas = Atlas.load(atlas_dir)
+        if is_within(out, atlas_dir):
+            raise ReportError(
+                f"--out {str(out)!r} is the atlas directory {str(atlas_dir)!r} or inside it; "
+                "rendering never writes into an atlas: choose another directory"
+            )
+    if not atlas.complete:
+        raise AtlasError(
+            "the atlas holds an incomplete scan: resume it (`featurelens scan ... --resume`) "
+            "before rendering"
+        )
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    if channels is not None and (not isinstance(channels, int) or channels < 1):
+        raise ValueError(f"channels must be a positive int, got {channels!r}")
+    chosen_layers = list(atlas.layers) if layers is None else list(layers)
+    for name in chosen_layers:
+        atlas.layer(name)  # a LayerError listing the atlas' layers
+    if model is None:
+        model = atlas.build_model()
+    if data is None:
+        data = atlas.build_data()
+    k = atlas.top_k if k is None else min(k, atlas.top_k)
+    mean, std = _normalisation(atlas, None, None)
+
+    infos: list[_LayerInfo] = []
+    slugs: set[str] = set()
+    for i, name in enumerate(chosen_layers):
+        slug = _safe(name)
+        if slug in slugs:
+            slug = f"{slug}-{i}"
+        slugs.add(slug)
+        total = atlas.channels(name)
+        picked = list(range(total if channels is None else min(channels, total)))
+        rf, err = None, None
+        try:
+            rf = receptive_field(model, atlas.input_shape, name)
+        except (NotImplementedError, ValueError, RuntimeError) as exc:
+            err = str(exc)
+        infos.append(
+            _LayerInfo(name, slug, picked, total, tuple(atlas.output_shape(name)), rf, err)
+        )
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "style.css").write_text(_CSS)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=sum(len(info.channels) for info in infos),
+        unit="channel",
+        desc="report",
+        disable=not progress,
+    )
+    sheets: dict[str, tuple[int, int] | None] = {}
+    try:
+        for info in infos:
+            sheets[info.name] = _write_layer(
+                out, model, data, atlas, info, method, style, k, mean, std, device, bar, infos
+            )
+    finally:
+        bar.close()
+    index = out / "index.html"
+    index.write_text(_index_page(atlas, atlas_dir, infos, sheets, method, style, k))
+    return index
+
+
+def _write_layer(
+    out: Path,
+    model: nn.Module,
+    data: Any,
+    atlas: Atlas,
+    info: _LayerInfo,
+    method: str,
+    style: str,
+    k: int,
+    mean: Any,
+    std: Any,
+    device: Any,
+    bar: Any,
+    infos: list[_LayerInfo],
+) -> tuple[int, int] | None:
+    img_dir = out / info.img_dir
+    img_dir.mkdir(parents=True, exist_ok=True)
+    cards: list[str] = []
+    widths = [0]
+    sheet_proj, sheet_patch, labels = [], [], []
+    note = None
+    if info.rf is not None:
+        per_call = max(1, EXAMPLES_PER_CALL // k)
+        for start in range(0, len(info.channels), per_call):
+            chunk = info.channels[start : start + per_call]
+            units, spans = [], []
+            for c in chunk:
+                hits = _hits(atlas, info.name, c, k)
+                spans.append((c, len(units), len(units) + len(hits), hits))
+                units.extend((c, h) for h in hits)
+            batch = project_hits(model, data, info.name, units, info.rf, method, device)
+            firsts = [lo for _, lo, _, _ in spans]
+            if batch.examples.dim() >= 4:  # 2-D and 3-D: cells for the sheet
+                idx = torch.tensor(firsts, dtype=torch.long)
+                p_cells, x_cells, note = render_cells(
+                    batch.examples[idx],
+                    batch.projections[idx],
+                    [batch.boxes[i] for i in firsts],
+                    style,
+                    mean,
+                    std,
+                )
+                # uint8 keeps a big layer's sheet small in memory
+                sheet_proj += [(_u8(rgb), v) for rgb, v in p_cells]
+                sheet_patch += [(_u8(rgb), v) for rgb, v in x_cells]
+                labels += [str(c) for c in chunk]
+            for c, lo, hi, hits in spans:
+                title = zf_title(info.name, c, method, style, info.rf)
+                fig = figure_from_batch(batch, slice(lo, hi), title, style, mean, std)
+                name = f"channel-{c:04d}.png"
+                fig.save(img_dir / name)
+                cards.append(_card(info, c, hits, f"{info.img_dir}/{name}", fig.image.size))
+                widths.append(fig.image.size[0])
+                bar.update(1)
+    sheet_size = None
+    if sheet_proj:
+        sheet = render_sheet_cells(
+            sheet_proj,
+            sheet_patch,
+            labels,
+            title=f"{info.name} · top-1 of every channel · {method} · {style}",
+            note=note,
+            style=style,
+        )
+        sheet.save(img_dir / "sheet.png")
+        sheet_size = sheet.image.size
+    (out / info.page).write_text(
+        _layer_page(atlas, info, infos, cards, sheet_size, method, style, k, max(widths))
+    )
+    return sheet_size
+
+
+def _u8(rgb: Any) -> Any:
+    import numpy as np
+
+    return np.round(np.clip(rgb, 0, 1) * 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------------------------
+# HTML
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _shape(shape: Sequence[int]) -> str:
+    return " x ".join(str(v) for v in shape) if len(shape) else "-"
+
+
+def _rf_cells(info: _LayerInfo) -> str:
+    if info.rf is None:
+        return f'<td colspan="3" class="muted">not computable: {_e(info.rf_error)}</td>'
+    rf = info.rf
+    if rf.is_global:
+        return f"<td>global ({_e(_shape(rf.input_shape))})</td><td>-</td><td>-</td>"
+    return (
+        f"<td>{_e(_shape(rf.size))}</td><td>{_e(_shape(rf.stride))}</td>"
+        f"<td>{_e(_shape(rf.padding))}</td>"
+    )
+
+
+def _page(title: str, body: str) -> str:
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f"<title>{_e(title)}</title>\n"
+        '<link rel="stylesheet" href="style.css">\n</head>\n<body>\n'
+        f"{body}\n</body>\n</html>\n"
+    )
+
+
+def _model_text(atlas: Atlas) -> tuple[str, str]:
+    m = atlas.manifest
+    spec = atlas.model_spec
+    if spec is None:
+        name = f"{m['model'].get('class', 'model')} (Python object, no spec)"
+    else:
+        name = spec.spec
+        if spec.weights:
+            name += f" (weights {spec.weights})"
+    ckpt = spec.checkpoint if spec is not None and spec.checkpoint else "-"
+    return name, ckpt
+
+
+def _data_text(atlas: Atlas) -> str:
+    spec = atlas.data_spec
+    m = atlas.manifest
+    if spec is None:
+        return f"{m['data'].get('class', 'data')} (Python object, no spec)"
+    text = spec.spec
+    if spec.mean is not None:
+        mean = ", ".join(f"{v:g}" for v in spec.mean)
+        std = ", ".join(f"{v:g}" for v in spec.std)
+        text += f" (normalised: mean {mean}, std {std})"
+    return text
+
+
+def _index_page(
+    atlas: Atlas,
+    atlas_dir: Path | None,
+    infos: list[_LayerInfo],
+    sheets: dict[str, tuple[int, int] | None],
+    method: str,
+    style: str,
+    k: int,
+) -> str:
+    m = atlas.manifest
+    model_name, ckpt = _model_text(atlas)
+    rows = []
+    for info in infos:
+        size = sheets.get(info.name)
+        thumb = "-"
+        if size is not None:
+            w, h = size
+            tw = min(w, 360)
+            th = max(1, round(h * tw / w))
+            thumb = (
+                f'<a href="{_e(info.page)}"><img class="thumb" src="{_e(info.img_dir)}/sheet.png" '
+                f'width="{tw}" height="{th}" loading="lazy" alt="sheet of {_e(info.name)}"></a>'
+            )
+        shown = len(info.channels)
+        count = str(info.total_channels)
+        if shown < info.total_channels:
+            count += f" ({shown} drawn)"
+        rows.append(
+            f'<tr><td><a href="{_e(info.page)}"><code>{_e(info.name)}</code></a></td>'
+            f"<td>{_e(count)}</td><td>{_e(_shape(info.output_shape))}</td>"
+            f"{_rf_cells(info)}<td>{thumb}</td></tr>"
+        )
+    fingerprint = str(m["model"].get("fingerprint", ""))
+    facts = [
+        ("model", f"<code>{_e(model_name)}</code>"),
+        ("checkpoint", f"<code>{_e(ckpt)}</code>"),
+        ("parameters", f"<code>{_e(fingerprint[:23])}…</code>" if fingerprint else "-"),
+        ("data", f"<code>{_e(_data_text(atlas))}</code>"),
+        ("examples", f"{_e(m['examples_scanned'])} of {_e(atlas.data_size)} scanned, "
+                     f"{len(atlas.skipped)} skipped"),
+        ("input", _e(_shape(atlas.input_shape))),
+        ("score", f"{_e(atlas.score)}, top {_e(atlas.top_k)} per channel"),
+        ("projections", f"{_e(method)}, style {_e(style)}, {k} hits per channel"),
+        ("atlas", f"<code>{_e(atlas_dir)}</code>" if atlas_dir else "-"),
+        ("made by", f"featurelens {_e(m.get('library_version', '?'))}"),
+    ]  # fmt: skip
+    dl = "".join(f"<dt>{a}</dt><dd>{b}</dd>" for a, b in facts)
+    body = (
+        "<header><h1>featurelens atlas</h1>"
+        '<p class="lead">For every channel of every scanned layer: its top examples, each '
+        "shown as the input patch inside the unit's receptive field next to the unit's "
+        "projection (Zeiler &amp; Fergus 2014).</p></header>\n<main>\n"
+        f'<dl class="facts">{dl}</dl>\n'
+        '<h2>Layers</h2>\n<table class="layers"><thead><tr><th>layer</th><th>channels</th>'
+        "<th>output</th><th>receptive field</th><th>stride</th><th>padding</th>"
+        "<th>top-1 of every channel</th></tr></thead>\n<tbody>\n"
+        + "\n".join(rows)
+        + "\n</tbody></table>\n</main>"
+    )
+    return _page("featurelens atlas", body)
+
+
+def _card(info: _LayerInfo, channel: int, hits: list, src: str, size: tuple[int, int]) -> str:
+    rows = "".join(
+        f"<tr><td>{r + 1}</td><td>{h.index}</td><td>{h.score:.4g}</td>"
+        f"<td>({', '.join(map(str, h.location))})</td></tr>"
+        for r, h in enumerate(hits)
+    )
+    w, h = size
+    return (
+        f'<section class="card" id="channel-{channel}">'
+        f'<h3><a href="#channel-{channel}">channel {channel}</a></h3>'
+        f'<img src="{_e(src)}" width="{w}" height="{h}" loading="lazy" '
+        f'alt="Zeiler-Fergus grid of {_e(info.name)} channel {channel}">'
+        '<table class="hits"><thead><tr><th>rank</th><th>example</th><th>score</th>'
+        f"<th>location</th></tr></thead><tbody>{rows}</tbody></table></section>"
+    )
+
+
+def _layer_page(
+    atlas: Atlas,
+    info: _LayerInfo,
+    infos: list[_LayerInfo],
+    cards: list[str],
+    sheet_size: tuple[int, int] | None,
+    method: str,
+    style: str,
+    k: int,
+    card_width: int,
+) -> str:
+    i = infos.index(info)
+    nav = ['<a href="index.html">atlas index</a>']
+    if i > 0:
+        nav.append(f'<a href="{_e(infos[i - 1].page)}">← {_e(infos[i - 1].name)}</a>')
+    if i + 1 < len(infos):
+        nav.append(f'<a href="{_e(infos[i + 1].page)}">{_e(infos[i + 1].name)} →</a>')
+    if info.rf is None:
+        rf_text = f"receptive field not computable: {_e(info.rf_error)}"
+    elif info.rf.is_global:
+        rf_text = "receptive field: the whole input"
+    else:
+        rf_text = (
+            f"receptive field {_e(_shape(info.rf.size))}, stride {_e(_shape(info.rf.stride))}, "
+            f"padding {_e(_shape(info.rf.padding))}"
+        )
+    jump = " ".join(f'<a href="#channel-{c}">{c}</a>' for c in info.channels)
+    sheet = ""
+    if sheet_size is not None:
+        w, h = sheet_size
+        sheet = (
+            "<details open><summary>top-1 of every channel</summary>"
+            f'<img class="sheet" src="{_e(info.img_dir)}/sheet.png" width="{w}" height="{h}" '
+            f'loading="lazy" alt="layer sheet of {_e(info.name)}"></details>'
+        )
+    shown = len(info.channels)
+    count = f"{info.total_channels} channels" + (
+        f", the first {shown} drawn" if shown < info.total_channels else ""
+    )
+    body = (
+        f"<nav>{' · '.join(nav)}</nav>\n"
+        f"<header><h1><code>{_e(info.name)}</code></h1>"
+        f'<p class="lead">{count} · output {_e(_shape(info.output_shape))} · {rf_text}</p>'
+        f'<p class="lead">Each card: the top {k} examples of the channel by {_e(atlas.score)} '
+        f"score. Left block: the {_e(method)} projection of the unit at each example's "
+        "maximum (style "
+        f"{_e(style)}); right block: the input patch under the unit's receptive field, in the "
+        "same order (row by row, best first). A checkerboard marks the part of a box outside "
+        "the input.</p></header>\n<main>\n"
+        f'<p class="jump">channels: {jump}</p>\n{sheet}\n'
+        f'<div class="cards" style="--card-w: {card_width + 26}px">\n'
+        + "\n".join(cards)
+        + "\n</div>\n</main>"
+    )
+    return _page(f"{info.name} · featurelens atlas", body)
+
+
+_CSS = """\
+:root { color-scheme: light; --fg: #222; --muted: #666; --line: #ddd; --card: #fafafa; }
+* { box-sizing: border-box; }
+body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; color: var(--fg);
+       margin: 0 auto; padding: 16px 24px 48px; max-width: 1500px; }
+h1 { font-size: 1.6em; margin: 0.3em 0; }
+h2 { font-size: 1.25em; margin-top: 1.5em; }
+h3 { font-size: 1em; margin: 0 0 6px; }
+a { color: #0b57d0; text-decoration: none; }
+a:hover { text-decoration: underline; }
+code { font-family: ui-monospace, "DejaVu Sans Mono", monospace; font-size: 0.95em; }
+nav { font-size: 0.95em; margin-bottom: 8px; }
+.lead { color: var(--muted); max-width: 70em; margin: 0.3em 0; }
+.muted { color: var(--muted); }
+dl.facts { display: grid; grid-template-columns: max-content 1fr; gap: 2px 16px; }
+dl.facts dt { color: var(--muted); }
+dl.facts dd { margin: 0; overflow-wrap: anywhere; }
+table { border-collapse: collapse; }
+th, td { text-align: left; padding: 4px 10px; border-bottom: 1px solid var(--line);
+         vertical-align: top; }
+th { font-weight: 600; }
+table.layers td:nth-child(n+2):nth-child(-n+6) { white-space: nowrap; }
+img { max-width: 100%; height: auto; }
+img.sheet, img.thumb { image-rendering: pixelated; }
+img.thumb { border: 1px solid var(--line); }
+details { margin: 12px 0 20px; }
+summary { cursor: pointer; color: var(--muted); }
+img.sheet { display: block; margin-top: 8px; }
+.jump { font-size: 0.9em; line-height: 1.9; word-spacing: 4px; }
+.cards { display: grid;
+         grid-template-columns: repeat(auto-fill, minmax(min(100%, var(--card-w, 420px)), 1fr));
+         gap: 16px; }
+.card { background: var(--card); border: 1px solid var(--line); border-radius: 6px;
+        padding: 10px 12px; min-width: 0; }
+.card img { display: block; margin-bottom: 6px; }
+table.hits { font-size: 0.85em; font-variant-numeric: tabular-nums; }
+table.hits td, table.hits th { padding: 1px 8px; }
+"""
