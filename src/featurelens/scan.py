@@ -437,7 +437,8 @@ def _atlas(
                 "name": name,
                 "channels": top.channels,
                 "output_shape": list(top.output_shape),
-                "nan_examples": int(top.nan_counts.sum()),
+                # sparse: {channel: examples whose map held a NaN}, channels without NaN left out
+                "nan_counts": {str(c): int(v) for c, v in enumerate(top.nan_counts) if v},
             }
         )
     preprocessing = None

