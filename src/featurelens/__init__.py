@@ -4,6 +4,7 @@ Receptive fields of every layer, maximally activating examples, projections of a
 the input (gradient, deconvnet, guided backprop), Zeiler-Fergus figures and an explorer.
 """
 
+from featurelens.app import serve
 from featurelens.atlas import Atlas, AtlasError, Hit
 from featurelens.empirical import EmpiricalReceptiveField, empirical_receptive_field
 from featurelens.graph import LayerError, TraceError, get_layer, layer_names
@@ -39,4 +40,5 @@ __all__ = [
     "layer_names",
     "receptive_field",
     "receptive_fields",
+    "serve",
 ]

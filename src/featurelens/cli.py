@@ -148,6 +148,41 @@ def _run_scan(args: argparse.Namespace) -> int:
 # ---- figure / report / demo (issue: figures) ------------------------------------------------
 
 # ---- serve (issue: explorer) ----------------------------------------------------------------
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="explore an atlas in the browser",
+        description="Serve the explorer for ATLAS_DIR: the activation maps of every channel of a "
+        "layer for a dataset example or an uploaded image, each channel's Zeiler-Fergus grid and "
+        "projections. Model and data are rebuilt from the atlas manifest; the atlas is only read.",
+    )
+    p.add_argument("atlas", metavar="ATLAS_DIR", help="an atlas written by `featurelens scan`")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default 127.0.0.1; the explorer has no authentication, so "
+        "anything else exposes the model and data to the network)",
+    )
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free one)")
+    p.add_argument("--device", default=None, help="where the model runs (default cpu)")
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from featurelens.app import serve
+
+    server = None
+    try:
+        server = serve(args.atlas, host=args.host, port=args.port, device=args.device)
+        print(f"featurelens explorer: {server.url}", flush=True)
+        print("press Ctrl-C to stop", file=sys.stderr, flush=True)
+        server.wait()
+    except KeyboardInterrupt:  # Ctrl-C is how a user stops the explorer: not an error
+        pass
+    finally:
+        if server is not None:
+            server.stop()
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,14 @@
+"""The explorer: watch every channel of a layer react to an input, in the browser.
+
+In the spirit of the Deep Visualization Toolbox (Yosinski et al., 2015): pick a layer and an input
+(a dataset example or an uploaded image), see the activation maps of every channel, click one to
+see its Zeiler-Fergus grid from the atlas and its projection on the current input, hover a map to
+see the receptive field of a location.
+
+:func:`create_app` returns the ASGI application; :func:`serve` runs it with uvicorn in a
+background thread (notebooks) and returns a handle with ``.url`` and ``.stop()``.
+"""
+
+from featurelens.app.server import ApiError, Explorer, ExplorerServer, create_app, serve
+
+__all__ = ["ApiError", "Explorer", "ExplorerServer", "create_app", "serve"]

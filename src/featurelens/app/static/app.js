@@ -1,0 +1,411 @@
+// featurelens explorer: a thin page over the JSON/PNG API of featurelens.app.server.
+// No build step, no dependencies. Receptive-field boxes are computed here from the
+// size/stride/padding that /api/info serves (Araujo et al., Distill 2019):
+// location u sees input positions [u*stride - padding, u*stride - padding + size - 1].
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const state = {
+  info: null,
+  input: "dataset:0",
+  inputLabel: "",
+  layer: null,
+  scale: "layer",
+  layout: null,      // /api/activations answer for (input, layer, scale)
+  sprite: null,      // the loaded sprite image
+  channel: null,
+  location: null,    // null: the channel's arg-max on the current input
+  unit: null,        // /api/unit answer
+  method: null,
+  style: null,
+  tokens: { maps: 0, unit: 0 },
+};
+
+// ---- API helpers ------------------------------------------------------------------------
+function api(path, params) {
+  const q = new URLSearchParams();
+  for (const [k, v] of Object.entries(params || {})) {
+    if (v !== null && v !== undefined) q.set(k, Array.isArray(v) ? v.join(",") : String(v));
+  }
+  return `/api/${path}?${q.toString()}`;
+}
+
+async function getJSON(url, options) {
+  const response = await fetch(url, options);
+  let body = null;
+  try { body = await response.json(); } catch (e) { body = null; }
+  if (!response.ok) {
+    throw new Error((body && body.error) || `${response.status} ${response.statusText}`);
+  }
+  return body;
+}
+
+function loadImage(img, url) {
+  return new Promise((resolve, reject) => {
+    img.onload = () => resolve(img);
+    img.onerror = async () => {
+      let message = `could not load ${url}`;
+      try {
+        const r = await fetch(url);
+        const b = await r.json();
+        if (b && b.error) message = b.error;
+      } catch (e) { /* keep the generic message */ }
+      reject(new Error(message));
+    };
+    img.src = url;
+  });
+}
+
+let busy = 0;
+function status(text, isError) {
+  const el = $("status");
+  el.textContent = text || "";
+  el.classList.toggle("error", Boolean(isError));
+}
+async function task(label, fn) {
+  busy += 1;
+  status(`${label}…`);
+  try {
+    const result = await fn();
+    busy -= 1;
+    if (busy === 0) status("");
+    return result;
+  } catch (err) {
+    busy -= 1;
+    status(err.message, true);
+    return undefined;
+  }
+}
+
+// ---- geometry ----------------------------------------------------------------------------
+function layerInfo() {
+  return state.info.layers.find((l) => l.name === state.layer);
+}
+
+// Inclusive input region [[r0, r1], [c0, c1]] of a location of the current layer's maps,
+// clipped to the input; null when the layer has no receptive-field geometry.
+function rfRegion(location) {
+  const rf = layerInfo().rf;
+  const spatial = state.info.input_shape.slice(1);
+  if (!rf) return null;
+  const whole = spatial.map((n) => [0, n - 1]);
+  if (rf.is_global || location.length !== rf.size.length) return whole;
+  return location.map((u, axis) => {
+    const first = u * rf.stride[axis] - rf.padding[axis];
+    const last = first + rf.size[axis] - 1;
+    return [Math.max(first, 0), Math.min(last, spatial[axis] - 1)];
+  });
+}
+
+function regionText(region) {
+  if (!region) return "no receptive-field geometry for this layer";
+  const axes = region.length === 2 ? ["rows", "cols"] : region.map((_, i) => `axis ${i}`);
+  return region.map(([a, b], i) => `${axes[i]} ${a}–${b}`).join(", ");
+}
+
+// Draw boxes (inclusive input regions) on an overlay canvas laid over an image.
+function drawBoxes(canvas, img, boxes) {
+  const w = img.clientWidth, h = img.clientHeight;
+  if (canvas.width !== w) canvas.width = w;
+  if (canvas.height !== h) canvas.height = h;
+  const ctx = canvas.getContext("2d");
+  ctx.clearRect(0, 0, w, h);
+  const spatial = state.info.input_shape.slice(1);
+  const rows = spatial.length === 2 ? spatial[0] : 1;
+  const cols = spatial[spatial.length - 1];
+  for (const { region, color } of boxes) {
+    if (!region) continue;
+    const [r0, r1] = region.length === 2 ? region[0] : [0, 0];
+    const [c0, c1] = region[region.length - 1];
+    const sx = w / cols, sy = h / rows;
+    ctx.lineWidth = 2;
+    ctx.strokeStyle = color;
+    ctx.fillStyle = color + "33";
+    ctx.fillRect(c0 * sx, r0 * sy, (c1 - c0 + 1) * sx, (r1 - r0 + 1) * sy);
+    ctx.strokeRect(c0 * sx + 1, r0 * sy + 1, (c1 - c0 + 1) * sx - 2, (r1 - r0 + 1) * sy - 2);
+  }
+}
+
+let hoverRegion = null;
+function redrawOverlays() {
+  const unitRegion = state.unit && state.unit.rf ? state.unit.rf.region : null;
+  const boxes = [
+    { region: unitRegion, color: "#ff4d4d" },
+    { region: hoverRegion, color: "#3fd0ff" },
+  ];
+  drawBoxes($("input-overlay"), $("input-img"), boxes);
+  if (!$("unit-body").hidden) {
+    drawBoxes($("projection-overlay"), $("projection"), [{ region: unitRegion, color: "#ff4d4d" }]);
+  }
+}
+
+function hover(channel, location) {
+  hoverRegion = location ? rfRegion(location) : null;
+  $("hover-info").textContent = location
+    ? `channel ${channel} at (${location.join(", ")}) sees ${regionText(hoverRegion)}`
+    : "";
+  redrawOverlays();
+}
+
+// Map a pointer position on a canvas showing an (h, w) map to a map location.
+function locationAt(canvas, event) {
+  const [h, w] = state.layout.map_shape;
+  const rect = canvas.getBoundingClientRect();
+  const x = Math.min(w - 1, Math.max(0, Math.floor(((event.clientX - rect.left) / rect.width) * w)));
+  const y = Math.min(h - 1, Math.max(0, Math.floor(((event.clientY - rect.top) / rect.height) * h)));
+  const dims = state.layout.spatial_dims;
+  return dims === 2 ? [y, x] : dims === 1 ? [x] : [];
+}
+
+// ---- the current input -------------------------------------------------------------------
+async function setInput(input, label) {
+  state.input = input;
+  state.inputLabel = label;
+  state.location = null;
+  $("input-label").textContent = label;
+  await task("loading input", () => loadImage($("input-img"), api("input.png", { input })));
+  redrawOverlays();
+  await refreshMaps();
+  if (state.channel !== null) await refreshUnit();
+}
+
+function datasetInput(index) {
+  const n = state.info.data_size;
+  const i = Math.min(n - 1, Math.max(0, Number(index) || 0));
+  $("dataset-index").value = i;
+  return setInput(`dataset:${i}`, `dataset example ${i} of ${n}`);
+}
+
+async function upload(file) {
+  const result = await task("uploading", () =>
+    getJSON("/api/inputs", {
+      method: "POST",
+      headers: { "Content-Type": file.type || "application/octet-stream" },
+      body: file,
+    }));
+  if (result) await setInput(result.input, `upload ${file.name} (${result.width}×${result.height})`);
+}
+
+// ---- the layer's maps --------------------------------------------------------------------
+async function refreshMaps() {
+  const token = ++state.tokens.maps;
+  const params = { input: state.input, layer: state.layer, scale: state.scale };
+  const layout = await task("computing activations", () => getJSON(api("activations", params)));
+  if (!layout || token !== state.tokens.maps) return;
+  const img = new Image();
+  const sprite = await task("drawing maps", () => loadImage(img, api("activations.png", params)));
+  if (!sprite || token !== state.tokens.maps) return;
+  state.layout = layout;
+  state.sprite = sprite;
+  drawTiles();
+  const rf = layerInfo().rf;
+  $("layer-meta").textContent =
+    `${layout.channels} channels, maps ${layout.map_shape.join("×")}` +
+    (rf ? `, receptive field ${rf.size.join("×")} stride ${rf.stride.join("×")}` +
+          ` padding ${rf.padding.join("×")}${rf.is_global ? " (global)" : ""}` : "") +
+    `, values ${layout.min.toPrecision(3)} … ${layout.max.toPrecision(3)}`;
+  $("maps").dataset.input = state.input;
+  $("maps").dataset.layer = state.layer;
+}
+
+function drawCell(ctx, channel, width, height) {
+  const { cols, gap, map_shape: [h, w] } = state.layout;
+  const r = Math.floor(channel / cols), c = channel % cols;
+  ctx.imageSmoothingEnabled = false;
+  ctx.drawImage(state.sprite, c * (w + gap), r * (h + gap), w, h, 0, 0, width, height);
+}
+
+function drawTiles() {
+  const maps = $("maps");
+  maps.textContent = "";
+  const { channels, map_shape: [h, w] } = state.layout;
+  const zoom = Math.max(1, Math.round(64 / Math.max(h, w)));
+  for (let k = 0; k < channels; k++) {
+    const tile = document.createElement("div");
+    tile.className = "tile" + (k === state.channel ? " selected" : "");
+    tile.dataset.channel = k;
+    tile.title = `channel ${k}: max ${state.layout.channel_max[k]}`;
+    const canvas = document.createElement("canvas");
+    canvas.width = w * zoom;
+    canvas.height = h * zoom;
+    if (h < w / 4) canvas.style.height = "16px";
+    drawCell(canvas.getContext("2d"), k, canvas.width, canvas.height);
+    const label = document.createElement("span");
+    label.textContent = k;
+    tile.append(canvas, label);
+    canvas.addEventListener("mousemove", (e) => hover(k, locationAt(canvas, e)));
+    canvas.addEventListener("mouseleave", () => hover(null, null));
+    tile.addEventListener("click", () => selectChannel(k));
+    maps.append(tile);
+  }
+}
+
+// ---- the selected unit -------------------------------------------------------------------
+async function selectChannel(k) {
+  state.channel = k;
+  state.location = null;
+  for (const t of document.querySelectorAll(".tile")) {
+    t.classList.toggle("selected", Number(t.dataset.channel) === k);
+  }
+  $("unit-hint").hidden = true;
+  $("unit-body").hidden = false;
+  await Promise.all([refreshUnit(), refreshTop(), refreshZF()]);
+}
+
+async function refreshUnit() {
+  const token = ++state.tokens.unit;
+  const params = {
+    input: state.input, layer: state.layer, channel: state.channel, location: state.location,
+  };
+  const unit = await task("locating unit", () => getJSON(api("unit", params)));
+  if (!unit || token !== state.tokens.unit) return;
+  state.unit = unit;
+  const where = unit.location.length ? `(${unit.location.join(", ")})` : "(no spatial axes)";
+  $("unit-title").textContent = `Unit: ${state.layer} channel ${state.channel} at ${where}`;
+  $("unit-meta").textContent =
+    `activation ${unit.value.toPrecision(4)} ${state.location ? "at the chosen location" : "(arg-max on this input)"}; ` +
+    `receptive field ${unit.rf ? regionText(unit.rf.region) : "unknown"}`;
+  drawUnitMap();
+  redrawOverlays();
+  const projection = api("projection.png", {
+    input: state.input, layer: state.layer, channel: state.channel, location: unit.location,
+    method: state.method, style: state.style,
+  });
+  await task("projecting", () => loadImage($("projection"), projection));
+  if (token === state.tokens.unit) redrawOverlays();
+}
+
+function drawUnitMap() {
+  const canvas = $("unit-map");
+  const [h, w] = state.layout.map_shape;
+  const zoom = Math.max(1, Math.ceil(200 / Math.max(h, w)));
+  canvas.width = w * zoom;
+  canvas.height = h * zoom;
+  const ctx = canvas.getContext("2d");
+  drawCell(ctx, state.channel, canvas.width, canvas.height);
+  if (state.unit && state.unit.location.length) {
+    const loc = state.unit.location;
+    const y = loc.length === 2 ? loc[0] : 0, x = loc[loc.length - 1];
+    ctx.strokeStyle = "#ff4d4d";
+    ctx.lineWidth = Math.max(1, zoom / 6);
+    ctx.strokeRect(x * zoom, y * zoom, zoom, zoom);
+  }
+}
+
+async function refreshTop() {
+  const channel = state.channel;
+  const result = await task("reading top examples", () =>
+    getJSON(api("top", { layer: state.layer, channel })));
+  if (!result || channel !== state.channel) return;
+  const box = $("top-hits");
+  box.textContent = "";
+  for (const hit of result.hits) {
+    const fig = document.createElement("figure");
+    const img = document.createElement("img");
+    img.src = api("input.png", { input: `dataset:${hit.index}` });
+    img.alt = `example ${hit.index}`;
+    img.title = `example ${hit.index}: score ${hit.score.toPrecision(4)} at (${hit.location.join(", ")})`;
+    const cap = document.createElement("figcaption");
+    cap.textContent = `#${hit.index}`;
+    fig.append(img, cap);
+    fig.addEventListener("click", () => {
+      $("dataset-index").value = hit.index;
+      datasetInput(hit.index);
+    });
+    box.append(fig);
+  }
+}
+
+async function refreshZF() {
+  const url = api("zf.png", {
+    layer: state.layer, channel: state.channel, method: state.method, style: state.style,
+  });
+  await task("drawing the Zeiler–Fergus grid", () => loadImage($("zf"), url));
+}
+
+// ---- setup -------------------------------------------------------------------------------
+function fillSelect(select, values, current) {
+  select.textContent = "";
+  for (const v of values) {
+    const o = document.createElement("option");
+    o.value = v;
+    o.textContent = v;
+    select.append(o);
+  }
+  select.value = current;
+}
+
+function setMethod(method) {
+  state.method = method;
+  for (const b of $("methods").children) b.classList.toggle("active", b.dataset.method === method);
+}
+
+async function init() {
+  const info = await task("loading", () => getJSON("/api/info"));
+  if (!info) return;
+  state.info = info;
+  const model = info.model ? info.model.spec || JSON.stringify(info.model) : "a Python model";
+  const data = info.data ? info.data.spec || JSON.stringify(info.data) : "Python data";
+  $("about").textContent =
+    `${model} on ${data} (${info.data_size} examples, input ${info.input_shape.join("×")})`;
+  state.layer = info.layers[0].name;
+  fillSelect($("layer"), info.layers.map((l) => l.name), state.layer);
+  fillSelect($("scale"), info.scales, state.scale);
+  state.style = info.styles[0];
+  fillSelect($("style"), info.styles, state.style);
+  for (const o of $("style").options) o.title = info.style_help[o.value] || "";
+  for (const m of info.methods) {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.textContent = m;
+    b.title = info.method_help[m] || "";
+    b.dataset.method = m;
+    b.addEventListener("click", () => {
+      setMethod(m);
+      if (state.channel !== null) { refreshUnit(); refreshZF(); }
+    });
+    $("methods").append(b);
+  }
+  setMethod(info.methods.includes("deconvnet") ? "deconvnet" : info.methods[0]);
+  $("dataset-index").max = info.data_size - 1;
+
+  $("layer").addEventListener("change", async (e) => {
+    state.layer = e.target.value;
+    state.channel = null;
+    state.unit = null;
+    $("unit-body").hidden = true;
+    $("unit-hint").hidden = false;
+    $("unit-title").textContent = "Unit";
+    redrawOverlays();
+    await refreshMaps();
+  });
+  $("scale").addEventListener("change", async (e) => {
+    state.scale = e.target.value;
+    await refreshMaps();
+    if (state.channel !== null) drawUnitMap();
+  });
+  $("style").addEventListener("change", (e) => {
+    state.style = e.target.value;
+    if (state.channel !== null) { refreshUnit(); refreshZF(); }
+  });
+  $("dataset-index").addEventListener("change", (e) => datasetInput(e.target.value));
+  $("prev").addEventListener("click", () => datasetInput(Number($("dataset-index").value) - 1));
+  $("next").addEventListener("click", () => datasetInput(Number($("dataset-index").value) + 1));
+  $("upload").addEventListener("change", (e) => {
+    if (e.target.files.length) upload(e.target.files[0]);
+    e.target.value = "";
+  });
+  const unitMap = $("unit-map");
+  unitMap.addEventListener("mousemove", (e) => hover(state.channel, locationAt(unitMap, e)));
+  unitMap.addEventListener("mouseleave", () => hover(null, null));
+  unitMap.addEventListener("click", (e) => {
+    state.location = locationAt(unitMap, e);
+    refreshUnit();
+  });
+  $("argmax").addEventListener("click", () => { state.location = null; refreshUnit(); });
+  window.addEventListener("resize", redrawOverlays);
+  await datasetInput(0);
+  document.body.dataset.ready = "1";
+}
+
+init();

@@ -1,0 +1,740 @@
+"""The explorer's API: every endpoint with good and bad input, uploads, traversal, concurrency.
+
+A small atlas is made once per session: a tiny seeded CNN from a Python file and 40 MNIST
+digits from a data factory, so the manifest can rebuild both. References are computed
+independently of the server: layer outputs by slicing the ``nn.Sequential`` by hand, gradients
+with plain autograd, pixels from the dataset tensors.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import featurelens
+from featurelens.app import create_app, serve
+from featurelens.app.server import _LRU
+from featurelens.atlas import Atlas
+from featurelens.render import STYLES, render_projection
+from featurelens.rules import METHODS
+from featurelens.specs import DataSpec, ModelSpec
+
+with warnings.catch_warnings():  # starlette asks for httpx2, which is not installed here
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from starlette.testclient import TestClient
+
+MODEL_SOURCE = '''
+import torch
+from torch import nn
+
+
+class Tiny(nn.Module):
+    """conv-ReLU-pool twice, then a linear classifier: MNIST-sized, seeded."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        )
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(6 * 7 * 7, 10))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def tiny():
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        return Tiny().eval()
+
+
+def digits():
+    from featurelens.specs import MnistDigits
+
+    return torch.utils.data.Subset(MnistDigits(), range(40))
+'''
+
+LAYERS = ["features.0", "features.4", "features.5", "head.1"]
+N_EXAMPLES = 40
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+
+
+def make_atlas(root: Path) -> Path:
+    """Write the tiny model/data file and an atlas of it under ``root``; returns the atlas dir."""
+    root.mkdir(parents=True, exist_ok=True)
+    source = root / "tiny_model.py"
+    source.write_text(textwrap.dedent(MODEL_SOURCE))
+    model_spec = ModelSpec(f"{source}:tiny")
+    data_spec = DataSpec(f"{source}:digits", mean=(MNIST_MEAN,), std=(MNIST_STD,))
+    model, data = model_spec.build(), data_spec.build()
+    atlas = featurelens.scan(
+        model, data, LAYERS, top_k=4, batch_size=20, progress=False,
+        model_spec=model_spec, data_spec=data_spec,
+    )  # fmt: skip
+    out = root / "atlas"
+    atlas.save(out)
+    return out
+
+
+def dir_state(directory: Path) -> dict[str, tuple[str, int]]:
+    """sha256 and mtime of every file under ``directory`` (and the directory's own mtime)."""
+    state = {".": ("", directory.stat().st_mtime_ns)}
+    for p in sorted(directory.rglob("*")):
+        state[str(p.relative_to(directory))] = (
+            hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "",
+            p.stat().st_mtime_ns,
+        )
+    return state
+
+
+@pytest.fixture(scope="session")
+def atlas_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_atlas(tmp_path_factory.mktemp("explorer"))
+
+
+@pytest.fixture(scope="session")
+def atlas(atlas_dir: Path) -> Atlas:
+    return Atlas.load(atlas_dir)
+
+
+@pytest.fixture(scope="session")
+def model(atlas: Atlas) -> torch.nn.Module:
+    return atlas.build_model()
+
+
+@pytest.fixture(scope="session")
+def data(atlas: Atlas):
+    return atlas.build_data()
+
+
+@pytest.fixture(scope="module")
+def app(atlas_dir: Path):
+    return create_app(atlas_dir)
+
+
+@pytest.fixture(scope="module")
+def client(app) -> TestClient:
+    # raise_server_exceptions=True: any request reaching the catch-all 500 fails the test.
+    with TestClient(app) as c:
+        yield c
+
+
+def png(response) -> np.ndarray:
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/png"
+    return np.asarray(Image.open(io.BytesIO(response.content)).convert("RGB"))
+
+
+def image_bytes(array: np.ndarray, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def reference_output(model, x: torch.Tensor, layer: str) -> torch.Tensor:
+    """The layer's output by running the Sequential's children by hand (no hooks)."""
+    part, index = layer.split(".")
+    with torch.no_grad():
+        h = x.clone()
+        if part == "head":
+            h = model.features(h)
+        for i, module in enumerate(getattr(model, part)):
+            if isinstance(module, torch.nn.ReLU):
+                h = torch.relu(h)  # not in place: keep h of earlier layers intact
+            else:
+                h = module(h)
+            if i == int(index):
+                return h[0]
+    raise AssertionError(layer)
+
+
+def digit(data, index: int) -> torch.Tensor:
+    return data[index][0]
+
+
+# --------------------------------------------------------------------------------------------
+# Good input
+
+
+def test_info_reads_the_registries_and_the_atlas(client, atlas, model):
+    info = client.get("/api/info").json()
+    assert info["methods"] == list(METHODS)
+    assert info["styles"] == list(STYLES)
+    assert info["data_size"] == N_EXAMPLES
+    assert info["input_shape"] == [1, 28, 28]
+    assert [entry["name"] for entry in info["layers"]] == LAYERS
+    for entry in info["layers"]:
+        assert entry["channels"] == atlas.channels(entry["name"])
+        rf = featurelens.receptive_field(model, (1, 28, 28), entry["name"])
+        assert entry["rf"]["size"] == list(rf.size)
+        assert entry["rf"]["stride"] == list(rf.stride)
+        assert entry["rf"]["padding"] == list(rf.padding)
+        assert entry["rf"]["is_global"] == rf.is_global
+    # Hand-derived geometry: 3x3 conv pad 1, pool 2, 3x3 conv pad 1, pool 2.
+    by_name = {e["name"]: e["rf"] for e in info["layers"]}
+    assert by_name["features.0"] == {"size": [3, 3], "stride": [1, 1], "padding": [1, 1],
+                                     "output_shape": [28, 28], "is_global": False}  # fmt: skip
+    assert by_name["features.4"]["size"] == [8, 8] and by_name["features.4"]["stride"] == [2, 2]
+    assert by_name["head.1"]["is_global"]
+
+
+def test_page_and_static_files(client):
+    page = client.get("/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert '<script src="/static/app.js">' in page.text
+    for name, kind in [("app.js", "javascript"), ("style.css", "css"), ("index.html", "html")]:
+        r = client.get(f"/static/{name}")
+        assert r.status_code == 200 and kind in r.headers["content-type"]
+
+
+def test_top_hits_come_from_the_atlas(client, atlas):
+    for layer in ("features.0", "head.1"):
+        r = client.get("/api/top", params={"layer": layer, "channel": 2}).json()
+        expected = [
+            {"index": h.index, "score": h.score, "location": list(h.location)}
+            for h in atlas.top(layer, 2)
+        ]
+        assert r["hits"] == expected
+
+
+def test_input_png_is_the_denormalised_example(client, data):
+    for index in (0, 17, N_EXAMPLES - 1):
+        got = png(client.get("/api/input.png", params={"input": f"dataset:{index}"}))
+        pixels = digit(data, index)[0].numpy() * MNIST_STD + MNIST_MEAN
+        expected = np.round(np.clip(pixels, 0, 1) * 255)
+        assert got.shape == (28, 28, 3)
+        assert np.abs(got[..., 0].astype(float) - expected).max() <= 1
+        assert (got[..., 0] == got[..., 1]).all()  # grayscale
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_activation_stats_match_a_hand_run_forward(client, model, data, layer):
+    x = digit(data, 5)[None]
+    ref = reference_output(model, x, layer)
+    r = client.get("/api/activations", params={"input": "dataset:5", "layer": layer}).json()
+    flat = ref.reshape(ref.shape[0], -1)
+    assert r["channels"] == ref.shape[0]
+    np.testing.assert_allclose(r["channel_max"], flat.max(1).values.numpy(), rtol=1e-5, atol=1e-6)
+    for k in range(ref.shape[0]):
+        loc = tuple(r["channel_argmax"][k])
+        assert torch.isclose(ref[(k, *loc)], flat[k].max(), rtol=1e-6, atol=1e-7)
+    assert r["spatial_dims"] == ref.dim() - 1
+    assert r["signed"] == bool(ref.min() < 0)
+
+
+def test_activation_sprite_colours_each_map(client, model, data):
+    layer = "features.4"  # rectified: the sequential colour map, 0 at its low end
+    ref = reference_output(model, digit(data, 3)[None], layer)  # (6, 14, 14)
+    params = {"input": "dataset:3", "layer": layer, "scale": "channel"}
+    layout = client.get("/api/activations", params=params).json()
+    sprite = png(client.get("/api/activations.png", params=params))
+    h, w = layout["map_shape"]
+    gap, cols = layout["gap"], layout["cols"]
+    lut = np.round(matplotlib.colormaps["inferno"](np.linspace(0, 1, 256))[:, :3] * 255)
+    for k in range(ref.shape[0]):
+        r, c = divmod(k, cols)
+        cell = sprite[r * (h + gap) : r * (h + gap) + h, c * (w + gap) : c * (w + gap) + w]
+        peak = float(ref[k].max())
+        if peak <= 0:
+            continue
+        expected = lut[np.round(ref[k].numpy() / peak * 255).astype(int)]
+        assert np.abs(cell.astype(float) - expected).max() <= 1, f"channel {k}"
+    # layer scale: one peak for the whole layer
+    params["scale"] = "layer"
+    sprite = png(client.get("/api/activations.png", params=params))
+    k = int(ref.reshape(6, -1).max(1).values.argmax())
+    r, c = divmod(k, cols)
+    cell = sprite[r * (h + gap) : r * (h + gap) + h, c * (w + gap) : c * (w + gap) + w]
+    assert (cell.reshape(-1, 3) == lut[255]).all(1).any()
+    signed = png(client.get("/api/activations.png", params={"input": "dataset:3",
+                                                            "layer": "features.0"}))  # fmt: skip
+    assert signed.shape[0] > 28
+
+
+def test_unit_location_value_and_receptive_field(client, model, data):
+    layer, channel = "features.4", 2
+    ref = reference_output(model, digit(data, 7)[None], layer)[channel]
+    rf = featurelens.receptive_field(model, (1, 28, 28), layer)
+    r = client.get("/api/unit", params={"input": "dataset:7", "layer": layer, "channel": channel})
+    body = r.json()
+    peak = tuple(int(v) for v in np.unravel_index(int(ref.argmax()), ref.shape))
+    assert tuple(body["location"]) == peak
+    assert body["value"] == pytest.approx(float(ref.max()), rel=1e-6)
+    assert body["rf"]["interval"] == [list(v) for v in rf.interval(peak)]
+    assert body["rf"]["region"] == [[s.start, s.stop - 1] for s in rf.region(peak)]
+    pinned = client.get("/api/unit", params={"input": "dataset:7", "layer": layer,
+                                             "channel": channel, "location": "0,13"}).json()  # fmt: skip
+    assert pinned["location"] == [0, 13]
+    assert pinned["value"] == pytest.approx(float(ref[0, 13]), rel=1e-6, abs=1e-7)
+    # size 8, stride 2, padding 3: u sees [2u - 3, 2u + 4], clipped to 0..27
+    assert pinned["rf"]["region"] == [[0, 4], [23, 27]]
+    logits = client.get("/api/unit", params={"input": "dataset:7", "layer": "head.1",
+                                             "channel": 4}).json()  # fmt: skip
+    assert logits["location"] == [] and logits["rf"]["is_global"]
+    assert logits["rf"]["region"] == [[0, 27], [0, 27]]
+
+
+def test_rf_endpoint(client, model):
+    rf = featurelens.receptive_field(model, (1, 28, 28), "features.5")
+    r = client.get("/api/rf", params={"layer": "features.5", "location": "6,0"}).json()
+    assert r["interval"] == [list(v) for v in rf.interval((6, 0))]
+    assert r["region"] == [[s.start, s.stop - 1] for s in rf.region((6, 0))]
+
+
+def test_projection_is_the_units_gradient(client, model, data):
+    layer, channel, loc = "features.4", 1, (5, 6)
+    x = digit(data, 9)[None].clone().requires_grad_(True)
+    # An independent reference: plain autograd on a copy of the truncated model.
+    part = copy.deepcopy(torch.nn.Sequential(*list(model.features)[:5]))
+    for m in part.modules():
+        if isinstance(m, torch.nn.ReLU):
+            m.inplace = False
+    part(x)[0, channel, loc[0], loc[1]].backward()
+    params = {"input": "dataset:9", "layer": layer, "channel": channel, "location": "5,6",
+              "method": "gradient", "style": "signed"}  # fmt: skip
+    got = png(client.get("/api/projection.png", params=params))
+    expected = np.round(render_projection(x.grad[0], "signed") * 255)
+    assert got.shape == (28, 28, 3)
+    assert np.abs(got.astype(float) - expected).max() <= 1
+    # Default location = the channel's arg-max on this input; methods differ on a deep unit.
+    images = {}
+    for method in METHODS:
+        params.update(method=method, style="rgb")
+        params.pop("location", None)
+        images[method] = png(client.get("/api/projection.png", params=params))
+    assert not np.array_equal(images["gradient"], images["deconvnet"])
+
+
+def test_zf_grid_is_the_figure_of_the_library(client, model, data, atlas):
+    from featurelens.figures import zf_grid
+
+    r = client.get("/api/zf.png", params={"layer": "features.4", "channel": 3,
+                                          "method": "guided", "style": "magnitude", "k": 3})  # fmt: skip
+    expected = np.asarray(
+        zf_grid(
+            model, data, atlas, "features.4", 3, method="guided", k=3, style="magnitude"
+        ).convert("RGB")
+    )
+    assert np.array_equal(png(r), expected)
+    default = client.get("/api/zf.png", params={"layer": "features.0", "channel": 0})
+    assert png(default).shape[0] > 0
+
+
+def test_upload_of_a_dataset_digit_gives_the_same_activations(client, data):
+    pixels = np.round((digit(data, 11)[0].numpy() * MNIST_STD + MNIST_MEAN) * 255)
+    raw = image_bytes(pixels.astype(np.uint8))
+    r = client.post("/api/inputs", content=raw, headers={"content-type": "image/png"})
+    assert r.status_code == 201, r.text
+    body = r.json()
+    assert body["input"].startswith("upload:") and (body["width"], body["height"]) == (28, 28)
+    ours = client.get("/api/activations", params={"input": body["input"], "layer": "features.4"})
+    theirs = client.get("/api/activations", params={"input": "dataset:11", "layer": "features.4"})
+    np.testing.assert_allclose(ours.json()["channel_max"], theirs.json()["channel_max"],
+                               rtol=1e-4, atol=1e-5)  # fmt: skip
+    shown = png(client.get("/api/input.png", params={"input": body["input"]}))
+    assert np.abs(shown[..., 0].astype(float) - pixels).max() <= 1
+    # Uploaded units project too.
+    proj = client.get("/api/projection.png", params={"input": body["input"], "layer": "features.5",
+                                                      "channel": 0, "method": "guided"})  # fmt: skip
+    assert png(proj).shape == (28, 28, 3)
+
+
+def test_upload_is_resized_and_converted_like_the_data(client, data):
+    # An RGB JPEG of 4x the size: converted to grayscale, resized to 28x28.
+    pixels = np.round((digit(data, 2)[0].numpy() * MNIST_STD + MNIST_MEAN) * 255).astype(np.uint8)
+    big = np.repeat(np.repeat(pixels, 4, 0), 4, 1)
+    rgb = np.stack([big, big, big], -1)
+    r = client.post("/api/inputs", files={"file": ("digit.jpg", image_bytes(rgb, "JPEG"),
+                                                    "image/jpeg")})  # fmt: skip
+    assert r.status_code == 201, r.text
+    assert (r.json()["width"], r.json()["height"]) == (112, 112)
+    shown = png(client.get("/api/input.png", params={"input": r.json()["input"]}))
+    assert shown.shape == (28, 28, 3)
+    expected = np.asarray(Image.fromarray(big).resize((28, 28), Image.Resampling.BILINEAR))
+    assert np.abs(shown[..., 0].astype(float) - expected).mean() < 6  # JPEG noise only
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input: 4xx with a JSON error, never the catch-all
+
+
+BAD_GETS = [
+    ("/api/top", {"layer": "nope", "channel": 0}, 404, "unknown layer"),
+    ("/api/top", {"layer": "features.0"}, 400, "channel"),
+    ("/api/top", {"channel": 0}, 400, "layer"),
+    ("/api/top", {"layer": "features.0", "channel": -1}, 404, "out of range"),
+    ("/api/top", {"layer": "features.0", "channel": 4}, 404, "0..3"),
+    ("/api/top", {"layer": "features.0", "channel": "1.5"}, 400, "not an integer"),
+    ("/api/top", {"layer": "features.0", "channel": "9" * 40}, 404, "out of range"),
+    ("/api/input.png", {}, 400, "input"),
+    ("/api/input.png", {"input": "dataset:-1"}, 404, "out of range"),
+    ("/api/input.png", {"input": f"dataset:{N_EXAMPLES}"}, 404, "0..39"),
+    ("/api/input.png", {"input": "dataset:x"}, 400, "not an integer"),
+    ("/api/input.png", {"input": "upload:0123456789abcdef"}, 404, "upload"),
+    ("/api/input.png", {"input": "../../etc/passwd"}, 400, "dataset:INDEX"),
+    ("/api/input.png", {"input": "file:/etc/passwd"}, 400, "dataset:INDEX"),
+    ("/api/activations", {"input": "dataset:0", "layer": "features.1"}, 404, "features.4"),
+    ("/api/activations", {"input": "dataset:0", "layer": "features.0", "scale": "x"}, 400, "scale"),
+    ("/api/activations.png", {"input": "dataset:0"}, 400, "layer"),
+    ("/api/unit", {"input": "dataset:0", "layer": "features.4", "channel": 0, "location": "1"},
+     400, "2 spatial axes"),
+    ("/api/unit", {"input": "dataset:0", "layer": "features.4", "channel": 0, "location": "14,0"},
+     404, "out of range"),
+    ("/api/unit", {"input": "dataset:0", "layer": "features.4", "channel": 0, "location": "a,b"},
+     400, "integers"),
+    ("/api/unit", {"input": "dataset:0", "layer": "head.1", "channel": 0, "location": "0"},
+     400, "0 spatial axes"),
+    ("/api/rf", {"layer": "features.4"}, 400, "location"),
+    ("/api/rf", {"layer": "features.4", "location": "-1,0"}, 400, "out of range"),
+    ("/api/rf", {"layer": "features.4", "location": "1,2,3"}, 400, "axes"),
+    ("/api/projection.png", {"input": "dataset:0", "layer": "features.4", "channel": 0,
+                             "method": "lrp"}, 400, "gradient"),
+    ("/api/projection.png", {"input": "dataset:0", "layer": "features.4", "channel": 0,
+                             "style": "jet"}, 400, "magnitude"),
+    ("/api/projection.png", {"input": "dataset:0", "layer": "features.4", "channel": 6}, 404,
+     "0..5"),
+    ("/api/projection.png", {"input": "dataset:0", "layer": "features.4", "channel": 0,
+                             "location": "99,0"}, 404, "out of range"),
+    ("/api/zf.png", {"layer": "features.4", "channel": 0, "k": 0}, 400, "1..4"),
+    ("/api/zf.png", {"layer": "features.4", "channel": 0, "k": 5}, 400, "1..4"),
+    ("/api/zf.png", {"layer": "features.4", "channel": 0, "method": "x"}, 400, "deconvnet"),
+    ("/api/nothing", {}, 404, ""),
+    ("/static/missing.js", {}, 404, "missing.js"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("path", "params", "status", "words"), BAD_GETS)
+def test_bad_requests_get_a_json_4xx(client, path, params, status, words):
+    r = client.get(path, params=params)
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/json"
+    error = r.json()["error"]
+    assert words in error
+    assert "Traceback" not in r.text
+
+
+def test_wrong_http_method(client):
+    assert client.post("/api/info").status_code == 405
+    r = client.get("/api/inputs")
+    assert r.status_code == 405 and "error" in r.json()
+
+
+def _noise_png(side: int) -> bytes:
+    rng = np.random.default_rng(0)
+    return image_bytes(rng.integers(0, 256, (side, side), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def strict_client(atlas_dir):
+    app = create_app(atlas_dir, max_upload_bytes=4000, max_upload_pixels=100 * 100)
+    with TestClient(app) as c:
+        yield c
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status", "words"),
+    [
+        (_noise_png(120), "image/png", 413, "limit of 4000"),  # bytes
+        (image_bytes(np.zeros((101, 100), np.uint8)), "image/png", 413, "pixels"),
+        (b"GIF89a" + bytes(200), "image/gif", 415, "PNG or JPEG"),
+        (image_bytes(np.zeros((8, 8), np.uint8), "GIF"), "image/gif", 415, "GIF"),
+        (image_bytes(np.zeros((8, 8), np.uint8), "BMP"), "image/bmp", 415, "BMP"),
+        (b"this is not an image", "image/png", 415, "PNG or JPEG"),
+        (image_bytes(np.zeros((40, 40), np.uint8))[:60], "image/png", 415, "readable"),
+        (b"", "image/png", 400, "empty"),
+        (b"--x\r\ngarbage", "multipart/form-data; boundary=x", 400, "multipart"),
+    ],
+)  # fmt: skip
+def test_bad_uploads_are_refused(strict_client, body, content_type, status, words):
+    r = strict_client.post("/api/inputs", content=body, headers={"content-type": content_type})
+    assert r.status_code == status, r.text
+    assert words in r.json()["error"]
+
+
+def test_oversize_multipart_upload(strict_client):
+    big = _noise_png(200)
+    r = strict_client.post("/api/inputs", files={"file": ("big.png", big, "image/png")})
+    assert r.status_code == 413
+    r = strict_client.post("/api/inputs", files={"note": (None, "hello")})
+    assert r.status_code == 400 and "without a file" in r.json()["error"]
+    small = image_bytes(np.zeros((50, 50), np.uint8))
+    assert strict_client.post("/api/inputs", files={"f": ("a.png", small)}).status_code == 201
+
+
+def test_unexpected_errors_are_json_without_traceback(atlas_dir, monkeypatch):
+    app = create_app(atlas_dir)
+
+    def boom():
+        raise RuntimeError("secret internals /home/user/model.py line 3")
+
+    monkeypatch.setattr(app.state.explorer, "info", boom)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        r = c.get("/api/info")
+        assert r.status_code == 500
+        assert r.json() == {"error": "internal error (RuntimeError); see the server log"}
+        assert c.get("/api/top", params={"layer": "features.0", "channel": 0}).status_code == 200
+
+
+def test_library_refusals_are_4xx(atlas_dir, atlas, data):
+    # A model whose rectifier is a GELU: deconvnet/guided have no rule for it.
+    gelu = atlas.build_model()
+    gelu.features[4] = torch.nn.GELU()
+    with TestClient(create_app(atlas_dir, model=gelu, data=data)) as c:
+        params = {"input": "dataset:0", "layer": "features.5", "channel": 0, "method": "guided"}
+        r = c.get("/api/projection.png", params=params)
+        assert r.status_code == 422 and "GELU" in r.json()["error"]
+        params["method"] = "gradient"
+        assert c.get("/api/projection.png", params=params).status_code == 200
+
+
+# --------------------------------------------------------------------------------------------
+# Serving, traversal, concurrency, caching, the atlas left alone
+
+
+def _raw_get(port: int, target: str) -> tuple[int, bytes]:
+    """Send ``GET target`` byte for byte (no client-side normalisation of ``..``)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    response = b"".join(chunks)
+    status = int(response.split(b" ", 2)[1])
+    return status, response
+
+
+TRAVERSALS = [
+    "/static/../server.py",
+    "/static/%2e%2e/server.py",
+    "/static/%2E%2E/server.py",
+    "/static/%2e%2e%2fserver.py",
+    "/static/..%2fserver.py",
+    "/static/..%2f..%2fapp%2fserver.py",
+    "/static/%252e%252e%252fserver.py",
+    "/static/..%5cserver.py",
+    "/static/.%2e/.%2e/app/server.py",
+    "/static//etc/passwd",
+    "/static/%2fetc%2fpasswd",
+    "/static/..",
+    "/static/.",
+    "/static/",
+    "/../../../../etc/passwd",
+    "/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
+    "/static/%00app.js",
+    "/static/app.js%00.png",
+    "/static/../../atlas/manifest.json",
+    "/static/%2e%2e/%2e%2e/%2e%2e/tiny_model.py",
+    "/api/../tiny_model.py",
+    "/manifest.json",
+    "/tiny_model.py",
+    "/atlas/manifest.json",
+]
+
+
+@pytest.fixture(scope="module")
+def live(atlas_dir):
+    server = serve(atlas_dir, port=0)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("target", TRAVERSALS)
+def test_path_traversal_is_refused(live, target):
+    status, response = _raw_get(live.port, target)
+    assert status in (400, 404), response[:300]
+    for secret in (b"def create_app", b"root:", b"featurelens-atlas", b"def tiny"):
+        assert secret not in response
+
+
+def test_serve_binds_loopback_and_stops(atlas_dir):
+    server = serve(atlas_dir, port=0)
+    try:
+        assert server.host == "127.0.0.1" and server.url == f"http://127.0.0.1:{server.port}/"
+        status, response = _raw_get(server.port, "/api/info")
+        assert status == 200 and json.loads(response.split(b"\r\n\r\n", 1)[1])["layers"]
+        assert server.running
+    finally:
+        server.stop()
+    assert not server.running
+    with pytest.raises(OSError):
+        _raw_get(server.port, "/api/info")
+
+
+class _Tracking(torch.nn.Module):
+    """Wraps the atlas model: counts forwards and the most that ever ran at once."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.features, self.head = inner.features, inner.head
+        self.active = 0
+        self.most = 0
+        self.calls = 0
+        self._lock = threading.Lock()
+
+    def forward(self, x):
+        with self._lock:
+            self.active += 1
+            self.calls += 1
+            self.most = max(self.most, self.active)
+        try:
+            threading.Event().wait(0.002)  # widen the window in which a race would show
+            return self.head(self.features(x))
+        finally:
+            with self._lock:
+                self.active -= 1
+
+
+def test_concurrent_requests_are_serialised_and_correct(atlas_dir, atlas, data):
+    from conftest import snapshot
+
+    tracked = _Tracking(atlas.build_model())
+    before = snapshot(tracked)
+    server = serve(atlas_dir, port=0, model=tracked, data=data)
+    urls = []
+    for i in range(6):
+        for layer in ("features.0", "features.4"):
+            urls.append(f"api/activations.png?input=dataset:{i}&layer={layer}")
+        urls.append(f"api/projection.png?input=dataset:{i}&layer=features.5&channel={i % 6}"
+                    f"&method={list(METHODS)[i % 3]}")  # fmt: skip
+        urls.append(f"api/unit?input=dataset:{i}&layer=features.4&channel=1")
+    urls.append("api/zf.png?layer=features.4&channel=2&k=2")
+    try:
+        import httpx
+
+        with httpx.Client(base_url=server.url, timeout=60) as http, ThreadPoolExecutor(8) as pool:
+            concurrent = list(pool.map(lambda u: http.get(u), urls))
+    finally:
+        server.stop()
+    assert all(r.status_code == 200 for r in concurrent), [r.text for r in concurrent][:3]
+    assert tracked.most == 1  # never two forwards at once on the shared model
+    from conftest import assert_unchanged
+
+    assert_unchanged(tracked, before)
+    # The same answers one request at a time, from a fresh app (no shared cache).
+    with TestClient(create_app(atlas_dir, model=atlas.build_model(), data=data)) as c:
+        for url, r in zip(urls, concurrent):
+            assert c.get("/" + url).content == r.content, url
+
+
+def test_results_are_cached_per_input_and_unit(atlas_dir, atlas, data):
+    tracked = _Tracking(atlas.build_model())
+    app = create_app(atlas_dir, model=tracked, data=data)
+    tracked.calls = 0  # torch.fx tracing for the receptive fields calls forward() too
+    with TestClient(app) as c:
+        params = {"input": "dataset:1", "layer": "features.4"}
+        c.get("/api/activations", params=params)
+        c.get("/api/activations.png", params=params)
+        c.get("/api/unit", params={**params, "channel": 3})
+        assert tracked.calls == 1  # one forward serves the stats, the sprite and the unit
+        unit = {**params, "channel": 3, "method": "guided"}
+        first = c.get("/api/projection.png", params=unit).content
+        calls = tracked.calls
+        assert c.get("/api/projection.png", params=unit).content == first
+        assert tracked.calls == calls
+        c.get("/api/activations", params={**params, "input": "dataset:2"})
+        assert tracked.calls == calls + 1
+
+
+def test_lru_is_bounded_by_bytes():
+    cache = _LRU(max_bytes=1000)
+    for i in range(10):
+        cache.get_or_compute(i, lambda: bytes(300))
+    assert len(cache) == 3
+    computed = []
+    cache.get_or_compute(9, lambda: computed.append(1) or b"")
+    cache.get_or_compute(0, lambda: computed.append(1) or bytes(10))
+    assert computed == [1]  # 9 was cached, 0 had been evicted
+    cache.get_or_compute("huge", lambda: bytes(5000))  # bigger than the budget: not kept
+    assert "huge" not in cache._items
+
+
+def test_the_atlas_directory_is_never_written(tmp_path):
+    atlas_dir = make_atlas(tmp_path)
+    before = dir_state(atlas_dir)
+    parent_before = sorted(p.name for p in tmp_path.iterdir())
+    app = create_app(atlas_dir)
+    with TestClient(app) as c:
+        layer = {"layer": "features.4"}
+        for path, params in [
+            ("/", {}),
+            ("/api/info", {}),
+            ("/api/top", {**layer, "channel": 0}),
+            ("/api/input.png", {"input": "dataset:0"}),
+            ("/api/activations", {"input": "dataset:0", **layer}),
+            ("/api/activations.png", {"input": "dataset:0", **layer}),
+            ("/api/unit", {"input": "dataset:0", **layer, "channel": 0}),
+            ("/api/rf", {**layer, "location": "1,1"}),
+            ("/api/projection.png", {"input": "dataset:0", **layer, "channel": 0}),
+            ("/api/zf.png", {**layer, "channel": 0, "k": 2}),
+        ]:
+            assert c.get(path, params=params).status_code == 200, path
+        up = c.post("/api/inputs", content=image_bytes(np.zeros((28, 28), np.uint8)),
+                    headers={"content-type": "image/png"})  # fmt: skip
+        assert up.status_code == 201
+        for path, params, *_ in BAD_GETS:
+            c.get(path, params=params)
+    assert dir_state(atlas_dir) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == parent_before
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+def test_cli_serve_arguments():
+    from featurelens.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "some/atlas"])
+    assert (args.host, args.port) == ("127.0.0.1", 8000)
+    args = build_parser().parse_args(["serve", "a", "--host", "0.0.0.0", "--port", "0"])
+    assert (args.host, args.port) == ("0.0.0.0", 0)
+
+
+def test_cli_serve_missing_atlas_is_one_line(tmp_path, capsys):
+    from featurelens.cli import main
+
+    assert main(["serve", str(tmp_path / "nope"), "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "Traceback" not in err
+
+
+def test_cli_serve_runs_until_interrupted(atlas_dir):
+    import signal
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "featurelens.cli", "serve", str(atlas_dir), "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        line = proc.stdout.readline()
+        assert "http://127.0.0.1:" in line, line + proc.stderr.read()
+        port = int(line.rsplit(":", 1)[1].strip().strip("/"))
+        status, _ = _raw_get(port, "/api/info")
+        assert status == 200
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
