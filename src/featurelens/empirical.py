@@ -1,8 +1,9 @@
 """The independent receptive-field verifier: support of an input gradient.
 
-On a float64 copy of the model whose weights are strictly positive averaging kernels, with
-activations and norms replaced by the identity and max pooling by average pooling of the same
-geometry, the network is a positive linear map: an input position influences a unit exactly
+Run in float64 with the model's weights swapped for strictly positive averaging kernels (in
+each call, at the ``__torch_function__`` level: the model itself is neither copied nor
+changed), activations and norms replaced by the identity and max pooling by average pooling of
+the same geometry, the network is a positive linear map: an input position influences a unit exactly
 when the unit's gradient with respect to it is non-zero. No cancellation can hide a pixel, and
 float64 keeps the tiny contributions of border pixels from underflowing (float32 does not on
 deep nets).
@@ -10,12 +11,12 @@ deep nets).
 This module shares nothing with the analytic engine (:mod:`featurelens.receptive_field`): it
 needs no tracing, only a forward pass with the layer captured by a hook, and it replaces
 operations at the ``__torch_function__`` level, so functional calls (``F.relu``,
-``F.max_pool2d``, ``x.sigmoid()``) are covered as much as modules.
+``F.max_pool2d``, ``x.sigmoid()``) are covered as much as modules. The forward stops at the
+layer, so the layers after it cost nothing. Forward hooks of your own on the model do run.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from featurelens.graph import capture, get_layer
+from featurelens.graph import capture, get_layer, preserved
 
 __all__ = ["EmpiricalReceptiveField", "empirical_receptive_field"]
 
@@ -121,11 +122,37 @@ _ADAPTIVE_MAX.update(
 )
 
 
+_WEIGHTED = {F.conv1d, F.conv2d, F.conv3d, F.linear, torch.conv1d, torch.conv2d, torch.conv3d}
+
+
+def _positive(func, args: tuple, kwargs: dict) -> tuple[tuple, dict]:  # noqa: ANN001
+    """Swap the model's parameters for positive float64 constants, in this call only.
+
+    Convolution and linear weights average their inputs (1 / fan-in, so magnitudes stay near 1
+    however deep the net), biases vanish, every other parameter (layer scales, ...) becomes 1.
+    """
+
+    def swap(i: int | str, a):  # noqa: ANN001, ANN202
+        if not isinstance(a, nn.Parameter):
+            return a
+        if func in _WEIGHTED and i in (1, "weight"):
+            return torch.full(a.shape, 1.0 / a[0].numel(), dtype=torch.float64, device=a.device)
+        if func in _WEIGHTED and i in (2, "bias"):
+            return None
+        return torch.ones(a.shape, dtype=torch.float64, device=a.device)
+
+    return (
+        tuple(swap(i, a) for i, a in enumerate(args)),
+        {k: swap(k, v) for k, v in kwargs.items()},
+    )
+
+
 class _PositiveLinearMode(TorchFunctionMode):
-    """Activations and norms become the identity; max pooling becomes average pooling."""
+    """Parameters become positive constants, activations and norms the identity, max pooling
+    average pooling: the network becomes a positive linear map."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        kwargs = kwargs or {}
+        args, kwargs = _positive(func, args, kwargs or {})
         if func in _IDENTITY_FUNCTIONS:
             x = args[0] if args else kwargs.get("input")
             return x
@@ -142,27 +169,6 @@ class _PositiveLinearMode(TorchFunctionMode):
             keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
             return x.mean(dim=dim, keepdim=keepdim) if dim != () else x.mean()
         return func(*args, **kwargs)
-
-
-def _positive_copy(model: nn.Module) -> nn.Module:
-    """A float64 deep copy whose weighted layers average their inputs with positive weights."""
-    m = copy.deepcopy(model).double().eval()
-    with torch.no_grad():
-        for module in m.modules():
-            for name, p in list(module.named_parameters(recurse=False)):
-                if name == "weight" and isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
-                    fan_in = p[0].numel()
-                    p.fill_(1.0 / fan_in)
-                elif name == "bias":
-                    p.zero_()
-                else:
-                    p.fill_(1.0)
-    for p in m.parameters():
-        p.requires_grad_(False)
-    for hook_dict in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks"):
-        for module in m.modules():
-            getattr(module, hook_dict).clear()
-    return m
 
 
 def empirical_receptive_field(
@@ -198,10 +204,9 @@ def empirical_receptive_field(
         raise ValueError(f"input_shape {shape} is not (C, *spatial) with 1 to 3 spatial axes")
     get_layer(model, layer)
     loc = (location,) if isinstance(location, int) else tuple(int(v) for v in location)
-    probe = _positive_copy(model)
-    device = next((p.device for p in probe.parameters()), torch.device("cpu"))
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     x = torch.ones((1, *shape), dtype=torch.float64, device=device, requires_grad=True)
-    with _PositiveLinearMode(), capture(probe, [layer]) as run:
+    with preserved(model), _PositiveLinearMode(), capture(model, [layer]) as run:
         y = run(x)[layer]
     if y.dim() > 2 and channel_dim % y.dim() != 1:
         y = y.movedim(channel_dim, 1)

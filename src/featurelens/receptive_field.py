@@ -21,6 +21,7 @@ never guesses.
 from __future__ import annotations
 
 import operator
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -758,17 +759,20 @@ class _Propagator(fx.Interpreter):
         ok = True
         for x, y in ((a, b), (b, a)):
             for e in empty[id(x)]:
-                # where x sees nothing (on axis e), the union must be y alone on every axis
+                n_e = out.lengths[e]
+                x_empty = np.broadcast_to(x.last[e] < x.first[e], (n_e,))
+                y_empty = np.broadcast_to(y.last[e] < y.first[e], (n_e,))
+                if not (x_empty & ~y_empty).any():
+                    continue  # wherever x sees nothing, y sees nothing either
+                # there the union is y alone: fine if y alone equals the union on other axes
                 if any(f != e for f in empty[id(y)]):
                     ok = False
                 for ax in range(len(out.lengths)):
                     if ax != e:
                         n = out.lengths[ax]
-                        ok = (
-                            ok
-                            and np.array_equal(np.broadcast_to(y.first[ax], (n,)), out.first[ax])
-                            and np.array_equal(np.broadcast_to(y.last[ax], (n,)), out.last[ax])
-                        )
+                        ok = ok and np.array_equal(
+                            np.broadcast_to(y.first[ax], (n,)), out.first[ax]
+                        ) and np.array_equal(np.broadcast_to(y.last[ax], (n,)), out.last[ax])
         if not ok:
             raise UnsupportedOpError(
                 f"{self._where(node)}: merges a branch whose border locations see only padding "
@@ -999,7 +1003,7 @@ class _Done(Exception):
 
 
 def _propagate(
-    model: nn.Module, input_shape: Sequence[int], stop_at: str | None = None
+    model: nn.Module, input_shape: Sequence[int], stop_at: str | None = None, strict: bool = True
 ) -> dict[str, ReceptiveField]:
     shape = _check_input_shape(input_shape)
     traced = trace(model)
@@ -1016,7 +1020,13 @@ def _propagate(
             pass
         except (UnsupportedOpError, NotAlignedError, ValueError) as exc:
             # fx appends "While executing ..." to the message: keep ours, it names the op
-            raise type(exc)(str(exc).split("\n\nWhile executing")[0]) from None
+            message = str(exc).split("\n\nWhile executing")[0]
+            if strict or isinstance(exc, ValueError):
+                raise type(exc)(message) from None
+            warnings.warn(
+                f"receptive fields stop at {message}. Layers after it are left out.",
+                stacklevel=3,
+            )
         except RuntimeError as exc:
             raise ValueError(
                 f"the model rejects inputs of shape (N, {', '.join(map(str, shape))}): "
@@ -1030,7 +1040,9 @@ def _propagate(
     return out
 
 
-def receptive_fields(model: nn.Module, input_shape: Sequence[int]) -> dict[str, ReceptiveField]:
+def receptive_fields(
+    model: nn.Module, input_shape: Sequence[int], *, strict: bool = True
+) -> dict[str, ReceptiveField]:
     """Receptive fields of every addressable layer, in execution order.
 
     Parameters
@@ -1039,6 +1051,9 @@ def receptive_fields(model: nn.Module, input_shape: Sequence[int]) -> dict[str, 
         Any traceable ``nn.Module`` (torch.fx); it is left exactly as given.
     input_shape
         ``(C, *spatial)`` without the batch dimension, e.g. ``(3, 224, 224)``.
+    strict
+        With False, an unsupported operation or unaligned merge ends the table with a warning
+        naming it, instead of an error: the layers before it are returned.
 
     Returns
     -------
@@ -1056,7 +1071,7 @@ def receptive_fields(model: nn.Module, input_shape: Sequence[int]) -> dict[str, 
     ValueError
         ``input_shape`` is not ``(C, *spatial)`` or the model rejects it.
     """
-    return _propagate(model, input_shape)
+    return _propagate(model, input_shape, strict=strict)
 
 
 def _to_value(f: _Field, spatial: tuple[int, ...]) -> ReceptiveField:
