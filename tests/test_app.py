@@ -37,7 +37,7 @@ from featurelens.rules import METHODS
 from featurelens.specs import DataSpec, ModelSpec
 
 with warnings.catch_warnings():  # starlette asks for httpx2, which is not installed here
-    warnings.simplefilter("ignore", DeprecationWarning)
+    warnings.simplefilter("ignore")
     from starlette.testclient import TestClient
 
 MODEL_SOURCE = '''
@@ -357,6 +357,18 @@ def test_upload_of_a_dataset_digit_gives_the_same_activations(client, data):
     assert png(proj).shape == (28, 28, 3)
 
 
+def test_upload_can_be_inverted(client, data):
+    pixels = np.round((digit(data, 13)[0].numpy() * MNIST_STD + MNIST_MEAN) * 255)
+    raw = image_bytes(255 - pixels.astype(np.uint8))  # dark strokes on light paper
+    r = client.post("/api/inputs", params={"invert": 1}, content=raw,
+                    headers={"content-type": "image/png"})  # fmt: skip
+    assert r.status_code == 201, r.text
+    shown = png(client.get("/api/input.png", params={"input": r.json()["input"]}))
+    assert np.abs(shown[..., 0].astype(float) - pixels).max() <= 1
+    bad = client.post("/api/inputs", params={"invert": "yes"}, content=raw)
+    assert bad.status_code == 400 and "invert" in bad.json()["error"]
+
+
 def test_upload_is_resized_and_converted_like_the_data(client, data):
     # An RGB JPEG of 4x the size: converted to grayscale, resized to 28x28.
     pixels = np.round((digit(data, 2)[0].numpy() * MNIST_STD + MNIST_MEAN) * 255).astype(np.uint8)
@@ -509,10 +521,11 @@ def test_library_refusals_are_4xx(atlas_dir, atlas, data):
 # Serving, traversal, concurrency, caching, the atlas left alone
 
 
-def _raw_get(port: int, target: str) -> tuple[int, bytes]:
+def _raw_get(port: int, target: str, host: str = "127.0.0.1") -> tuple[int, bytes]:
     """Send ``GET target`` byte for byte (no client-side normalisation of ``..``)."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        request = f"GET {target} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n"
+        s.sendall(request.encode())
         chunks = []
         while chunk := s.recv(65536):
             chunks.append(chunk)
@@ -578,6 +591,42 @@ def test_serve_binds_loopback_and_stops(atlas_dir):
     assert not server.running
     with pytest.raises(OSError):
         _raw_get(server.port, "/api/info")
+
+
+def test_foreign_host_headers_are_refused(live):
+    # DNS rebinding: a page on evil.example resolving to 127.0.0.1 must not read the API.
+    status, response = _raw_get(live.port, "/api/info", host="evil.example")
+    assert status == 400 and b"not allowed" in response and b"layers" not in response
+    for host in ("localhost", "127.0.0.1"):
+        assert _raw_get(live.port, "/api/info", host=host)[0] == 200
+
+
+def test_signals_are_drawn_as_strips(tmp_path):
+    # A 1-D model over a plain tensor (no data spec): maps are rows, locations one int.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(
+            torch.nn.Conv1d(2, 3, 5, padding=2), torch.nn.ReLU(), torch.nn.MaxPool1d(2)
+        ).eval()
+        signals = torch.randn(12, 2, 32)
+    featurelens.scan(net, signals, ["2"], top_k=3, progress=False).save(tmp_path / "atlas")
+    with TestClient(create_app(tmp_path / "atlas", model=net, data=signals)) as c:
+        shown = png(c.get("/api/input.png", params={"input": "dataset:4"}))
+        assert shown.shape == (1, 32, 3)
+        layout = c.get("/api/activations", params={"input": "dataset:4", "layer": "2"}).json()
+        assert layout["map_shape"] == [1, 16] and layout["spatial_dims"] == 1
+        with torch.no_grad():
+            ref = net(signals[4:5])[0]
+        np.testing.assert_allclose(layout["channel_max"], ref.max(1).values, rtol=1e-5)
+        unit = c.get("/api/unit", params={"input": "dataset:4", "layer": "2", "channel": 1})
+        peak = int(ref[1].argmax())
+        assert unit.json()["location"] == [peak]
+        assert unit.json()["rf"]["interval"] == [[2 * peak - 2, 2 * peak + 3]]
+        sprite = png(c.get("/api/activations.png", params={"input": "dataset:4", "layer": "2"}))
+        assert sprite.shape == (3 * 2 - 1, 16, 3)  # three one-pixel rows, one-pixel gaps
+        upload = c.post("/api/inputs", content=image_bytes(np.zeros((8, 8), np.uint8)),
+                        headers={"content-type": "image/png"})  # fmt: skip
+        assert upload.status_code == 422 and "2-D image" in upload.json()["error"]
 
 
 class _Tracking(torch.nn.Module):

@@ -122,6 +122,8 @@ def test_explore_a_layer_a_channel_and_an_upload(server, page, tmp_path):
     )
     assert first_tile(page) != before
     assert page.get_attribute("#input-img", "src").startswith("/api/input.png?input=upload")
+    # Every request settled: nothing left "loading", no error shown, nothing in the console.
+    page.wait_for_function("document.getElementById('status').textContent === ''")
     assert "error" not in (page.get_attribute("#status", "class") or "")
     assert errors == []
 

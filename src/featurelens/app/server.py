@@ -19,7 +19,8 @@ Endpoints (all ``GET`` unless said)::
     /api/info                 model, data, layers (channels, receptive field), methods, styles
     /api/top                  ?layer&channel             the channel's top hits in the atlas
     /api/input.png            ?input                     the input, denormalised
-    POST /api/inputs          raw PNG/JPEG body or multipart form with one file -> {"input"}
+    POST /api/inputs          [?invert=1] raw PNG/JPEG body or multipart form with one file
+                              -> {"input": "upload:ID", "width", "height"}
     /api/activations          ?input&layer&scale         sprite layout and per-channel stats
     /api/activations.png      ?input&layer&scale         every channel's map in one sprite
     /api/unit                 ?input&layer&channel[&location]  location, value, receptive field
@@ -42,7 +43,7 @@ import socket
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,9 @@ import torch
 from PIL import Image, ImageOps
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -299,11 +302,18 @@ class Explorer:
 
         spec = self.atlas.data_spec
         mean, std = (spec.mean, spec.std) if spec is not None else (None, None)
-        rgb = render_patch(x, mean, std)  # (H, W, 3) in [0, 1]
+        if x.dim() == 4:  # a volume: its central slice, as in the figures
+            x = x[:, x.shape[1] // 2]
+        rgb = render_patch(x, mean, std)  # (H, W, 3) in [0, 1], or (L, 3) for signals
+        if rgb.ndim == 2:  # a signal: one row of pixels
+            rgb = rgb[None]
         return Image.fromarray(np.round(rgb * 255).astype(np.uint8), "RGB")
 
-    def add_upload(self, raw: bytes) -> dict[str, Any]:
-        """Decode, check and preprocess an uploaded PNG/JPEG; returns its input name."""
+    def add_upload(self, raw: bytes, invert: bool = False) -> dict[str, Any]:
+        """Decode, check and preprocess an uploaded PNG/JPEG; returns its input name.
+
+        ``invert`` turns dark-on-light drawings into the light-on-dark of data like MNIST.
+        """
         if len(raw) > self.max_upload_bytes:
             raise ApiError(
                 413, f"upload of {len(raw)} bytes exceeds the limit of {self.max_upload_bytes}"
@@ -311,7 +321,7 @@ class Explorer:
         if not raw:
             raise ApiError(400, "empty upload: send a PNG or JPEG image")
         image = _decode_image(raw, self.max_upload_pixels)
-        x = self._preprocess(image)
+        x = self._preprocess(image, invert)
         key = hashlib.sha256(x.numpy().tobytes()).hexdigest()[:16]
         with self._uploads_lock:
             self._uploads[key] = x
@@ -320,7 +330,7 @@ class Explorer:
                 self._uploads.popitem(last=False)
         return {"input": f"upload:{key}", "width": image.width, "height": image.height}
 
-    def _preprocess(self, image: Image.Image) -> torch.Tensor:
+    def _preprocess(self, image: Image.Image, invert: bool = False) -> torch.Tensor:
         """Resize and normalise an image like the atlas's data: (C, H, W)."""
         from torchvision.transforms import functional as F
 
@@ -332,6 +342,8 @@ class Explorer:
         if channels not in (1, 3):
             raise ApiError(422, f"uploads need a 1- or 3-channel model, this one has {channels}")
         image = image.convert("L" if channels == 1 else "RGB")
+        if invert:
+            image = ImageOps.invert(image)
         height, width = spatial
         spec = self.atlas.data_spec
         if spec is not None and spec.kind == "folder":
@@ -601,6 +613,30 @@ def _sprite(maps: torch.Tensor, cols: int, rows: int, gap: int, scale: str) -> I
 # --------------------------------------------------------------------------------------------
 # HTTP layer
 
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+
+
+class _HostCheck:
+    """Refuse requests whose Host header is not one of ``allowed`` (DNS-rebinding guard).
+
+    A page on another site can make a browser resolve its own name to 127.0.0.1 and then read
+    a loopback server's answers; checking the Host header stops that, as Jupyter does.
+    """
+
+    def __init__(self, app: Any, allowed: Sequence[str]) -> None:
+        self.app = app
+        self.allowed = {h.lower() for h in allowed}
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            host = Headers(scope=scope).get("host", "").lower()
+            name = host.split("]")[0] + "]" if host.startswith("[") else host.rsplit(":", 1)[0]
+            if name not in self.allowed:
+                response = _json({"error": f"host {host!r} not allowed"}, status=400)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
 
 def _json(data: Any, status: int = 200) -> JSONResponse:
     return JSONResponse(data, status_code=status, headers={"Cache-Control": "no-store"})
@@ -664,6 +700,8 @@ def create_app(
     atlas_dir: str | os.PathLike[str] | Any,
     model: nn.Module | None = None,
     data: Any = None,
+    *,
+    allowed_hosts: Sequence[str] | None = None,
     **options: Any,
 ) -> Starlette:
     """The explorer as an ASGI application.
@@ -676,6 +714,9 @@ def create_app(
     model, data
         The model and dataset the atlas was made from; rebuilt from the atlas manifest when
         None.
+    allowed_hosts
+        Host names (without port) that requests may carry in their ``Host`` header; None
+        accepts any. :func:`serve` passes the loopback names when it binds to loopback.
     **options
         Passed to :class:`Explorer`: ``cache_bytes``, ``max_upload_bytes``,
         ``max_upload_pixels``, ``max_uploads``, ``device``.
@@ -719,8 +760,11 @@ def create_app(
         return _png_response(await run_in_threadpool(ex.input_png, ref))
 
     async def upload(request: Request) -> Response:
+        invert = q(request, "invert") or "0"
+        if invert not in ("0", "1"):
+            raise ApiError(400, f"invert={invert!r}: use 0 or 1")
         raw = await _upload_bytes(request, ex.max_upload_bytes)
-        return _json(await run_in_threadpool(ex.add_upload, raw), status=201)
+        return _json(await run_in_threadpool(ex.add_upload, raw, invert == "1"), status=201)
 
     def scale_of(request: Request) -> str:
         scale = q(request, "scale") or SCALES[0]
@@ -822,7 +866,8 @@ def create_app(
         ActivationError: library_error,
         Exception: unexpected,
     }
-    app = Starlette(routes=routes, exception_handlers=handlers)
+    middleware = [] if allowed_hosts is None else [Middleware(_HostCheck, allowed=allowed_hosts)]
+    app = Starlette(routes=routes, exception_handlers=handlers, middleware=middleware)
     app.state.explorer = ex
     return app
 
@@ -913,6 +958,7 @@ def serve(
     *,
     model: nn.Module | None = None,
     data: Any = None,
+    allowed_hosts: Sequence[str] | None = None,
     log_level: str = "warning",
     **options: Any,
 ) -> ExplorerServer:
@@ -921,6 +967,8 @@ def serve(
     Returns at once with a handle: ``server.url``, ``server.stop()``, ``server.wait()``; usable
     as a context manager. ``port=0`` picks a free port. The explorer has no authentication:
     binding to anything but a loopback address exposes the model and data to the network.
+    On a loopback address only requests for ``127.0.0.1``, ``localhost`` or ``[::1]`` are
+    answered (``allowed_hosts`` overrides this), which defeats DNS rebinding.
 
     Examples
     --------
@@ -931,7 +979,9 @@ def serve(
     """
     if not _is_loopback(host):
         log.warning("serving on %s: anyone who can reach this address can use the explorer", host)
-    app = create_app(atlas_dir, model=model, data=data, **options)
+    elif allowed_hosts is None:
+        allowed_hosts = (*LOOPBACK_NAMES, f"[{host}]" if ":" in host else host)
+    app = create_app(atlas_dir, model=model, data=data, allowed_hosts=allowed_hosts, **options)
     return ExplorerServer(app, host, port, log_level=log_level)
 
 

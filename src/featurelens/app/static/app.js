@@ -40,10 +40,15 @@ async function getJSON(url, options) {
   return body;
 }
 
+// Load url into img. A newer load into the same element supersedes this one, which then
+// resolves to null (so that no promise is left pending and callers can tell).
 function loadImage(img, url) {
+  if (img.supersede) img.supersede();
   return new Promise((resolve, reject) => {
-    img.onload = () => resolve(img);
+    img.supersede = () => resolve(null);
+    img.onload = () => { img.supersede = null; resolve(img); };
     img.onerror = async () => {
+      img.supersede = null;
       let message = `could not load ${url}`;
       try {
         const r = await fetch(url);
@@ -113,15 +118,17 @@ function drawBoxes(canvas, img, boxes) {
   const spatial = state.info.input_shape.slice(1);
   const rows = spatial.length === 2 ? spatial[0] : 1;
   const cols = spatial[spatial.length - 1];
-  for (const { region, color } of boxes) {
+  for (const { region, color, fill = true } of boxes) {
     if (!region) continue;
     const [r0, r1] = region.length === 2 ? region[0] : [0, 0];
     const [c0, c1] = region[region.length - 1];
     const sx = w / cols, sy = h / rows;
     ctx.lineWidth = 2;
     ctx.strokeStyle = color;
-    ctx.fillStyle = color + "33";
-    ctx.fillRect(c0 * sx, r0 * sy, (c1 - c0 + 1) * sx, (r1 - r0 + 1) * sy);
+    if (fill) {
+      ctx.fillStyle = color + "33";
+      ctx.fillRect(c0 * sx, r0 * sy, (c1 - c0 + 1) * sx, (r1 - r0 + 1) * sy);
+    }
     ctx.strokeRect(c0 * sx + 1, r0 * sy + 1, (c1 - c0 + 1) * sx - 2, (r1 - r0 + 1) * sy - 2);
   }
 }
@@ -135,7 +142,9 @@ function redrawOverlays() {
   ];
   drawBoxes($("input-overlay"), $("input-img"), boxes);
   if (!$("unit-body").hidden) {
-    drawBoxes($("projection-overlay"), $("projection"), [{ region: unitRegion, color: "#ff4d4d" }]);
+    // Outline only: a tint would change the projection's colours.
+    const outline = [{ region: unitRegion, color: "#ff4d4d", fill: false }];
+    drawBoxes($("projection-overlay"), $("projection"), outline);
   }
 }
 
@@ -178,7 +187,7 @@ function datasetInput(index) {
 
 async function upload(file) {
   const result = await task("uploading", () =>
-    getJSON("/api/inputs", {
+    getJSON(`/api/inputs${$("invert").checked ? "?invert=1" : ""}`, {
       method: "POST",
       headers: { "Content-Type": file.type || "application/octet-stream" },
       body: file,
