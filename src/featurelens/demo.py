@@ -180,12 +180,13 @@ class DemoResult:
 
 
 def _cached_model(
-    out: Path, config: TrainConfig, log: Callable[[str], None]
+    out: Path,
+    data,
+    config: TrainConfig,
+    log: Callable[[str], None],  # noqa: ANN001
 ) -> tuple[nn.Module, Path, float]:
-    """Train the demo CNN, or load the checkpoint an earlier run with this config cached."""
-    from featurelens.specs import DataSpec
-
-    data = DataSpec("mnist").build()
+    """Train the demo CNN on ``data`` (the MNIST digits), or load the checkpoint an earlier
+    run with this config cached in ``out/model``."""
     ckpt = (out / "model" / f"mnist_cnn-{config.key()}.pt").resolve()
     if ckpt.is_file():
         model = mnist_cnn()
@@ -261,17 +262,18 @@ def run_demo(
     accuracy, ckpt = None, None
     if model is None:
         config = QUICK if quick else TrainConfig()
-        net, ckpt, accuracy = _cached_model(out, config, log)
+        data_spec = DataSpec("mnist")
+        dataset = data_spec.build()
+        net, ckpt, accuracy = _cached_model(out, dataset, config, log)
         log(f"held-out accuracy: {accuracy:.1%} on {config.heldout} digits")
         model_spec = ModelSpec(DEMO_MODEL_SPEC, checkpoint=str(ckpt))
-        data_spec = DataSpec("mnist")
     else:
-        model_spec = ModelSpec(model, weights=weights, checkpoint=checkpoint)
-        data_spec = DataSpec(data)
         from featurelens.atlas import build_model
 
+        model_spec = ModelSpec(model, weights=weights, checkpoint=checkpoint)
+        data_spec = DataSpec(data)
         net = build_model(model_spec)
-    dataset = data_spec.build()
+        dataset = data_spec.build()
     names = layers or conv_layers(net)
     if not names:
         from featurelens.graph import layer_names

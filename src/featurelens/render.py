@@ -55,7 +55,7 @@ PAD_SQUARE = 4
 """Side of one checkerboard square in display pixels."""
 BACKGROUND = (255, 255, 255)
 TEXT = (34, 34, 34)
-GAP = 2  # display pixels between cells of a block
+GAP = 4  # display pixels between cells of a block
 BLOCK_GAP = 18  # between the projection block and the patch block
 MARGIN = 8
 TARGET_CELL = 80  # cells are enlarged to at least about this many display pixels

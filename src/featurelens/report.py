@@ -484,7 +484,6 @@ th, td { text-align: left; padding: 4px 10px; border-bottom: 1px solid var(--lin
 th { font-weight: 600; }
 table.layers td:nth-child(n+2):nth-child(-n+6) { white-space: nowrap; }
 img { max-width: 100%; height: auto; }
-img.sheet, img.thumb { image-rendering: pixelated; }
 img.thumb { border: 1px solid var(--line); }
 details { margin: 12px 0 20px; }
 summary { cursor: pointer; color: var(--muted); }

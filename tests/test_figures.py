@@ -1,0 +1,177 @@
+"""ZF grids and layer sheets from a real model, scan and projections, checked pixel by pixel."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import featurelens
+from conftest import assert_unchanged, snapshot
+from featurelens.atlas import ChannelError
+from featurelens.figures import layer_sheet, project_hits, zf_figure, zf_grid
+from featurelens.graph import LayerError
+from featurelens.render import PAD_COLORS, StyleError, render_layer_sheet, save_png
+
+MEAN, STD = (0.3,), (0.4,)
+LAYER = "features.3"
+
+
+def decode(image: Image.Image) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(save_png(image))).convert("RGB")).astype(float)
+
+
+def sample(pixels: np.ndarray, rect, scale: int) -> np.ndarray:
+    left, top, right, bottom = rect
+    half = scale // 2
+    return pixels[top + half : bottom : scale, left + half : right : scale, 0]
+
+
+def reference_crop(image: np.ndarray, interval) -> tuple[np.ndarray, np.ndarray]:
+    (r0, r1), (c0, c1) = interval
+    out = np.zeros((r1 - r0 + 1, c1 - c0 + 1))
+    inside = np.zeros(out.shape, dtype=bool)
+    for r in range(r0, r1 + 1):
+        for c in range(c0, c1 + 1):
+            if 0 <= r < image.shape[0] and 0 <= c < image.shape[1]:
+                out[r - r0, c - c0] = image[r, c]
+                inside[r - r0, c - c0] = True
+    return out, inside
+
+
+@pytest.fixture(scope="module")
+def setup():
+    from conftest import SmallCNN
+
+    torch.manual_seed(0)
+    model = SmallCNN()
+    model(torch.zeros(1, 1, 28, 28))
+    model.eval()
+    gen = torch.Generator().manual_seed(1)
+    pixels = torch.rand(40, 1, 28, 28, generator=gen)
+    data = (pixels - MEAN[0]) / STD[0]  # (N, 1, 28, 28), normalised like a data spec would
+    atlas = featurelens.scan(model, data, ["features.0", LAYER], top_k=9, progress=False)
+    return model, data, pixels, atlas
+
+
+def autograd_unit_gradient(model, x: torch.Tensor, channel: int, loc) -> np.ndarray:
+    """d y[LAYER, channel, loc] / d x with plain autograd on the model's own modules."""
+    x = x[None].clone().requires_grad_(True)
+    y = model.features[:4](x)  # conv, relu, pool, conv = features.3
+    y[0, channel][tuple(loc)].backward()
+    return x.grad[0, 0].numpy().astype(np.float64)
+
+
+def test_zf_grid_pixels_equal_crops_and_autograd_projections(setup):
+    model, data, pixels, atlas = setup
+    rf = featurelens.receptive_field(model, atlas.input_shape, LAYER)
+    border_seen = False
+    for channel in range(4):
+        fig = zf_figure(
+            model, data, atlas, LAYER, channel, "gradient", 9, "rgb", mean=MEAN, std=STD
+        )
+        lay, img = fig.layout, decode(fig.image)
+        assert lay.cell_shape == rf.size
+        for i, hit in enumerate(atlas.top(LAYER, channel)):
+            interval = rf.interval(hit.location)
+            # the patch: the original pixels under the unit's receptive-field box
+            patch, inside = reference_crop(pixels[hit.index, 0].double().numpy(), interval)
+            got = sample(img, lay.patch_boxes[i], lay.scale)
+            assert np.abs(got[inside] - np.round(patch[inside] * 255)).max() <= 1
+            # the projection: an independent autograd gradient, 0 at grey, peak at 0 or 255
+            grad = autograd_unit_gradient(model, data[hit.index], channel, hit.location)
+            box, _ = reference_crop(grad, interval)
+            assert np.abs(grad).sum() == pytest.approx(np.abs(box).sum())  # support in the box
+            expected = np.round((0.5 + 0.5 * box / np.abs(box[inside]).max()) * 255)
+            got_p = sample(img, lay.projection_boxes[i], lay.scale)
+            assert np.abs(got_p[inside] - expected[inside]).max() <= 1
+            if not inside.all():
+                border_seen = True
+                pad = {float(c[0]) for c in PAD_COLORS}
+                assert set(got[~inside].tolist()) <= pad
+                assert set(got_p[~inside].tolist()) <= pad
+    assert border_seen, "the data should give at least one hit whose box runs off the image"
+
+
+@pytest.mark.parametrize("style", ["rgb", "magnitude", "signed"])
+def test_same_figure_twice_is_byte_identical(setup, style):
+    model, data, _, atlas = setup
+    a = save_png(zf_grid(model, data, atlas, LAYER, 1, "deconvnet", 9, style, mean=MEAN, std=STD))
+    b = save_png(zf_grid(model, data, atlas, LAYER, 1, "deconvnet", 9, style, mean=MEAN, std=STD))
+    assert a == b
+
+
+def test_figures_leave_the_model_unchanged(setup):
+    model, data, _, atlas = setup
+    model.train()
+    before = snapshot(model)
+    zf_grid(model, data, atlas, LAYER, 0, "guided")
+    layer_sheet(model, data, atlas, "features.0", "deconvnet", "signed")
+    assert_unchanged(model, before)
+    model.eval()
+
+
+def test_k_and_methods(setup):
+    model, data, _, atlas = setup
+    fig = zf_figure(model, data, atlas, LAYER, 2, "deconvnet", k=4)
+    assert len(fig.layout.patch_boxes) == 4 and fig.layout.columns == 2
+    images = {m: save_png(zf_grid(model, data, atlas, LAYER, 2, m)) for m in ("gradient", "guided")}
+    assert images["gradient"] != images["guided"]
+
+
+def test_layer_sheet_has_every_channel_top1(setup):
+    model, data, pixels, atlas = setup
+    img = layer_sheet(model, data, atlas, LAYER, "deconvnet", "rgb", mean=MEAN, std=STD)
+    # the same sheet from the pure renderer gives its layout
+    rf = featurelens.receptive_field(model, atlas.input_shape, LAYER)
+    units = [(c, atlas.top(LAYER, c)[0]) for c in range(atlas.channels(LAYER))]
+    batch = project_hits(model, data, LAYER, units, rf, "deconvnet")
+    fig = render_layer_sheet(batch.examples, batch.projections, batch.boxes, [str(c) for c, _ in units],
+              "rgb", MEAN, STD, title=f"{LAYER} · top-1 of every channel · deconvnet · rgb")  # fmt: skip
+    assert save_png(img) == save_png(fig.image)
+    lay = fig.meta["sheet"]
+    assert len(lay.tiles) == 16
+    pix = decode(img)
+    for (_, hit), (_, patch_rect, _) in zip(units, lay.tiles):
+        patch, inside = reference_crop(
+            pixels[hit.index, 0].double().numpy(), rf.interval(hit.location)
+        )
+        got = sample(pix, patch_rect, lay.scale)
+        assert np.abs(got[inside] - np.round(patch[inside] * 255)).max() <= 1
+
+
+def test_bad_inputs_name_the_problem(setup):
+    model, data, _, atlas = setup
+    with pytest.raises(ValueError, match="unknown method 'deconv'.*gradient"):
+        zf_grid(model, data, atlas, LAYER, 0, "deconv")
+    with pytest.raises(StyleError, match="unknown style 'heat'.*rgb, magnitude, signed"):
+        zf_grid(model, data, atlas, LAYER, 0, style="heat")
+    with pytest.raises(ChannelError, match="valid 0..15"):
+        zf_grid(model, data, atlas, LAYER, 16)
+    with pytest.raises(LayerError, match="features.0"):
+        zf_grid(model, data, atlas, "features.9", 0)
+    with pytest.raises(ValueError, match="k must be a positive int"):
+        zf_grid(model, data, atlas, LAYER, 0, k=0)
+
+
+def test_1d_and_3d_models():
+    torch.manual_seed(0)
+    net1 = torch.nn.Sequential(torch.nn.Conv1d(2, 4, 5, padding=2), torch.nn.ReLU(),
+                               torch.nn.MaxPool1d(2), torch.nn.Conv1d(4, 3, 3)).eval()  # fmt: skip
+    x1 = torch.randn(12, 2, 40)
+    atlas1 = featurelens.scan(net1, x1, ["3"], top_k=3, progress=False)
+    a = zf_figure(net1, x1, atlas1, "3", 0, "guided", 3, "signed")
+    b = zf_figure(net1, x1, atlas1, "3", 0, "guided", 3, "signed")
+    assert a.layout is None and a.to_png() == b.to_png()  # line plots, deterministic
+
+    net3 = torch.nn.Sequential(torch.nn.Conv3d(1, 3, 3, padding=1), torch.nn.ReLU(),
+                               torch.nn.Conv3d(3, 2, 3)).eval()  # fmt: skip
+    x3 = torch.randn(6, 1, 6, 7, 8)
+    atlas3 = featurelens.scan(net3, x3, ["2"], top_k=2, progress=False)
+    fig = zf_figure(net3, x3, atlas3, "2", 1, "gradient", 2, "magnitude")
+    assert "central slice" in fig.meta["note"]
+    rf = featurelens.receptive_field(net3, (1, 6, 7, 8), "2")
+    assert fig.layout.cell_shape == rf.size[1:]
