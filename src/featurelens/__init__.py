@@ -8,6 +8,7 @@ from featurelens.app import serve
 from featurelens.atlas import Atlas, AtlasError, Hit
 from featurelens.empirical import EmpiricalReceptiveField, empirical_receptive_field
 from featurelens.graph import LayerError, TraceError, get_layer, layer_names
+from featurelens.project import CropWarning, project, project_units
 from featurelens.receptive_field import (
     NotAlignedError,
     ReceptiveField,
@@ -15,8 +16,10 @@ from featurelens.receptive_field import (
     receptive_field,
     receptive_fields,
 )
+from featurelens.rules import METHODS, ActivationError, Rule
 from featurelens.scan import SCORES, DataError, scan
 from featurelens.specs import DataSpec
+from featurelens.unit import Unit
 
 __version__ = "0.1.0"
 
@@ -28,6 +31,13 @@ __all__ = [
     "DataSpec",
     "Hit",
     "scan",
+    "METHODS",
+    "ActivationError",
+    "CropWarning",
+    "Rule",
+    "Unit",
+    "project",
+    "project_units",
     "EmpiricalReceptiveField",
     "LayerError",
     "NotAlignedError",

@@ -444,13 +444,14 @@ def _grad_enabled() -> Iterator[None]:
         yield
 
 
-def _forward(model: nn.Module, run: Any, x: torch.Tensor, layer: str) -> torch.Tensor:
+def _forward(run: Any, x: torch.Tensor, layer: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """The layer's output for ``x``; ``shape`` is the caller's input shape, for the error."""
     try:
         return run(x)[layer]
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(
-            f"the model rejects inputs of shape {tuple(x.shape)} ({x.dtype}, {x.device}): {first}"
+            f"the model rejects inputs of shape {shape} ({x.dtype}, on {x.device}): {first}"
         ) from exc
 
 
@@ -477,7 +478,7 @@ def _project_layer(
         rule_mode(model, rule, other_activations),
         stats,
     ):
-        y = _forward(model, run, x[probe_row : probe_row + 1].to(device), layer)
+        y = _forward(run, x[probe_row : probe_row + 1].to(device), layer, tuple(x.shape))
     shape = tuple(y.shape[1:])
     if len(shape) < 1:
         raise ValueError(f"layer {layer!r} outputs shape {tuple(y.shape)}: no channel axis")
@@ -494,6 +495,9 @@ def _project_layer(
     else:
         plan = _Crop.full(tuple(x.shape[2:]))
 
+    if not plan.is_full and not _accepts_crops(model, x, layer, plan, locations[0], device):
+        plan = _Crop.full(tuple(x.shape[2:]))
+
     # 4. Batched forward/backward, chunk by chunk.
     with capture(model, [layer]) as run:
         for lo in range(0, len(jobs), chunk_size):
@@ -504,7 +508,7 @@ def _project_layer(
             )
             crops = crops.to(device).requires_grad_(True)
             with rule_mode(model, rule, other_activations):
-                y = _forward(model, run, crops, layer)
+                y = _forward(run, crops, layer, tuple(x.shape))
             rows = torch.arange(len(part), device=y.device)
             index: list[Any] = [
                 rows,
@@ -517,6 +521,31 @@ def _project_layer(
             grad = grad.to(out.device)
             for g, k, s in zip(grad, part, starts):
                 out[out_index[k]][(slice(None), *plan.slices(s))] = g
+
+
+def _accepts_crops(
+    model: nn.Module,
+    x: torch.Tensor,
+    layer: str,
+    plan: _Crop,
+    location: tuple[int, ...],
+    device: torch.device,
+) -> bool:
+    """Whether the truncated model runs on a crop (a reshape to fixed sizes would not)."""
+    crop = x[:1][(slice(None), slice(None), *plan.slices(plan.start(location)))].to(device)
+    try:
+        with torch.no_grad(), capture(model, [layer]) as run:
+            run(crop)
+    except RuntimeError as exc:
+        warnings.warn(
+            f"projection of layer {layer!r} computed on the whole input (exact, slower): the "
+            f"model rejects receptive-field crops of shape {tuple(crop.shape)} "
+            f"({str(exc).strip().splitlines()[0]}). Pass crop=False to silence this warning.",
+            CropWarning,
+            stacklevel=5,
+        )
+        return False
+    return True
 
 
 def _check_unit(job: _Job, layer: str, n_channels: int, out_spatial: tuple[int, ...]) -> None:
@@ -573,7 +602,7 @@ def _argmax_locations(
         with torch.no_grad(), capture(model, [layer]) as run:
             for lo in range(0, len(rest), chunk_size):
                 part = rest[lo : lo + chunk_size]
-                y = _forward(model, run, x[part].to(device), layer)
+                y = _forward(run, x[part].to(device), layer, tuple(x.shape))
                 for i, row in enumerate(part):
                     take(row, y[i])
     return [found[k] if job.location is None else job.location for k, job in enumerate(jobs)]

@@ -310,18 +310,19 @@ def rule_mode(
     if rule.autograd:
         yield
         return
-    stack: list[str] = []
+    stack: list[tuple[str, str]] = []  # (dotted name, module type) of the modules running
     handles = []
 
     def where() -> str:
         if stack:
-            return f"module {stack[-1]!r}"
+            name, kind = stack[-1]
+            return f"module {name!r} ({kind})"
         return "the model's own forward()"
 
     try:
         if model is not None and other_activations == "error":
             for name, module in model.named_modules():
-                label = name or f"<{type(module).__name__} (the model itself)>"
+                label = (name or "<the model itself>", type(module).__name__)
                 handles.append(module.register_forward_pre_hook(_push(stack, label)))
                 handles.append(module.register_forward_hook(_pop(stack), always_call=True))
         with _RuleMode(rule, other_activations, where):
@@ -331,14 +332,14 @@ def rule_mode(
             h.remove()
 
 
-def _push(stack: list[str], label: str) -> Callable[..., None]:
+def _push(stack: list[tuple[str, str]], label: tuple[str, str]) -> Callable[..., None]:
     def hook(module, args):  # noqa: ANN001
         stack.append(label)
 
     return hook
 
 
-def _pop(stack: list[str]) -> Callable[..., None]:
+def _pop(stack: list[tuple[str, str]]) -> Callable[..., None]:
     def hook(module, args, output):  # noqa: ANN001
         if stack:
             stack.pop()

@@ -1,0 +1,151 @@
+"""Every public call leaves the model exactly as given: no hook, same mode, same numbers.
+
+One generic test, parametrised over :data:`CALLS` (and :data:`FAILING` for calls that must
+raise). To cover a new public function, append a ``(name, call)`` case: ``call(model, x)``
+runs it on the hygiene model below and an input batch ``x`` of shape (2, 3, 20, 18).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import assert_unchanged, snapshot
+from featurelens import (
+    LayerError,
+    Unit,
+    empirical_receptive_field,
+    layer_names,
+    project,
+    project_units,
+    receptive_field,
+    receptive_fields,
+)
+from featurelens.graph import preserved
+from featurelens.rules import METHODS, rule_mode
+
+Call = Callable[[nn.Module, torch.Tensor], object]
+
+LAYER = "features.4"  # after the module that Exploding arms
+
+
+def _rule_mode_forward(method: str) -> Call:
+    def call(model: nn.Module, x: torch.Tensor) -> object:
+        with preserved(model), rule_mode(model, method):  # rule_mode leaves modes to the caller
+            return model(x)
+
+    return call
+
+
+CALLS: list[tuple[str, Call]] = [
+    ("layer_names", lambda m, x: layer_names(m)),
+    ("receptive_field", lambda m, x: receptive_field(m, tuple(x.shape[1:]), LAYER)),
+    ("receptive_fields", lambda m, x: receptive_fields(m, tuple(x.shape[1:]))),
+    ("empirical_receptive_field",
+     lambda m, x: empirical_receptive_field(m, tuple(x.shape[1:]), LAYER, (2, 1))),
+    *[(f"project[{k}]", lambda m, x, k=k: project(m, x, LAYER, 3, method=k)) for k in METHODS],
+    *[(f"project[{k}, no crop]",
+       lambda m, x, k=k: project(m, x, LAYER, torch.tensor([1, 2]), (1, 1), k, crop=False))
+      for k in METHODS],
+    ("project_units", lambda m, x: project_units(
+        m, x, [Unit(LAYER, 1), Unit("features.1", 0, (0, 3)), Unit(LAYER, 2)], "guided",
+        rows=[0, 1, 1])),
+    *[(f"rule_mode[{k}]", _rule_mode_forward(k)) for k in METHODS],
+]  # fmt: skip
+"""Public calls that must succeed on the intact model."""
+
+FAILING: list[tuple[str, Call, type[Exception]]] = [
+    ("project: bad channel", lambda m, x: project(m, x, LAYER, 999, method="guided"), ValueError),
+    ("project: bad location", lambda m, x: project(m, x, LAYER, 0, (99, 0)), ValueError),
+    ("project: bad layer", lambda m, x: project(m, x, "features.44", 0), LayerError),
+    ("project: bad method", lambda m, x: project(m, x, LAYER, 0, method="lrp"), ValueError),
+    ("project: bad input", lambda m, x: project(m, x[:, :2], LAYER, 0, method="deconvnet"),
+     ValueError),
+    ("project_units: bad unit", lambda m, x: project_units(m, x, [Unit(LAYER, 1), Unit(LAYER, 77)]),
+     ValueError),
+    ("receptive_field: bad layer",
+     lambda m, x: receptive_field(m, tuple(x.shape[1:]), "features.44"), LayerError),
+    ("empirical_receptive_field: bad layer",
+     lambda m, x: empirical_receptive_field(m, tuple(x.shape[1:]), "nope", (0, 0)), LayerError),
+]  # fmt: skip
+"""Public calls that must raise (the exception type given) on the intact model."""
+
+
+class Exploding(nn.MaxPool2d):
+    """A pooling layer that raises mid-forward once armed (also while being traced)."""
+
+    armed = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.armed:
+            raise RuntimeError("boom: a submodule raised mid-forward")
+        return super().forward(x)
+
+
+class HygieneNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(8),  # in train mode a forward would move its running statistics
+            nn.ReLU(inplace=True),
+            Exploding(2),
+            nn.Conv2d(8, 6, 3, padding=1),
+            nn.ReLU(),
+        )
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def make_model(armed: bool) -> nn.Module:
+    model = HygieneNet().train()
+    model.features[0].bias.requires_grad_(False)  # a mixed state that must come back as it was
+    model.head.eval()
+    model.features[3].armed = armed
+    return model
+
+
+def assert_clean(model: nn.Module, before: dict) -> None:
+    assert_unchanged(model, before)
+    assert not nn.modules.module._global_forward_hooks
+    assert not nn.modules.module._global_forward_pre_hooks
+    assert torch._C._len_torch_function_stack() == 0  # no TorchFunctionMode left active
+    assert torch.is_grad_enabled()
+
+
+@pytest.mark.parametrize("name", [name for name, _ in CALLS])
+def test_a_successful_call_leaves_the_model_unchanged(name: str) -> None:
+    call = dict(CALLS)[name]
+    model = make_model(armed=False)
+    x = torch.randn(2, 3, 20, 18, requires_grad=True)
+    before = snapshot(model)
+    call(model, x)
+    assert_clean(model, before)
+    assert x.requires_grad and x.grad is None
+
+
+@pytest.mark.parametrize("name", [name for name, _ in CALLS])
+def test_a_submodule_raising_mid_forward_leaves_the_model_unchanged(name: str) -> None:
+    call = dict(CALLS)[name]
+    model = make_model(armed=True)
+    x = torch.randn(2, 3, 20, 18)
+    before = snapshot(model)
+    with pytest.raises(Exception):  # noqa: B017 - any error, as long as nothing leaks
+        call(model, x)
+    assert_clean(model, before)
+
+
+@pytest.mark.parametrize("name", [name for name, *_ in FAILING])
+def test_a_failing_call_leaves_the_model_unchanged(name: str) -> None:
+    _, call, error = next(case for case in FAILING if case[0] == name)
+    model = make_model(armed=False)
+    x = torch.randn(2, 3, 20, 18)
+    before = snapshot(model)
+    with pytest.raises(error):
+        call(model, x)
+    assert_clean(model, before)
