@@ -629,6 +629,41 @@ def test_signals_are_drawn_as_strips(tmp_path):
         assert upload.status_code == 422 and "2-D image" in upload.json()["error"]
 
 
+class _Flaky(torch.utils.data.Dataset):
+    """The atlas's digits, but item 3 fails to load, item 4 has the wrong shape, 6 is NaN."""
+
+    def __init__(self, data) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int):
+        if index == 3:
+            raise OSError("truncated file digits/3.png")
+        if index == 4:
+            return torch.zeros(3, 8, 8), 0
+        if index == 6:
+            return torch.full((1, 28, 28), float("nan")), 0
+        return self.data[index]
+
+
+def test_examples_that_fail_to_load_are_4xx(atlas_dir, model, data):
+    with TestClient(create_app(atlas_dir, model=model, data=_Flaky(data))) as c:
+        r = c.get("/api/input.png", params={"input": "dataset:3"})
+        assert r.status_code == 422 and "truncated file" in r.json()["error"]
+        r = c.get("/api/activations", params={"input": "dataset:4", "layer": "features.0"})
+        assert r.status_code == 422 and "(1, 28, 28)" in r.json()["error"]
+        assert c.get("/api/input.png", params={"input": "dataset:5"}).status_code == 200
+        # NaN activations: null in JSON, drawn as zero, never the arg-max.
+        nan = {"input": "dataset:6", "layer": "features.4"}
+        layout = c.get("/api/activations", params=nan).json()
+        assert layout["channel_max"] == [None] * 6
+        assert png(c.get("/api/activations.png", params=nan)).shape[0] > 14
+        unit = c.get("/api/unit", params={**nan, "channel": 0}).json()
+        assert unit["value"] is None and unit["location"] == [0, 0]
+
+
 class _Tracking(torch.nn.Module):
     """Wraps the atlas model: counts forwards and the most that ever ran at once."""
 

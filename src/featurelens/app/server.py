@@ -287,9 +287,20 @@ class Explorer:
                     raise ApiError(404, f"upload {ref.key!r} expired; upload it again")
                 self._uploads.move_to_end(str(ref.key))
                 return tensor
-        item = self.data[int(ref.key)]
+        try:
+            item = self.data[int(ref.key)]
+        except Exception as exc:  # a broken file in the user's data: the scan skipped it too
+            raise ApiError(
+                422, f"dataset example {ref.key} cannot be loaded ({type(exc).__name__}: {exc})"
+            ) from None
         x = item[0] if isinstance(item, (tuple, list)) else item
-        return torch.as_tensor(x).float()
+        if not isinstance(x, torch.Tensor) or tuple(x.shape) != self.input_shape:
+            what = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ApiError(
+                422, f"dataset example {ref.key} is {what}, not a tensor of the atlas's input "
+                f"shape {self.input_shape}"
+            )  # fmt: skip
+        return x.float()
 
     def input_png(self, ref: _InputRef) -> bytes:
         return self._cache.get_or_compute(
@@ -391,7 +402,7 @@ class Explorer:
         cols = min(cols, channels)
         rows = math.ceil(channels / cols)
         flat = maps.reshape(channels, -1)
-        peak = flat.argmax(1)
+        peak = torch.nan_to_num(flat, nan=-math.inf).argmax(1)
         spatial = self.activations(ref, layer).dim() - 1
         return {
             "input": str(ref),
@@ -403,11 +414,11 @@ class Explorer:
             "cols": cols,
             "rows": rows,
             "gap": 1,
-            "min": float(flat.min()),
-            "max": float(flat.max()),
-            "channel_max": [round(float(v), 6) for v in flat.max(1).values],
+            "min": float(flat.nan_to_num(nan=math.inf).min()),
+            "max": float(flat.nan_to_num(nan=-math.inf).max()),
+            "channel_max": [round(float(v), 6) for v in flat.max(1).values],  # NaN: null
             "channel_argmax": [_location(int(i), h, w, spatial) for i in peak],
-            "signed": bool(flat.min() < 0),
+            "signed": bool((flat < 0).any()),
         }
 
     def activation_png(self, ref: _InputRef, layer: str, scale: str) -> bytes:
@@ -424,7 +435,7 @@ class Explorer:
         act = self.activations(ref, layer)
         shape = tuple(act.shape[1:])
         if text is None or text == "":
-            flat = act[channel].reshape(-1)
+            flat = act[channel].reshape(-1).nan_to_num(nan=-math.inf)  # NaN never peaks
             idx = int(flat.argmax()) if flat.numel() else 0
             return tuple(int(v) for v in np.unravel_index(idx, shape)) if shape else ()
         try:
@@ -591,6 +602,7 @@ def _sprite(maps: torch.Tensor, cols: int, rows: int, gap: int, scale: str) -> I
     from featurelens.render import STYLES
 
     channels, h, w = maps.shape
+    maps = torch.nan_to_num(maps, nan=0.0, posinf=0.0, neginf=0.0)  # NaN drawn as zero
     flat = maps.reshape(channels, -1)
     if scale == "channel":
         peak = flat.abs().max(1).values.reshape(-1, 1, 1)
@@ -599,7 +611,7 @@ def _sprite(maps: torch.Tensor, cols: int, rows: int, gap: int, scale: str) -> I
     peak = torch.where(peak > 0, peak, torch.ones_like(peak))
     # Rectified layers are drawn in the sequential map of the "magnitude" style; layers with
     # negative values in the diverging map of "signed", centred at zero so colour means sign.
-    signed = bool(flat.min() < 0)
+    signed = bool((flat < 0).any())
     values = (maps / peak).clamp(-1 if signed else 0, 1).double().numpy()
     rgb = STYLES["signed" if signed else "magnitude"].colorize(values)  # (C, h, w, 3)
     rgb = np.round(rgb * 255).astype(np.uint8)
@@ -638,8 +650,19 @@ class _HostCheck:
         await self.app(scope, receive, send)
 
 
+def _finite(data: Any) -> Any:
+    """``data`` with NaN and infinities as None: JSON has no such numbers."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: _finite(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_finite(v) for v in data]
+    return data
+
+
 def _json(data: Any, status: int = 200) -> JSONResponse:
-    return JSONResponse(data, status_code=status, headers={"Cache-Control": "no-store"})
+    return JSONResponse(_finite(data), status_code=status, headers={"Cache-Control": "no-store"})
 
 
 def _png_response(data: bytes) -> Response:

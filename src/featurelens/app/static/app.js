@@ -61,6 +61,9 @@ function loadImage(img, url) {
   });
 }
 
+// Numbers from the API; null stands for NaN (JSON has none).
+const num = (v, digits) => (v === null || v === undefined ? "NaN" : v.toPrecision(digits));
+
 let busy = 0;
 function status(text, isError) {
   const el = $("status");
@@ -212,7 +215,7 @@ async function refreshMaps() {
     `${layout.channels} channels, maps ${layout.map_shape.join("×")}` +
     (rf ? `, receptive field ${rf.size.join("×")} stride ${rf.stride.join("×")}` +
           ` padding ${rf.padding.join("×")}${rf.is_global ? " (global)" : ""}` : "") +
-    `, values ${layout.min.toPrecision(3)} … ${layout.max.toPrecision(3)}`;
+    `, values ${num(layout.min, 3)} … ${num(layout.max, 3)}`;
   $("maps").dataset.input = state.input;
   $("maps").dataset.layer = state.layer;
 }
@@ -272,7 +275,7 @@ async function refreshUnit() {
   const where = unit.location.length ? `(${unit.location.join(", ")})` : "(no spatial axes)";
   $("unit-title").textContent = `Unit: ${state.layer} channel ${state.channel} at ${where}`;
   $("unit-meta").textContent =
-    `activation ${unit.value.toPrecision(4)} ${state.location ? "at the chosen location" : "(arg-max on this input)"}; ` +
+    `activation ${num(unit.value, 4)} ${state.location ? "at the chosen location" : "(arg-max on this input)"}; ` +
     `receptive field ${unit.rf ? regionText(unit.rf.region) : "unknown"}`;
   drawUnitMap();
   redrawOverlays();
@@ -313,7 +316,7 @@ async function refreshTop() {
     const img = document.createElement("img");
     img.src = api("input.png", { input: `dataset:${hit.index}` });
     img.alt = `example ${hit.index}`;
-    img.title = `example ${hit.index}: score ${hit.score.toPrecision(4)} at (${hit.location.join(", ")})`;
+    img.title = `example ${hit.index}: score ${num(hit.score, 4)} at (${hit.location.join(", ")})`;
     const cap = document.createElement("figcaption");
     cap.textContent = `#${hit.index}`;
     fig.append(img, cap);
