@@ -291,3 +291,9 @@ def test_figure_displays_in_notebooks():
     fig = render_zf(x, proj, boxes, "rgb", mean, std)
     png = fig._repr_png_()
     assert png.startswith(b"\x89PNG") and Image.open(io.BytesIO(png)).size == fig.image.size
+
+
+def test_1d_sheet_refuses_too_many_rows():
+    x = np.zeros((65, 1, 10))
+    with pytest.raises(ValueError, match="at most 64 channels"):
+        render_layer_sheet(x, x, [((0, 4),)] * 65, [""] * 65)

@@ -309,3 +309,14 @@ def test_report_from_atlas_object_with_python_data(tmp_path):
     index = write_report(atlas, tmp_path / "s", model=net, data=x, progress=False)
     assert (tmp_path / "s" / "img" / "0" / "channel-0001.png").is_file()
     assert "Python object" in index.read_text()
+
+
+def test_report_of_a_1d_model_draws_line_plots(tmp_path):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv1d(2, 3, 5), torch.nn.ReLU()).eval()
+    x = torch.randn(8, 2, 30)
+    atlas = featurelens.scan(net, x, ["0"], top_k=3, progress=False)
+    index = write_report(atlas, tmp_path / "s", model=net, data=x, progress=False)
+    page = parse(tmp_path / "s" / "layer-0.html")
+    assert page.cards == 3 and len(page.images) == 3  # no sheet for 1-D layers
+    assert "5" in index.read_text()  # the receptive field size

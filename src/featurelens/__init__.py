@@ -7,6 +7,7 @@ the input (gradient, deconvnet, guided backprop), Zeiler-Fergus figures and an e
 from featurelens.app import serve
 from featurelens.atlas import Atlas, AtlasError, Hit
 from featurelens.empirical import EmpiricalReceptiveField, empirical_receptive_field
+from featurelens.figures import layer_sheet, zf_figure, zf_grid
 from featurelens.graph import LayerError, TraceError, get_layer, layer_names
 from featurelens.project import CropWarning, project, project_units
 from featurelens.receptive_field import (
@@ -16,6 +17,8 @@ from featurelens.receptive_field import (
     receptive_field,
     receptive_fields,
 )
+from featurelens.render import STYLES
+from featurelens.report import write_report
 from featurelens.rules import METHODS, ActivationError, Rule
 from featurelens.scan import SCORES, DataError, scan
 from featurelens.specs import DataSpec
@@ -25,6 +28,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SCORES",
+    "STYLES",
     "Atlas",
     "AtlasError",
     "DataError",
@@ -51,4 +55,8 @@ __all__ = [
     "receptive_field",
     "receptive_fields",
     "serve",
+    "layer_sheet",
+    "write_report",
+    "zf_figure",
+    "zf_grid",
 ]

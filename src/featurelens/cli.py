@@ -211,6 +211,8 @@ def _run_figure(args: argparse.Namespace) -> int:
     if args.channel is not None:
         atlas.top(args.layer, args.channel)  # a bad channel fails before the model is built
     model, data = atlas.build_model(), atlas.build_data()
+    if args.device is not None:
+        model.to(args.device)
     if args.channel is None:
         image = layer_sheet(
             model, data, atlas, args.layer, args.method, args.style, device=args.device

@@ -297,6 +297,8 @@ def run_demo(
         data_spec=data_spec,
     )
     atlas_dir = atlas.save(out / "atlas")
+    if device is not None:  # the scan gave the model back where it was; project there too
+        net.to(device)
     index = write_report(
         atlas_dir,
         out,

@@ -36,6 +36,10 @@ from featurelens.render import (
 __all__ = [
     "HitBatch",
     "check_method",
+    "figure_from_batch",
+    "normalisation",
+    "top_hits",
+    "zf_title",
     "layer_sheet",
     "load_examples",
     "project_hits",
@@ -126,7 +130,8 @@ def project_hits(
     return HitBatch(examples, projections, tuple(units), boxes)
 
 
-def _normalisation(atlas: Atlas, mean: Any, std: Any) -> tuple[Any, Any]:
+def normalisation(atlas: Atlas, mean: Any = None, std: Any = None) -> tuple[Any, Any]:
+    """``(mean, std)`` to un-normalise patches: the given ones, else the atlas' data spec's."""
     if mean is not None and std is not None:
         return mean, std
     spec = atlas.data_spec
@@ -135,7 +140,8 @@ def _normalisation(atlas: Atlas, mean: Any, std: Any) -> tuple[Any, Any]:
     return None, None
 
 
-def _hits(atlas: Atlas, layer: str, channel: int, k: int) -> list[Hit]:
+def top_hits(atlas: Atlas, layer: str, channel: int, k: int) -> list[Hit]:
+    """The first ``k`` hits of a channel; clear errors for a bad k, layer or channel."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
     hits = atlas.top(layer, channel)[:k]
@@ -193,10 +199,10 @@ def zf_figure(
     """
     check_method(method)
     style = get_style(style).name
-    hits = _hits(atlas, layer, channel, k)
+    hits = top_hits(atlas, layer, channel, k)
     rf = receptive_field(model, atlas.input_shape, layer)
     batch = project_hits(model, data, layer, [(channel, h) for h in hits], rf, method, device)
-    mean, std = _normalisation(atlas, mean, std)
+    mean, std = normalisation(atlas, mean, std)
     title = zf_title(layer, channel, method, style, rf)
     fig = figure_from_batch(batch, slice(None), title, style, mean, std)
     fig.meta.update(layer=layer, channel=channel, method=method, hits=hits, receptive_field=rf)
@@ -275,10 +281,10 @@ def layer_sheet(
     check_method(method)
     style = get_style(style).name
     chosen = list(range(atlas.channels(layer))) if channels is None else list(channels)
-    units = [(c, _hits(atlas, layer, c, 1)[0]) for c in chosen]
+    units = [(c, top_hits(atlas, layer, c, 1)[0]) for c in chosen]
     rf = receptive_field(model, atlas.input_shape, layer)
     batch = project_hits(model, data, layer, units, rf, method, device)
-    mean, std = _normalisation(atlas, mean, std)
+    mean, std = normalisation(atlas, mean, std)
     return render_layer_sheet(
         batch.examples,
         batch.projections,

@@ -60,6 +60,7 @@ BLOCK_GAP = 18  # between the projection block and the patch block
 MARGIN = 8
 TARGET_CELL = 80  # cells are enlarged to at least about this many display pixels
 MAX_SCALE = 32
+MAX_1D_ROWS = 64  # line plots per matplotlib figure
 
 
 class StyleError(ValueError):
@@ -687,6 +688,11 @@ def render_layer_sheet(
     style = get_style(style)
     examples, projections = _to_float(examples), _to_float(projections)
     if examples.ndim == 3:  # 1-D: a sheet of line plots is the ZF grid with one row per channel
+        if len(boxes) > MAX_1D_ROWS:
+            raise ValueError(
+                f"a 1-D layer sheet draws at most {MAX_1D_ROWS} channels as line plots, got "
+                f"{len(boxes)}: pass channels=[...] to choose some"
+            )
         return _render_zf_1d(examples, projections, boxes, style, mean, std, title)
     proj_cells, patch_cells, note = render_cells(examples, projections, boxes, style, mean, std)
     return render_sheet_cells(proj_cells, patch_cells, labels, title, columns, note, style.name)

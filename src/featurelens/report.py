@@ -30,11 +30,11 @@ from torch import nn
 
 from featurelens.atlas import Atlas, AtlasError
 from featurelens.figures import (
-    _hits,
-    _normalisation,
     check_method,
     figure_from_batch,
+    normalisation,
     project_hits,
+    top_hits,
     zf_title,
 )
 from featurelens.receptive_field import ReceptiveField, receptive_field
@@ -114,6 +114,19 @@ def write_report(
         Only these layers (default: all of the atlas).
     channels
         Only the first ``channels`` channels of each layer (default: all).
+    device
+        Where the projections run. A model passed in must already live there; one rebuilt
+        from the atlas is moved there.
+    progress
+        Show a tqdm bar counting channels.
+
+    Raises
+    ------
+    FileNotFoundError, AtlasError
+        No atlas, an incomplete scan (resume it first), another format version.
+    LayerError, ValueError
+        A layer the atlas lacks (the valid ones are listed), an unknown method or style,
+        ``out`` inside the atlas directory (:class:`ReportError`).
     """
     method = check_method(method)
     style = get_style(style).name
@@ -141,10 +154,12 @@ def write_report(
         atlas.layer(name)  # a LayerError listing the atlas' layers
     if model is None:
         model = atlas.build_model()
+        if device is not None:  # our own copy: it may live where the projections run
+            model.to(device)
     if data is None:
         data = atlas.build_data()
     k = atlas.top_k if k is None else min(k, atlas.top_k)
-    mean, std = _normalisation(atlas, None, None)
+    mean, std = normalisation(atlas, None, None)
 
     infos: list[_LayerInfo] = []
     slugs: set[str] = set()
@@ -214,7 +229,7 @@ def _write_layer(
             chunk = info.channels[start : start + per_call]
             units, spans = [], []
             for c in chunk:
-                hits = _hits(atlas, info.name, c, k)
+                hits = top_hits(atlas, info.name, c, k)
                 spans.append((c, len(units), len(units) + len(hits), hits))
                 units.extend((c, h) for h in hits)
             batch = project_hits(model, data, info.name, units, info.rf, method, device)
