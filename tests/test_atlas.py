@@ -229,7 +229,12 @@ def test_model_fingerprint_sees_every_parameter_and_buffer():
     a = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
     b = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
     b.load_state_dict(a.state_dict())
-    assert model_fingerprint(a) == model_fingerprint(b)
+    assert model_fingerprint(a) == model_fingerprint(b)  # now cached for b
     with torch.no_grad():
-        b[1].running_mean[0] += 1e-6
+        b[1].running_mean[0] += 1e-6  # in place: the cache must notice
     assert model_fingerprint(a) != model_fingerprint(b)
+    b[0].weight = nn.Parameter(a[0].weight.detach() + 1)  # replaced
+    b[1].running_mean = a[1].running_mean.clone()
+    assert model_fingerprint(a) != model_fingerprint(b)
+    b[0].weight = nn.Parameter(a[0].weight.detach().clone())
+    assert model_fingerprint(a) == model_fingerprint(b)

@@ -261,6 +261,27 @@ def test_model_unchanged_and_no_hooks_left():
         assert torch.equal(model.eval()(digits(4)), out_before)
 
 
+def test_a_submodule_that_raises_leaves_no_hook_and_checkpoint_is_kept(tmp_path):
+    class FailsLater(nn.Module):
+        calls = 0
+
+        def forward(self, x):
+            FailsLater.calls += 1
+            if FailsLater.calls == 3:
+                raise RuntimeError("boom")
+            return x
+
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), FailsLater(), nn.ReLU()).train()
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        fl.scan(model, digits(40), ["0", "2"], top_k=2, batch_size=8, progress=False,
+                checkpoint=tmp_path, checkpoint_every=1)  # fmt: skip
+    assert_unchanged(model, before)
+    # what was checkpointed before the failure is kept: the two batches that ran
+    saved = fl.Atlas.load(tmp_path, allow_incomplete=True).manifest
+    assert saved["progress"]["next_index"] == 16 and not saved["complete"]
+
+
 def test_bad_input_errors_name_the_value_and_what_is_valid():
     model = make_net()
     x = digits(5)
