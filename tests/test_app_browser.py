@@ -1,7 +1,7 @@
 """The explorer in a real browser: Debian's chromium driven by Playwright (never `playwright install`).
 
 Open the page on a small atlas made here, pick a layer, click a channel, see its grid and
-projection load, hover a map, upload an image and see the maps change.
+projection load, hover a map, upload an image and see the maps change, draw one.
 """
 
 from __future__ import annotations
@@ -125,6 +125,25 @@ def test_explore_a_layer_a_channel_and_an_upload(server, page, tmp_path):
     # Every request settled: nothing left "loading", no error shown, nothing in the console.
     page.wait_for_function("document.getElementById('status').textContent === ''")
     assert "error" not in (page.get_attribute("#status", "class") or "")
+    assert errors == []
+
+    # Draw an input with the mouse: the maps follow the drawing.
+    uploaded = page.get_attribute("#maps", "data-input")
+    page.click("#draw")
+    pad = page.locator("#pad").bounding_box()
+    page.mouse.move(pad["x"] + 60, pad["y"] + 40)
+    page.mouse.down()
+    for step in range(1, 11):
+        page.mouse.move(pad["x"] + 60 + 8 * step, pad["y"] + 40 + 14 * step)
+    page.mouse.up()
+    page.wait_for_function(
+        "document.getElementById('input-label').textContent.startsWith('drawing')"
+    )
+    page.wait_for_function(
+        f"(() => {{ const m = document.getElementById('maps').dataset.input;"
+        f" return m.startsWith('upload:') && m !== '{uploaded}'; }})()"
+    )
+    page.wait_for_function("document.getElementById('status').textContent === ''")
     assert errors == []
 
     # A top hit becomes the input when clicked.

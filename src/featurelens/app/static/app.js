@@ -198,6 +198,71 @@ async function upload(file) {
   if (result) await setInput(result.input, `upload ${file.name} (${result.width}×${result.height})`);
 }
 
+// ---- drawing an input (light strokes on black, like MNIST) ---------------------------------
+const pad = { drawing: false, last: null, sending: false, dirty: false, count: 0 };
+
+function clearPad() {
+  const c = $("pad"), ctx = c.getContext("2d");
+  ctx.fillStyle = "#000";
+  ctx.fillRect(0, 0, c.width, c.height);
+}
+
+// Send the drawing as an upload; at most one request in flight, the latest strokes win.
+async function sendPad() {
+  if (pad.sending) { pad.dirty = true; return; }
+  pad.sending = true;
+  pad.dirty = false;
+  const blob = await new Promise((resolve) => $("pad").toBlob(resolve, "image/png"));
+  const result = await task("reading the drawing", () =>
+    getJSON("/api/inputs", { method: "POST", headers: { "Content-Type": "image/png" }, body: blob }));
+  if (result) {
+    pad.count += 1;
+    await setInput(result.input, `drawing (${pad.count} updates)`);
+  }
+  pad.sending = false;
+  if (pad.dirty) sendPad();
+}
+
+function setupPad() {
+  const c = $("pad");
+  const ctx = c.getContext("2d");
+  clearPad();
+  const at = (e) => {
+    const r = c.getBoundingClientRect();
+    return [((e.clientX - r.left) / r.width) * c.width, ((e.clientY - r.top) / r.height) * c.height];
+  };
+  let lastSent = 0;
+  c.addEventListener("pointerdown", (e) => {
+    pad.drawing = true;
+    pad.last = at(e);
+    c.setPointerCapture(e.pointerId);
+  });
+  c.addEventListener("pointermove", (e) => {
+    if (!pad.drawing) return;
+    const p = at(e);
+    ctx.strokeStyle = "#fff";
+    ctx.lineWidth = c.width / 11;  // about MNIST's stroke width at 28 x 28
+    ctx.lineCap = "round";
+    ctx.beginPath();
+    ctx.moveTo(...pad.last);
+    ctx.lineTo(...p);
+    ctx.stroke();
+    pad.last = p;
+    const now = performance.now();
+    if (now - lastSent > 250) { lastSent = now; sendPad(); }  // live, but not every event
+  });
+  const end = () => { if (pad.drawing) { pad.drawing = false; sendPad(); } };
+  c.addEventListener("pointerup", end);
+  c.addEventListener("pointercancel", end);
+  $("draw").addEventListener("click", () => {
+    const show = c.hidden;
+    c.hidden = !show;
+    $("draw-clear").hidden = !show;
+    $("draw").classList.toggle("active", show);
+  });
+  $("draw-clear").addEventListener("click", () => { clearPad(); sendPad(); });
+}
+
 // ---- the layer's maps --------------------------------------------------------------------
 async function refreshMaps() {
   const token = ++state.tokens.maps;
@@ -416,6 +481,7 @@ async function init() {
   });
   $("argmax").addEventListener("click", () => { state.location = null; refreshUnit(); });
   window.addEventListener("resize", redrawOverlays);
+  setupPad();
   await datasetInput(0);
   document.body.dataset.ready = "1";
 }
