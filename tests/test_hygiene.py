@@ -23,6 +23,7 @@ from featurelens import (
     project_units,
     receptive_field,
     receptive_fields,
+    scan,
 )
 from featurelens.graph import preserved
 from featurelens.rules import METHODS, rule_mode
@@ -54,6 +55,9 @@ CALLS: list[tuple[str, Call]] = [
         m, x, [Unit(LAYER, 1), Unit("features.1", 0, (0, 3)), Unit(LAYER, 2)], "guided",
         rows=[0, 1, 1])),
     *[(f"rule_mode[{k}]", _rule_mode_forward(k)) for k in METHODS],
+    ("scan", lambda m, x: scan(m, x, [LAYER, "features.1"], top_k=2, progress=False)),
+    ("scan[absmax, batch 1]",
+     lambda m, x: scan(m, x, ["features.2", LAYER], 1, "absmax", batch_size=1, progress=False)),
 ]  # fmt: skip
 """Public calls that must succeed on the intact model."""
 
@@ -70,6 +74,9 @@ FAILING: list[tuple[str, Call, type[Exception]]] = [
      lambda m, x: receptive_field(m, tuple(x.shape[1:]), "features.44"), LayerError),
     ("empirical_receptive_field: bad layer",
      lambda m, x: empirical_receptive_field(m, tuple(x.shape[1:]), "nope", (0, 0)), LayerError),
+    ("scan: bad layer", lambda m, x: scan(m, x, ["features.44"], progress=False), LayerError),
+    ("scan: bad top_k", lambda m, x: scan(m, x, [LAYER], top_k=3, progress=False), ValueError),
+    ("scan: bad score", lambda m, x: scan(m, x, [LAYER], 1, "median", progress=False), ValueError),
 ]  # fmt: skip
 """Public calls that must raise (the exception type given) on the intact model."""
 

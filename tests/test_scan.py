@@ -266,7 +266,7 @@ def test_a_submodule_that_raises_leaves_no_hook_and_checkpoint_is_kept(tmp_path)
         calls = 0
 
         def forward(self, x):
-            FailsLater.calls += 1
+            FailsLater.calls += isinstance(x, torch.Tensor)  # not when torch.fx traces
             if FailsLater.calls == 3:
                 raise RuntimeError("boom")
             return x
