@@ -24,6 +24,7 @@ also after an error (:func:`featurelens.graph.preserved`).
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -46,7 +47,8 @@ from featurelens.unit import Unit
 
 __all__ = ["CropWarning", "project", "project_units"]
 
-DEFAULT_CHUNK_SIZE = 32
+AUTO_CHUNK_VALUES = 2**19
+"""With ``chunk_size=None``, units per pass = this many input values / values of one crop."""
 
 
 class CropWarning(UserWarning):
@@ -66,7 +68,7 @@ def project(
     method: str | Rule = "gradient",
     *,
     crop: bool = True,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
     device: torch.device | str | None = None,
     other_activations: str = "error",
 ) -> torch.Tensor:
@@ -99,7 +101,8 @@ def project(
         positions (GroupNorm, InstanceNorm, LayerNorm) before the layer.
     chunk_size
         Units per forward/backward pass: memory is about ``chunk_size`` times the activations
-        of one crop.
+        of one crop. Default: as many crops as hold :data:`AUTO_CHUNK_VALUES` input values
+        (90 crops of 3x44x44 for VGG16 conv3_3, 3 whole 3x224x224 images).
     device
         Where to compute (the model must already live there); default: the device of the
         model's parameters. Results come back on ``inputs.device``.
@@ -146,7 +149,7 @@ def project_units(
     *,
     rows: Sequence[int] | torch.Tensor | None = None,
     crop: bool = True,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
     device: torch.device | str | None = None,
     other_activations: str = "error",
 ) -> torch.Tensor:
@@ -390,7 +393,7 @@ def _plan_crop(
             f"projection of layer {layer!r} computed on the whole input (exact, slower): {why}. "
             "Pass crop=False to silence this warning.",
             CropWarning,
-            stacklevel=4,
+            stacklevel=5,
         )
         return full
     return _Crop.for_field(rf)
@@ -406,7 +409,7 @@ def _project(
     jobs: list[_Job],
     method: str | Rule,
     crop: bool,
-    chunk_size: int,
+    chunk_size: int | None,
     device: torch.device | str | None,
     other_activations: str,
 ) -> torch.Tensor:
@@ -416,8 +419,10 @@ def _project(
             f"unknown other_activations {other_activations!r}; valid: "
             + ", ".join(map(repr, OTHER_ACTIVATIONS))
         )
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if device is None:
@@ -444,15 +449,21 @@ def _grad_enabled() -> Iterator[None]:
         yield
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _rejected(exc: BaseException, shape: tuple[int, ...]) -> ValueError:
+    return ValueError(f"the model rejects inputs of shape {shape}: {_first_line(exc)}")
+
+
 def _forward(run: Any, x: torch.Tensor, layer: str, shape: tuple[int, ...]) -> torch.Tensor:
     """The layer's output for ``x``; ``shape`` is the caller's input shape, for the error."""
     try:
         return run(x)[layer]
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(
-            f"the model rejects inputs of shape {shape} ({x.dtype}, on {x.device}): {first}"
-        ) from exc
+        raise _rejected(exc, shape) from exc
 
 
 def _project_layer(
@@ -463,7 +474,7 @@ def _project_layer(
     out: torch.Tensor,
     rule: Rule,
     crop: bool,
-    chunk_size: int,
+    chunk_size: int | None,
     device: torch.device,
     other_activations: str,
 ) -> None:
@@ -487,7 +498,8 @@ def _project_layer(
         _check_unit(job, layer, n_channels, out_spatial)
 
     # 2. Arg-max locations: one truncated forward per example, shared by all its units.
-    locations = _argmax_locations(model, x, jobs, layer, chunk_size, device, probe_row, y)
+    whole = chunk_size or max(1, AUTO_CHUNK_VALUES // x[0].numel())
+    locations = _argmax_locations(model, x, jobs, layer, whole, device, probe_row, y)
 
     # 3. Crops.
     if crop and len(out_spatial) == x.dim() - 2:
@@ -495,57 +507,78 @@ def _project_layer(
     else:
         plan = _Crop.full(tuple(x.shape[2:]))
 
-    if not plan.is_full and not _accepts_crops(model, x, layer, plan, locations[0], device):
-        plan = _Crop.full(tuple(x.shape[2:]))
-
     # 4. Batched forward/backward, chunk by chunk.
+    args = (model, x, jobs, out_index, out, rule, locations, out_spatial, device, other_activations)
+    try:
+        _run_chunks(*args, plan, chunk_size)
+    except _CropRejected as exc:
+        warnings.warn(
+            f"projection of layer {layer!r} computed on the whole input (exact, slower): {exc}. "
+            "Pass crop=False to silence this warning.",
+            CropWarning,
+            stacklevel=4,
+        )
+        _run_chunks(*args, _Crop.full(tuple(x.shape[2:])), chunk_size)
+
+
+class _CropRejected(Exception):
+    """The truncated model does not run on receptive-field crops."""
+
+
+def _run_chunks(
+    model: nn.Module,
+    x: torch.Tensor,
+    jobs: list[_Job],
+    out_index: list[int],
+    out: torch.Tensor,
+    rule: Rule,
+    locations: list[tuple[int, ...]],
+    out_spatial: tuple[int, ...],
+    device: torch.device,
+    other_activations: str,
+    plan: _Crop,
+    chunk_size: int | None,
+) -> None:
+    layer = jobs[0].layer
+    if chunk_size is None:
+        chunk_size = max(1, AUTO_CHUNK_VALUES // (x.shape[1] * math.prod(plan.size)))
     with capture(model, [layer]) as run:
         for lo in range(0, len(jobs), chunk_size):
             part = range(lo, min(lo + chunk_size, len(jobs)))
             starts = [plan.start(locations[k]) for k in part]
             crops = torch.stack(
                 [x[jobs[k].row][(slice(None), *plan.slices(s))] for k, s in zip(part, starts)]
-            )
+            )  # (m, C, *plan.size)
             crops = crops.to(device).requires_grad_(True)
-            with rule_mode(model, rule, other_activations):
-                y = _forward(run, crops, layer, tuple(x.shape))
-            rows = torch.arange(len(part), device=y.device)
+            local = [plan.local(locations[k], s) for k, s in zip(part, starts)]
+            try:
+                with rule_mode(model, rule, other_activations):
+                    y = run(crops)[layer]
+            except RuntimeError as exc:
+                if plan.is_full:
+                    raise _rejected(exc, tuple(x.shape)) from exc
+                raise _CropRejected(
+                    f"the model rejects receptive-field crops of shape {tuple(crops.shape)} "
+                    f"({_first_line(exc)})"
+                ) from exc
+            if tuple(y.shape[2:]) != out_spatial and any(
+                not 0 <= u < n for loc in local for u, n in zip(loc, y.shape[2:])
+            ):
+                raise _CropRejected(  # a geometry the receptive-field engine got wrong
+                    f"crops of shape {tuple(crops.shape)} give a {tuple(y.shape[2:])} grid that "
+                    "misses some units"
+                )
             index: list[Any] = [
-                rows,
+                torch.arange(len(part), device=y.device),
                 torch.tensor([jobs[k].channel for k in part], device=y.device),
+                *torch.tensor(local, dtype=torch.long, device=y.device)
+                .reshape(len(part), len(out_spatial))
+                .T,
             ]
-            for axis in range(len(out_spatial)):
-                local = [plan.local(locations[k], s)[axis] for k, s in zip(part, starts)]
-                index.append(torch.tensor(local, device=y.device))
             (grad,) = torch.autograd.grad(y[tuple(index)].sum(), crops)
             grad = grad.to(out.device)
             for g, k, s in zip(grad, part, starts):
                 out[out_index[k]][(slice(None), *plan.slices(s))] = g
-
-
-def _accepts_crops(
-    model: nn.Module,
-    x: torch.Tensor,
-    layer: str,
-    plan: _Crop,
-    location: tuple[int, ...],
-    device: torch.device,
-) -> bool:
-    """Whether the truncated model runs on a crop (a reshape to fixed sizes would not)."""
-    crop = x[:1][(slice(None), slice(None), *plan.slices(plan.start(location)))].to(device)
-    try:
-        with torch.no_grad(), capture(model, [layer]) as run:
-            run(crop)
-    except RuntimeError as exc:
-        warnings.warn(
-            f"projection of layer {layer!r} computed on the whole input (exact, slower): the "
-            f"model rejects receptive-field crops of shape {tuple(crop.shape)} "
-            f"({str(exc).strip().splitlines()[0]}). Pass crop=False to silence this warning.",
-            CropWarning,
-            stacklevel=5,
-        )
-        return False
-    return True
 
 
 def _check_unit(job: _Job, layer: str, n_channels: int, out_spatial: tuple[int, ...]) -> None:
