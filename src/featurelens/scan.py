@@ -189,12 +189,12 @@ class _State:
         indices: np.ndarray,
         scores: np.ndarray,
         locations: np.ndarray,
-        has_nan: np.ndarray,
+        nan_counts: np.ndarray,
         output_shape: tuple[int, ...],
         k: int,
     ) -> None:
-        """indices (N,); scores, locations (flat), has_nan: (N, C)."""
-        n, channels = scores.shape
+        """Merge one batch's candidates: indices, scores, flat locations (M, C); nan_counts (C,)."""
+        m, channels = scores.shape
         current = self.tops.get(layer)
         if current is None:
             current = _empty_top(channels, k, output_shape)
@@ -207,12 +207,12 @@ class _State:
         if output_shape:
             unravelled = np.stack(np.unravel_index(locations.T, output_shape), axis=-1)
         else:  # no spatial axes: the location is ()
-            unravelled = np.zeros((channels, n, 0), dtype=np.int64)
+            unravelled = np.zeros((channels, m, 0), dtype=np.int64)
         batch = LayerTop(
-            indices=np.broadcast_to(indices, (channels, n)),
+            indices=indices.T,
             scores=scores.T,
-            locations=unravelled.reshape(channels, n, len(output_shape)),
-            nan_counts=has_nan.sum(axis=0).astype(np.int64),
+            locations=unravelled.reshape(channels, m, len(output_shape)),
+            nan_counts=nan_counts.astype(np.int64),
             output_shape=output_shape,
         )
         self.tops[layer] = _merge(current, batch, k)
@@ -623,11 +623,21 @@ def scan(
                 "scan needs outputs (N, C, *spatial)"
             )
         flat = y.detach().reshape(y.shape[0], y.shape[1], -1)  # (N, C, S)
-        values, locations, has_nan = reduce(flat)
+        values, locations, has_nan = reduce(flat)  # (N, C) each
+        n = values.shape[0]
+        rows = torch.arange(n, device=values.device)[:, None].expand(values.shape)  # (N, C)
+        if n > top_k:
+            # Only the batch's own top_k per channel can enter the running top_k: select them
+            # where the activations live, so that little crosses to the CPU and the merge
+            # stays small. Ascending stable sort of -score: NaN last, ties keep batch order.
+            rows = torch.sort(-values, dim=0, stable=True).indices[:top_k]  # (K, C)
+            values = values.gather(0, rows)
+            locations = locations.gather(0, rows)
         reduced[name] = (
+            rows.cpu().numpy(),
             values.cpu().double().numpy(),
             locations.cpu().numpy().astype(np.int64),
-            has_nan.cpu().numpy(),
+            has_nan.sum(dim=0).cpu().numpy(),
             tuple(y.shape[2:]),
         )
 
@@ -666,8 +676,10 @@ def scan(
                         batch_n[0] = x.shape[0]
                         run(x.to(dev, non_blocking=True))
                         for name in names:
-                            values, locations, has_nan, shape = reduced[name]
-                            state.add_batch(name, indices, values, locations, has_nan, shape, top_k)
+                            rows, values, locations, nan_counts, shape = reduced[name]
+                            state.add_batch(
+                                name, indices[rows], values, locations, nan_counts, shape, top_k
+                            )
                         state.scanned += len(indices)
                 done = spans[min((t + 1) * world, len(spans)) - 1][1]
                 bar.update(done - bar.n - start)
