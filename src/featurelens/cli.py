@@ -161,13 +161,13 @@ def _render_options(p: argparse.ArgumentParser, method: str = "deconvnet") -> No
         "--method",
         choices=list(METHODS),
         default=method,
-        help="projection: " + "; ".join(f"{n}: {r.summary}" for n, r in METHODS.items()),
+        help=f"projection (default {method}): " + "; ".join(r.summary for r in METHODS.values()),
     )
     p.add_argument(
         "--style",
         choices=list(STYLES),
         default="rgb",
-        help="picture: " + "; ".join(f"{n}: {s.help}" for n, s in STYLES.items()),
+        help="picture (default rgb): " + "; ".join(f"{n}: {s.help}" for n, s in STYLES.items()),
     )
     p.add_argument("--device", default=None, help="where projections run (default cpu)")
 
