@@ -170,7 +170,9 @@ function locationAt(canvas, event) {
 }
 
 // ---- the current input -------------------------------------------------------------------
-async function setInput(input, label) {
+async function setInput(input, label, fromPad = false) {
+  state.inputSeq = (state.inputSeq || 0) + 1;
+  pad.current = fromPad;
   state.input = input;
   state.inputLabel = label;
   state.location = null;
@@ -199,7 +201,9 @@ async function upload(file) {
 }
 
 // ---- drawing an input (light strokes on black, like MNIST) ---------------------------------
-const pad = { drawing: false, last: null, sending: false, dirty: false, count: 0 };
+// current: the input is the drawing (an answer to an older drawing never replaces an input
+// chosen since).
+const pad = { drawing: false, last: null, sending: false, dirty: false, count: 0, current: false };
 
 function clearPad() {
   const c = $("pad"), ctx = c.getContext("2d");
@@ -212,15 +216,16 @@ async function sendPad() {
   if (pad.sending) { pad.dirty = true; return; }
   pad.sending = true;
   pad.dirty = false;
+  const seq = state.inputSeq;
   const blob = await new Promise((resolve) => $("pad").toBlob(resolve, "image/png"));
   const result = await task("reading the drawing", () =>
     getJSON("/api/inputs", { method: "POST", headers: { "Content-Type": "image/png" }, body: blob }));
-  if (result) {
+  if (result && seq === state.inputSeq) {
     pad.count += 1;
-    await setInput(result.input, `drawing (${pad.count} updates)`);
+    await setInput(result.input, `drawing (${pad.count} updates)`, true);
   }
   pad.sending = false;
-  if (pad.dirty) sendPad();
+  if (pad.dirty && (pad.current || pad.drawing)) sendPad();
 }
 
 function setupPad() {
@@ -481,6 +486,12 @@ async function init() {
   });
   $("argmax").addEventListener("click", () => { state.location = null; refreshUnit(); });
   window.addEventListener("resize", redrawOverlays);
+  // Arrow keys step through the dataset (when no form field has the focus).
+  document.addEventListener("keydown", (e) => {
+    if (["INPUT", "SELECT", "TEXTAREA"].includes(document.activeElement.tagName)) return;
+    const step = { ArrowLeft: -1, ArrowRight: 1 }[e.key];
+    if (step) datasetInput(Number($("dataset-index").value) + step);
+  });
   setupPad();
   await datasetInput(0);
   document.body.dataset.ready = "1";
