@@ -664,6 +664,35 @@ def test_examples_that_fail_to_load_are_4xx(atlas_dir, model, data):
         assert unit["value"] is None and unit["location"] == [0, 0]
 
 
+class _Untraceable(torch.nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it, so no receptive-field geometry."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 2, 3)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = x * 2
+        return self.conv(x)
+
+
+def test_models_without_geometry_still_work(tmp_path):
+    net = _Untraceable().eval()
+    images = torch.rand(5, 1, 9, 9)
+    featurelens.scan(net, images, ["conv"], top_k=2, progress=False).save(tmp_path / "atlas")
+    with TestClient(create_app(tmp_path / "atlas", model=net, data=images)) as c:
+        info = c.get("/api/info").json()
+        assert info["layers"][0]["rf"] is None and "trace" in info["layers"][0]["rf_error"]
+        unit = c.get("/api/unit", params={"input": "dataset:1", "layer": "conv", "channel": 1})
+        assert unit.status_code == 200 and unit.json()["rf"] is None
+        r = c.get("/api/rf", params={"layer": "conv", "location": "0,0"})
+        assert r.status_code == 422 and "no receptive field" in r.json()["error"]
+        params = {"input": "dataset:1", "layer": "conv", "channel": 1, "method": "gradient"}
+        with pytest.warns(UserWarning):  # the projection falls back to the whole input
+            assert png(c.get("/api/projection.png", params=params)).shape == (9, 9, 3)
+
+
 class _Tracking(torch.nn.Module):
     """Wraps the atlas model: counts forwards and the most that ever ran at once."""
 
