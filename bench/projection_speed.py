@@ -63,8 +63,10 @@ def captum_channel(model: torch.nn.Module, x: torch.Tensor, channel: int, locs) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--captum-channels", type=int, default=4, help="channels timed for Captum")
-    parser.add_argument("--chunk-size", type=int, default=32, help="featurelens units per pass")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--chunk-size", type=int, default=None, help="units per pass (auto)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -436,3 +436,51 @@ def test_device_argument_and_results_on_the_inputs_device() -> None:
     x = torch.randn(2, 1, 61)
     out = project(model, x, "features.4", 1, device="cpu")
     assert out.device == x.device and torch.equal(out, project(model, x, "features.4", 1))
+
+
+def integer_resnet18() -> nn.Module:
+    """torchvision resnet18 with sparse integer weights and identity batch norms (float64).
+
+    Integer weights keep every value an integer (inputs: multiples of 1/4), so sums are exact
+    in any order and ``torch.equal`` checks the geometry of a real residual architecture:
+    7x7 stride-2 stem, padded 3x3 stride-2 max pool, stride-2 blocks with 1x1 downsampling.
+    """
+    import torchvision
+
+    model = torchvision.models.resnet18(weights=None).double().eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                w = torch.randint(-1, 2, m.weight.shape, dtype=torch.float64)
+                m.weight.copy_(w * (torch.rand(m.weight.shape) < 0.2))
+            elif isinstance(m, nn.BatchNorm2d):
+                m.eps = 0.0  # (x - 0) / sqrt(1 + 0) * 1 + 0 == x exactly
+    return model
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_crop_equals_full_input_bit_for_bit_on_resnet18(method: str) -> None:
+    model = integer_resnet18()
+    shape = (3, 64, 48)
+    x = dyadic_input(2, *shape)
+    for layer in ["maxpool", "layer1.1", "layer2.0", "layer2.1.conv1"]:
+        units, rows, rf = every_unit(model, shape, layer, 2)
+        units, rows = units[:: max(1, len(units) // 60)], rows[:: max(1, len(units) // 60)]
+        assert not rf.is_global
+        cropped = project_units(model, x, units, method, rows=rows)
+        full = project_units(model, x, units, method, rows=rows, crop=False)
+        assert torch.equal(cropped, full), layer
+        assert cropped.abs().sum() > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_model_on_the_gpu_inputs_and_results_on_the_cpu() -> None:
+    model = Awkward2d().double().eval()
+    x = torch.randn(3, 2, 37, 29, dtype=torch.float64)
+    cpu = project(model, x, "conv3", torch.tensor([0, 1, 4]), method="guided")
+    before = snapshot(model)
+    gpu_model = model.cuda()
+    out = project(gpu_model, x, "conv3", torch.tensor([0, 1, 4]), method="guided")
+    assert out.device == x.device
+    torch.testing.assert_close(out, cpu, rtol=1e-10, atol=1e-12)
+    assert_unchanged(gpu_model.cpu(), before)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -258,9 +259,9 @@ def _per_example_channel(channel: Any, n: int) -> list[int]:
                 f"got {channel.dtype} of shape {tuple(channel.shape)}"
             )
         return [int(c) for c in channel.tolist()]
-    if isinstance(channel, bool) or not isinstance(channel, int):
+    if isinstance(channel, bool) or not isinstance(channel, numbers.Integral):
         raise TypeError(f"channel must be an int or a LongTensor (N,), got {channel!r}")
-    return [channel] * n
+    return [int(channel)] * n
 
 
 def _per_example_location(location: Any, n: int) -> list[tuple[int, ...] | None]:

@@ -76,12 +76,16 @@ class Rule:
     autograd
         True when the rule is exactly autograd's own ReLU backward: then nothing is overridden
         at all and results are bit-identical to ``torch.autograd.grad``.
+    uses_mask
+        False when ``backward`` ignores ``positive`` (deconvnet): the mask is then not kept
+        (``positive`` is None), which saves memory.
     """
 
     name: str
-    backward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    backward: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
     summary: str
     autograd: bool = False
+    uses_mask: bool = True
 
 
 METHODS: dict[str, Rule] = {
@@ -97,6 +101,7 @@ METHODS: dict[str, Rule] = {
             "deconvnet",
             lambda g, positive: g.clamp(min=0),
             "deconvnet: rectify the backward signal, ignore the forward mask (Zeiler & Fergus 2014)",
+            uses_mask=False,
         ),
         Rule(
             "guided",
@@ -142,7 +147,7 @@ class _Rectify(torch.autograd.Function):
             ctx.mark_dirty(x)
         # A bool mask rather than a saved tensor: later in-place ops on the output (legal under
         # autograd for clamp, which saves its input) must not invalidate this backward.
-        ctx.positive = out > 0
+        ctx.positive = out > 0 if rule.uses_mask else None
         ctx.rule = rule
         return out
 
