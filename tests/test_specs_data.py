@@ -108,3 +108,29 @@ def test_bad_data_specs_say_what_is_valid(tmp_path: Path):
         DataSpec(str(tmp_path), mean=(0.5,), std=(0.0,))
     with pytest.raises(SpecError, match="cannot import module"):
         DataSpec("no_such_module_xyz:factory").build()
+
+
+def test_cli_scans_an_image_folder_with_its_preprocessing(tmp_path: Path, capsys):
+    from featurelens.cli import main
+
+    images = tmp_path / "images"
+    write_images(images)
+    (tmp_path / "m.py").write_text(
+        "from torch import nn\ndef net():\n    return nn.Sequential(nn.Conv2d(3, 2, 3), nn.ReLU())\n"
+    )
+    out = tmp_path / "atlas"
+    argv = ["scan", f"{tmp_path}/m.py:net", str(images), "--layers", "1", "--top-k", "2",
+            "--out", str(out), "--input-size", "12", "--mean", "0.5,0.5,0.5",
+            "--std", "0.2,0.2,0.2", "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    atlas = fl.Atlas.load(out)
+    assert atlas.data_spec == DataSpec(str(images), 12, (0.5,) * 3, (0.2,) * 3)
+    assert atlas.manifest["preprocessing"] == {
+        "input_size": 12,
+        "mean": [0.5] * 3,
+        "std": [0.2] * 3,
+    }
+    assert atlas.input_shape == (3, 12, 12) and atlas.output_shape("1") == (10, 10)
+    assert len(atlas.build_data()) == 4
+    assert main([*argv[:-5], "--mean", "0.5", "--quiet", "--resume"]) == 2
+    assert "give both mean and std" in capsys.readouterr().err
