@@ -186,7 +186,8 @@ def test_dataset_items_and_tensor_give_the_same_atlas():
     from_pairs = fl.scan(model, pairs, LAYERS, top_k=4, batch_size=32, progress=False)
     bare = [x[i] for i in range(90)]  # items: bare tensors
     from_list = fl.scan(model, bare, LAYERS, top_k=4, batch_size=32, progress=False)
-    for other in (from_pairs, from_list):
+    in_workers = fl.scan(model, pairs, LAYERS, 4, batch_size=32, progress=False, num_workers=2)
+    for other in (from_pairs, from_list, in_workers):
         for layer in LAYERS:
             for c in range(from_tensor.channels(layer)):
                 assert from_tensor.top(layer, c) == other.top(layer, c)

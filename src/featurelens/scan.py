@@ -281,7 +281,7 @@ def _collate(items: list[tuple[int, bool, Any]]) -> tuple[np.ndarray, torch.Tens
 
 
 def _batches(
-    data: Any, spans: list[tuple[int, int]], num_workers: int
+    data: Any, spans: list[tuple[int, int]], num_workers: int, pin_memory: bool = False
 ) -> Iterator[tuple[np.ndarray, torch.Tensor | None, dict]]:
     if isinstance(data, torch.Tensor):
         for start, stop in spans:
@@ -292,6 +292,7 @@ def _batches(
         batch_sampler=[list(range(start, stop)) for start, stop in spans],
         collate_fn=_collate,
         num_workers=num_workers,
+        pin_memory=pin_memory,
     )
     yield from loader
 
@@ -613,7 +614,10 @@ def scan(
     rounds = math.ceil(len(spans) / world)
     mine = spans[rank::world]
     reduce = SCORES[score].reduce
-    reduced: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, ...]]] = {}
+    # per layer, this batch's candidates: rows in the batch, scores, flat locations (M, C),
+    # NaN counts (C,), spatial output shape
+    reduced: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[int, ...]]]
+    reduced = {}
     batch_n = [0]
 
     def on_output(name: str, y: torch.Tensor) -> None:
@@ -658,7 +662,7 @@ def scan(
             torch.inference_mode(),
             capture(model, names, on_output=on_output) as run,
         ):
-            batches = _batches(data, mine, num_workers)
+            batches = _batches(data, mine, num_workers, pin_memory=dev.type == "cuda")
             for t in range(rounds):
                 if t < len(mine):
                     indices, x, skipped = next(batches)
