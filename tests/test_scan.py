@@ -302,6 +302,8 @@ def test_bad_input_errors_name_the_value_and_what_is_valid():
         fl.scan(model, images, ["features.0"], top_k=2, progress=False)
     with pytest.raises(DataError, match="item 0 is a str"):
         fl.scan(model, ["a", "b"], ["features.0"], top_k=2, progress=False)
+    with pytest.raises(DataError, match="^dataset item 1 is a str"):  # not a worker traceback
+        fl.scan(model, [x[0], "b"], ["features.0"], top_k=2, progress=False, num_workers=1)
     with pytest.raises(DataError, match="must be a torch Dataset .* got int"):
         fl.scan(model, 42, ["features.0"], top_k=2, progress=False)
     with pytest.raises(DataError, match=r"different shapes \[\(1, 28, 28\), \(1, 30, 30\)\]"):

@@ -249,7 +249,16 @@ class _Guarded(torch.utils.data.Dataset):
             return index, False, f"{type(exc).__name__}: {exc}"
 
 
-def _collate(items: list[tuple[int, bool, Any]]) -> tuple[np.ndarray, torch.Tensor | None, dict]:
+def _collate(items: list[tuple[int, bool, Any]]) -> tuple[Any, ...]:
+    # In DataLoader workers an exception would come back wrapped in a worker traceback, so
+    # the error travels as a value and is raised in the scanning process.
+    try:
+        return (*_stack(items), None)
+    except DataError as exc:
+        return np.zeros(0, dtype=np.int64), None, {}, str(exc)
+
+
+def _stack(items: list[tuple[int, bool, Any]]) -> tuple[np.ndarray, torch.Tensor | None, dict]:
     good: list[int] = []
     tensors: list[torch.Tensor] = []
     skipped: dict[int, str] = {}
@@ -282,10 +291,10 @@ def _collate(items: list[tuple[int, bool, Any]]) -> tuple[np.ndarray, torch.Tens
 
 def _batches(
     data: Any, spans: list[tuple[int, int]], num_workers: int, pin_memory: bool = False
-) -> Iterator[tuple[np.ndarray, torch.Tensor | None, dict]]:
+) -> Iterator[tuple[np.ndarray, torch.Tensor | None, dict, str | None]]:
     if isinstance(data, torch.Tensor):
         for start, stop in spans:
-            yield np.arange(start, stop, dtype=np.int64), data[start:stop], {}
+            yield np.arange(start, stop, dtype=np.int64), data[start:stop], {}, None
         return
     loader = torch.utils.data.DataLoader(
         _Guarded(data),
@@ -665,7 +674,9 @@ def scan(
             batches = _batches(data, mine, num_workers, pin_memory=dev.type == "cuda")
             for t in range(rounds):
                 if t < len(mine):
-                    indices, x, skipped = next(batches)
+                    indices, x, skipped, error = next(batches)
+                    if error is not None:
+                        raise DataError(error)
                     for index, error in skipped.items():
                         if warned < 10:
                             warnings.warn(
