@@ -131,6 +131,9 @@ def test_crops_are_smaller_than_the_input() -> None:
     rf = receptive_field(model, (2, 37, 29), "conv2")
     plan = _Crop.for_field(rf)
     assert all(c < n for c, n in zip(plan.size, (37, 29)))
+    units, _, _ = every_unit(model, (2, 37, 29), "conv2", 1)
+    sizes = {plan.window(u.location)[1] for u in units}
+    assert len(sizes) == 4  # interior and far-border crop sizes on both axes are exercised
 
 
 def test_a_misaligned_crop_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -139,13 +142,14 @@ def test_a_misaligned_crop_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
     x = dyadic_input(1, 2, 37, 29)
     units, rows, _ = every_unit(model, (2, 37, 29), "conv2", 1)
     full = project_units(model, x, units, "guided", rows=rows, crop=False)
-    start = _Crop.start
+    window = _Crop.window
 
     def off_grid(self, location):  # noqa: ANN001, ANN202
-        return tuple(a + 1 if a + s < n else a for a, s, n in
-                     zip(start(self, location), self.size, self.input_shape))  # fmt: skip
+        start, size = window(self, location)
+        moved = tuple(a + 1 if a + s < n else a for a, s, n in zip(start, size, self.input_shape))
+        return moved, size
 
-    monkeypatch.setattr(_Crop, "start", off_grid)
+    monkeypatch.setattr(_Crop, "window", off_grid)
     shifted = project_units(model, x, units, "guided", rows=rows)
     assert not torch.equal(shifted, full)
 

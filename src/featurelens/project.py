@@ -289,56 +289,61 @@ def _per_example_location(location: Any, n: int) -> list[tuple[int, ...] | None]
 
 @dataclass(frozen=True)
 class _Crop:
-    """One crop size per call; a start per unit. ``stride`` is the layer's effective stride."""
+    """Receptive-field crops of one layer: a window (start, size) per unit.
+
+    Per axis, crops start on a multiple of the layer's effective ``stride`` and have one of two
+    sizes: ``size`` (holds any interior unit's field) or ``far_size`` (a crop flush with the
+    far border, whose start ``n - far_size`` is then on the grid too). Units of equal size
+    batch together.
+    """
 
     size: tuple[int, ...]
+    far_size: tuple[int, ...]
     stride: tuple[int, ...]
     padding: tuple[int, ...]
     input_shape: tuple[int, ...]
 
     @classmethod
     def full(cls, input_shape: tuple[int, ...]) -> _Crop:
-        d = len(input_shape)
-        return cls(tuple(input_shape), (1,) * d, (0,) * d, tuple(input_shape))
+        d, shape = len(input_shape), tuple(input_shape)
+        return cls(shape, shape, (1,) * d, (0,) * d, shape)
 
     @classmethod
     def for_field(cls, rf: ReceptiveField) -> _Crop:
-        size = []
+        size, far = [], []
         for r, j, p, n in zip(rf.size, rf.stride, rf.padding, rf.input_shape):
             # An interior unit's field starts at u*j - p, i.e. (-p) mod j past a multiple of j:
             # that much slack before it once the start is aligned down.
-            need = r + (-p) % j
-            if need >= n:
-                size.append(n)
-            else:
-                # Round up so that n - size is a multiple of j: a crop flush with the far
-                # border then also starts on the grid.
-                size.append(n - j * ((n - need) // j))
-        return cls(tuple(size), rf.stride, rf.padding, rf.input_shape)
+            need = min(r + (-p) % j, n)
+            size.append(need)
+            far.append(n - j * ((n - need) // j))  # n - far is a multiple of j
+        return cls(tuple(size), tuple(far), rf.stride, rf.padding, rf.input_shape)
 
     @property
     def is_full(self) -> bool:
         return self.size == self.input_shape
 
-    def start(self, location: tuple[int, ...]) -> tuple[int, ...]:
-        if self.is_full:
-            return (0,) * len(self.size)
-        out = []
-        for u, j, p, n, size in zip(
-            location, self.stride, self.padding, self.input_shape, self.size
+    def window(self, location: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """``(start, size)`` of the crop holding the field of the unit at ``location``."""
+        start, size = [], []
+        for u, j, p, n, s, far in zip(
+            location, self.stride, self.padding, self.input_shape, self.size, self.far_size
         ):
             a = (max(u * j - p, 0) // j) * j
-            if a + size > n:
-                a = n - size  # a multiple of j by construction of size
-            out.append(a)
-        return tuple(out)
+            if a + s > n:
+                s = far
+                a = n - far
+            start.append(a)
+            size.append(s)
+        return tuple(start), tuple(size)
 
     def local(self, location: tuple[int, ...], start: tuple[int, ...]) -> tuple[int, ...]:
         """The unit's location on the crop's grid."""
         return tuple(u - a // j for u, a, j in zip(location, start, self.stride))
 
-    def slices(self, start: tuple[int, ...]) -> tuple[slice, ...]:
-        return tuple(slice(a, a + s) for a, s in zip(start, self.size))
+
+def _slices(start: tuple[int, ...], size: tuple[int, ...]) -> tuple[slice, ...]:
+    return tuple(slice(a, a + s) for a, s in zip(start, size))
 
 
 class _SpatialStatistics(TorchFunctionMode):
@@ -541,45 +546,66 @@ def _run_chunks(
     chunk_size: int | None,
 ) -> None:
     layer = jobs[0].layer
-    if chunk_size is None:
-        chunk_size = max(1, AUTO_CHUNK_VALUES // (x.shape[1] * math.prod(plan.size)))
+    windows = [plan.window(loc) for loc in locations]
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for k, (_, size) in enumerate(windows):
+        groups.setdefault(size, []).append(k)
     with capture(model, [layer]) as run:
-        for lo in range(0, len(jobs), chunk_size):
-            part = range(lo, min(lo + chunk_size, len(jobs)))
-            starts = [plan.start(locations[k]) for k in part]
-            crops = torch.stack(
-                [x[jobs[k].row][(slice(None), *plan.slices(s))] for k, s in zip(part, starts)]
-            )  # (m, C, *plan.size)
-            crops = crops.to(device).requires_grad_(True)
-            local = [plan.local(locations[k], s) for k, s in zip(part, starts)]
-            try:
-                with rule_mode(model, rule, other_activations):
-                    y = run(crops)[layer]
-            except RuntimeError as exc:
-                if plan.is_full:
-                    raise _rejected(exc, tuple(x.shape)) from exc
-                raise _CropRejected(
-                    f"the model rejects receptive-field crops of shape {tuple(crops.shape)} "
-                    f"({_first_line(exc)})"
-                ) from exc
-            if tuple(y.shape[2:]) != out_spatial and any(
-                not 0 <= u < n for loc in local for u, n in zip(loc, y.shape[2:])
-            ):
-                raise _CropRejected(  # a geometry the receptive-field engine got wrong
-                    f"crops of shape {tuple(crops.shape)} give a {tuple(y.shape[2:])} grid that "
-                    "misses some units"
-                )
-            index: list[Any] = [
-                torch.arange(len(part), device=y.device),
-                torch.tensor([jobs[k].channel for k in part], device=y.device),
-                *torch.tensor(local, dtype=torch.long, device=y.device)
-                .reshape(len(part), len(out_spatial))
-                .T,
-            ]
-            (grad,) = torch.autograd.grad(y[tuple(index)].sum(), crops)
-            grad = grad.to(out.device)
-            for g, k, s in zip(grad, part, starts):
-                out[out_index[k]][(slice(None), *plan.slices(s))] = g
+        for size, members in groups.items():
+            step = chunk_size or max(1, AUTO_CHUNK_VALUES // (x.shape[1] * math.prod(size)))
+            for lo in range(0, len(members), step):
+                part = members[lo : lo + step]
+                _run_chunk(run, x, jobs, part, windows, plan, locations, out_index, out,
+                           rule, model, layer, out_spatial, device, other_activations)  # fmt: skip
+
+
+def _run_chunk(
+    run: Any,
+    x: torch.Tensor,
+    jobs: list[_Job],
+    part: list[int],
+    windows: list[tuple[tuple[int, ...], tuple[int, ...]]],
+    plan: _Crop,
+    locations: list[tuple[int, ...]],
+    out_index: list[int],
+    out: torch.Tensor,
+    rule: Rule,
+    model: nn.Module,
+    layer: str,
+    out_spatial: tuple[int, ...],
+    device: torch.device,
+    other_activations: str,
+) -> None:
+    """One forward and one backward for the units ``part`` (crops of equal size)."""
+    slices = [_slices(*windows[k]) for k in part]
+    crops = torch.stack([x[jobs[k].row][(slice(None), *sl)] for k, sl in zip(part, slices)])
+    crops = crops.to(device).requires_grad_(True)  # (m, C, *size)
+    local = [plan.local(locations[k], windows[k][0]) for k in part]
+    try:
+        with rule_mode(model, rule, other_activations):
+            y = run(crops)[layer]
+    except RuntimeError as exc:
+        if plan.is_full:
+            raise _rejected(exc, tuple(x.shape)) from exc
+        raise _CropRejected(
+            f"the model rejects receptive-field crops of shape {tuple(crops.shape)} "
+            f"({_first_line(exc)})"
+        ) from exc
+    if any(not 0 <= u < n for loc in local for u, n in zip(loc, y.shape[2:])):
+        raise _CropRejected(  # a geometry the receptive-field engine got wrong
+            f"crops of shape {tuple(crops.shape)} give a {tuple(y.shape[2:])} grid that misses "
+            "some units"
+        )
+    coords = torch.tensor(local, dtype=torch.long, device=y.device)
+    index = (
+        torch.arange(len(part), device=y.device),
+        torch.tensor([jobs[k].channel for k in part], device=y.device),
+        *coords.reshape(len(part), len(out_spatial)).T,
+    )
+    (grad,) = torch.autograd.grad(y[index].sum(), crops)
+    grad = grad.to(out.device)
+    for g, k, sl in zip(grad, part, slices):
+        out[out_index[k]][(slice(None), *sl)] = g
 
 
 def _check_unit(job: _Job, layer: str, n_channels: int, out_spatial: tuple[int, ...]) -> None:
