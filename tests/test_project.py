@@ -488,3 +488,19 @@ def test_model_on_the_gpu_inputs_and_results_on_the_cpu() -> None:
     assert out.device == x.device
     torch.testing.assert_close(out, cpu, rtol=1e-10, atol=1e-12)
     assert_unchanged(gpu_model.cpu(), before)
+
+
+def test_batch_statistics_in_eval_mode_do_not_mix_units() -> None:
+    # BatchNorm without running statistics normalises over the batch even in eval mode: each
+    # unit then goes alone (and uncropped), so results equal one-example calls.
+    model = nn.Sequential(
+        nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3, track_running_stats=False), nn.ReLU(),
+        nn.Conv2d(3, 2, 3),
+    ).double()  # fmt: skip
+    x = torch.randn(3, 1, 12, 10, dtype=torch.float64)
+    with pytest.warns(CropWarning, match="batch statistics"):
+        out = project(model, x, "3", 1, (2, 2), "guided")
+    for i in range(3):
+        with pytest.warns(CropWarning):
+            one = project(model, x[i : i + 1], "3", 1, (2, 2), "guided")
+        torch.testing.assert_close(out[i], one[0], rtol=1e-12, atol=1e-14)

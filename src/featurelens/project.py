@@ -346,6 +346,9 @@ def _slices(start: tuple[int, ...], size: tuple[int, ...]) -> tuple[slice, ...]:
     return tuple(slice(a, a + s) for a, s in zip(start, size))
 
 
+_BATCH_STATISTICS = "batch_norm with batch statistics"
+
+
 class _SpatialStatistics(TorchFunctionMode):
     """Records normalisations computed over positions (their crops would not be exact)."""
 
@@ -369,7 +372,7 @@ class _SpatialStatistics(TorchFunctionMode):
         elif func is F.batch_norm:
             training = args[5] if len(args) > 5 else kwargs.get("training", False)
             if training:
-                name = "batch_norm with batch statistics"
+                name = _BATCH_STATISTICS
         if name is not None and name not in self.seen:
             self.seen.append(name)
         return func(*args, **kwargs)
@@ -504,6 +507,8 @@ def _project_layer(
         _check_unit(job, layer, n_channels, out_spatial)
 
     # 2. Arg-max locations: one truncated forward per example, shared by all its units.
+    if _BATCH_STATISTICS in stats.seen:
+        chunk_size = 1  # statistics over the batch would mix the units of one pass
     whole = chunk_size or max(1, AUTO_CHUNK_VALUES // x[0].numel())
     locations = _argmax_locations(model, x, jobs, layer, whole, device, probe_row, y)
 
