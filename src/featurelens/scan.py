@@ -63,70 +63,77 @@ class DataError(TypeError, ValueError):
 
 @dataclass(frozen=True)
 class Score:
-    """How one channel's map is scored for one example.
+    """How one channel's map is scored for one example, and which location is stored.
 
-    ``reduce(y)`` takes ``y`` (N, C, S), the layer output with its spatial axes flattened, and
-    returns ``(scores, locations, has_nan)``, each (N, C): the score, the flat row-major index
-    of the location stored with it, and whether the map held a NaN.
+    ``values(y)`` takes ``y`` (N, C, S), the layer output with its spatial axes flattened, and
+    returns ``(scores, has_nan)``, each (N, C), NaN values ignored (an all-NaN map scores
+    NaN). ``peak(maps)`` maps (..., S) to the per-location values whose first arg-max (NaN
+    ignored) is the stored location. Locations are found only for the few maps that can
+    enter the top-k, which keeps the in-pass work to one cheap reduction per layer.
     """
 
     name: str
     description: str
-    reduce: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    values: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    peak: Callable[[torch.Tensor], torch.Tensor]
 
 
-def _nan_ignoring_max(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # torch.max propagates NaN, so one pass finds both the maxima and the rows holding a NaN;
-    # only those (rare) rows are recomputed with NaN masked out. max(dim) returns the first
-    # index among equal maxima, which is the row-major tie rule.
-    values, locations = y.max(dim=2)  # (N, C)
+def _nan_ignoring_amax(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # amax propagates NaN (and the max of numbers is never NaN), so one pass gives both the
+    # maxima and the maps holding a NaN; only those (rare) maps are reduced again, masked.
+    values = y.amax(dim=2)  # (N, C)
     has_nan = torch.isnan(values)
     if bool(has_nan.any()):
-        rows = y[has_nan]  # (M, S)
-        nan = torch.isnan(rows)
-        v, loc = rows.masked_fill(nan, -math.inf).max(dim=1)
-        all_nan = nan.all(dim=1)
-        v = v.masked_fill(all_nan, math.nan)
-        loc = loc.masked_fill(all_nan, 0)
+        maps = y[has_nan]  # (M, S)
+        nan = torch.isnan(maps)
+        v = maps.masked_fill(nan, -math.inf).amax(dim=1)
         values = values.clone()
-        locations = locations.clone()
-        values[has_nan] = v
-        locations[has_nan] = loc
-    return values, locations, has_nan
+        values[has_nan] = v.masked_fill(nan.all(dim=1), math.nan)
+    return values, has_nan
 
 
-def _score_max(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _nan_ignoring_max(y)
-
-
-def _score_absmax(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _nan_ignoring_max(y.abs())
-
-
-def _score_mean(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _, locations, has_nan = _nan_ignoring_max(y)
-    values = y.mean(dim=2)
-    if bool(has_nan.any()):
+def _mean_values(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    values = y.mean(dim=2)  # NaN when the map holds a NaN (or both +inf and -inf)
+    suspects = torch.isnan(values)
+    has_nan = torch.zeros_like(suspects)
+    if bool(suspects.any()):
+        maps = y[suspects]  # (M, S)
+        has_nan[suspects] = torch.isnan(maps).any(dim=1)
         values = values.clone()
-        values[has_nan] = torch.nanmean(y[has_nan], dim=1)
-    return values, locations, has_nan
+        values[suspects] = torch.nanmean(maps, dim=1)
+    return values, has_nan
+
+
+def _first_argmax(v: torch.Tensor) -> torch.Tensor:
+    """(..., S) -> (...): first index of the maximum, NaN ignored; 0 for an all-NaN map."""
+    nan = torch.isnan(v)
+    if bool(nan.any()):
+        v = v.masked_fill(nan, -math.inf)
+    return v.argmax(dim=-1)  # documented to return the first of equal maxima
 
 
 #: The scores a scan can rank by; CLI choices and tests read this registry.
 SCORES: dict[str, Score] = {
     s.name: s
     for s in (
-        Score("max", "maximum over spatial locations; stored location: the arg-max", _score_max),
+        Score(
+            "max",
+            "maximum over spatial locations; stored location: the arg-max",
+            _nan_ignoring_amax,
+            lambda maps: maps,
+        ),
         Score(
             "absmax",
             "largest absolute value over spatial locations (the score is |y|); "
             "stored location: where it is",
-            _score_absmax,
+            lambda y: _nan_ignoring_amax(y.abs()),
+            torch.abs,
         ),
         Score(
             "mean",
             "mean over spatial locations; stored location: the arg-max of the map",
-            _score_mean,
+            _mean_values,
+            lambda maps: maps,
         ),
     )
 }
@@ -622,7 +629,7 @@ def scan(
     spans = [(s, min(s + batch_size, size)) for s in range(start, size, batch_size)]
     rounds = math.ceil(len(spans) / world)
     mine = spans[rank::world]
-    reduce = SCORES[score].reduce
+    score_of = SCORES[score]
     # per layer, this batch's candidates: rows in the batch, scores, flat locations (M, C),
     # NaN counts (C,), spatial output shape
     reduced: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[int, ...]]]
@@ -636,16 +643,18 @@ def scan(
                 "scan needs outputs (N, C, *spatial)"
             )
         flat = y.detach().reshape(y.shape[0], y.shape[1], -1)  # (N, C, S)
-        values, locations, has_nan = reduce(flat)  # (N, C) each
-        n = values.shape[0]
-        rows = torch.arange(n, device=values.device)[:, None].expand(values.shape)  # (N, C)
+        values, has_nan = score_of.values(flat)  # (N, C) each
+        n, channels = values.shape
         if n > top_k:
             # Only the batch's own top_k per channel can enter the running top_k: select them
             # where the activations live, so that little crosses to the CPU and the merge
             # stays small. Ascending stable sort of -score: NaN last, ties keep batch order.
             rows = torch.sort(-values, dim=0, stable=True).indices[:top_k]  # (K, C)
             values = values.gather(0, rows)
-            locations = locations.gather(0, rows)
+        else:
+            rows = torch.arange(n, device=values.device)[:, None].expand(n, channels)
+        columns = torch.arange(channels, device=values.device).expand_as(rows)
+        locations = _first_argmax(score_of.peak(flat[rows, columns]))  # (K, C)
         reduced[name] = (
             rows.cpu().numpy(),
             values.cpu().double().numpy(),
