@@ -9,7 +9,7 @@ from featurelens.atlas import Atlas, AtlasError, Hit
 from featurelens.empirical import EmpiricalReceptiveField, empirical_receptive_field
 from featurelens.figures import layer_sheet, zf_figure, zf_grid
 from featurelens.graph import LayerError, TraceError, get_layer, layer_names
-from featurelens.project import CropWarning, project, project_units
+from featurelens.projection import CropWarning, project, project_units
 from featurelens.receptive_field import (
     NotAlignedError,
     ReceptiveField,

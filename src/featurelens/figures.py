@@ -110,7 +110,7 @@ def project_hits(
 
     The unit of a hit is ``(layer, channel, hit.location)`` on example ``hit.index``.
     """
-    from featurelens.project import project
+    from featurelens.projection import project
 
     indices = [hit.index for _, hit in units]
     examples = load_examples(data, indices).float()

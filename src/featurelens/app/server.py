@@ -486,7 +486,7 @@ class Explorer:
     def projection_png(
         self, ref: _InputRef, layer: str, channel: int, loc: tuple, method: str, style: str
     ) -> bytes:
-        from featurelens.project import project
+        from featurelens.projection import project
         from featurelens.render import render_projection
 
         def compute() -> bytes:

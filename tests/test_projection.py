@@ -18,7 +18,7 @@ from torch import nn
 
 from conftest import assert_unchanged, snapshot
 from featurelens import LayerError, Unit, project, project_units, receptive_field
-from featurelens.project import CropWarning, _Crop
+from featurelens.projection import CropWarning, _Crop
 from featurelens.rules import METHODS, ActivationError
 
 
