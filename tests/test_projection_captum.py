@@ -17,7 +17,7 @@ from captum.attr import NeuronDeconvolution, NeuronGradient, NeuronGuidedBackpro
 from torch import nn
 
 from featurelens import get_layer, project
-from test_project import _rect
+from test_projection import _rect
 
 CAPTUM = {
     "gradient": NeuronGradient,
