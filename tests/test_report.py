@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import featurelens
-from featurelens.atlas import AtlasError, build_model
+from featurelens.atlas import AtlasError
 from featurelens.cli import main
 from featurelens.figures import zf_grid
 from featurelens.render import save_png
@@ -47,7 +47,7 @@ def atlas_dir(tmp_path_factory) -> Path:
     (root / "zoo.py").write_text(ZOO)
     model_spec = ModelSpec(f"{root / 'zoo.py'}:model")
     data_spec = DataSpec(f"{root / 'zoo.py'}:data", mean=(0.5,), std=(0.25,))
-    model = build_model(model_spec)
+    model = model_spec.build()
     atlas = featurelens.scan(
         model, data_spec.build(), ["0", "3"], top_k=4, progress=False,
         model_spec=model_spec, data_spec=data_spec,

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from featurelens.graph import LayerError, _suggest
+from featurelens.graph import LayerError, unknown_name_message
 from featurelens.specs import DataSpec, ModelSpec
 
 __all__ = [
@@ -209,7 +209,7 @@ class Atlas:
     def layer(self, layer: str) -> LayerTop:
         """The raw arrays of one layer (see :class:`LayerTop`)."""
         if layer not in self._tops:
-            raise LayerError(_suggest(layer, self.layers, "layer in this atlas"))
+            raise LayerError(unknown_name_message(layer, self.layers, "layer in this atlas"))
         return self._tops[layer]
 
     def channels(self, layer: str) -> int:
@@ -266,7 +266,7 @@ class Atlas:
                 "this atlas was scanned from a Python model without a model spec; "
                 "pass the model explicitly"
             )
-        model = build_model(spec)
+        model = spec.build()
         recorded = self._manifest["model"]["fingerprint"]
         actual = model_fingerprint(model)
         if actual != recorded:
@@ -435,17 +435,6 @@ class Atlas:
             + "</tbody></table>"
         )
         return head + table
-
-
-def build_model(spec: ModelSpec) -> nn.Module:
-    """Build ``spec`` with torch's RNG seeded to 0 (the caller's RNG state is untouched).
-
-    Random initialisations (``torchvision:NAME`` without weights) are then the same every
-    time, so an atlas scanned from a spec can rebuild the very model it scanned.
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return spec.build()
 
 
 # ---- atomic, reproducible files ----------------------------------------------------------

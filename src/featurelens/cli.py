@@ -115,7 +115,7 @@ def _add_scan(sub: argparse._SubParsersAction) -> None:
 def _run_scan(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from featurelens.atlas import MANIFEST, build_model
+    from featurelens.atlas import MANIFEST
     from featurelens.scan import scan
     from featurelens.specs import DataSpec, ModelSpec
 
@@ -127,7 +127,7 @@ def _run_scan(args: argparse.Namespace) -> int:
         )
     model_spec = ModelSpec(args.model, weights=args.weights, checkpoint=args.checkpoint)
     data_spec = DataSpec(args.data, input_size=args.input_size, mean=args.mean, std=args.std)
-    model = build_model(model_spec)
+    model = model_spec.build()
     data = data_spec.build()
     layers = [name.strip() for name in args.layers.split(",") if name.strip()]
     atlas = scan(

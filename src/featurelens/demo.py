@@ -268,11 +268,9 @@ def run_demo(
         log(f"held-out accuracy: {accuracy:.1%} on {config.heldout} digits")
         model_spec = ModelSpec(DEMO_MODEL_SPEC, checkpoint=str(ckpt))
     else:
-        from featurelens.atlas import build_model
-
         model_spec = ModelSpec(model, weights=weights, checkpoint=checkpoint)
         data_spec = DataSpec(data)
-        net = build_model(model_spec)
+        net = model_spec.build()
         dataset = data_spec.build()
     names = layers or conv_layers(net)
     if not names:

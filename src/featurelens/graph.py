@@ -52,7 +52,7 @@ class TraceError(RuntimeError):
     """The model could not be traced symbolically (data-dependent control flow, ...)."""
 
 
-def _suggest(bad: str, valid: Sequence[str], what: str = "layer") -> str:
+def unknown_name_message(bad: str, valid: Sequence[str], what: str = "layer") -> str:
     close = difflib.get_close_matches(bad, valid, n=5, cutoff=0.5)
     rest = [v for v in valid if v not in close]
     listed = close + rest
@@ -157,7 +157,7 @@ class Traced:
                 "output is ambiguous; address the layer that contains it or the one after it. "
                 "Valid names: " + ", ".join(repr(v) for v in list(self.outputs)[:40])
             )
-        raise LayerError(_suggest(layer, list(self.outputs)))
+        raise LayerError(unknown_name_message(layer, list(self.outputs)))
 
 
 _TRACE_CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[int, Traced]] = weakref.WeakKeyDictionary()
@@ -253,7 +253,7 @@ def get_layer(model: nn.Module, name: str) -> nn.Module:
             valid = layer_names(model)
         except TraceError:
             valid = _module_names(model)
-        raise LayerError(_suggest(name, valid))
+        raise LayerError(unknown_name_message(name, valid))
     return modules[name]
 
 

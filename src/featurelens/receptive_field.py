@@ -770,9 +770,11 @@ class _Propagator(fx.Interpreter):
                 for ax in range(len(out.lengths)):
                     if ax != e:
                         n = out.lengths[ax]
-                        ok = ok and np.array_equal(
-                            np.broadcast_to(y.first[ax], (n,)), out.first[ax]
-                        ) and np.array_equal(np.broadcast_to(y.last[ax], (n,)), out.last[ax])
+                        ok = (
+                            ok
+                            and np.array_equal(np.broadcast_to(y.first[ax], (n,)), out.first[ax])
+                            and np.array_equal(np.broadcast_to(y.last[ax], (n,)), out.last[ax])
+                        )
         if not ok:
             raise UnsupportedOpError(
                 f"{self._where(node)}: merges a branch whose border locations see only padding "

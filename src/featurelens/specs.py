@@ -95,7 +95,18 @@ def load_factory(spec: str, what: str = "model") -> Any:
 def load_model(
     spec: str, weights: str | None = None, checkpoint: str | Path | None = None
 ) -> nn.Module:
-    """Build the model named by ``spec`` (see the module docstring), in eval mode."""
+    """Build the model named by ``spec`` (see the module docstring), in eval mode.
+
+    Built with torch's RNG seeded to 0 (the caller's RNG state is untouched), so a random
+    initialisation (``torchvision:NAME`` without weights) is the same every time: an atlas
+    scanned from a spec rebuilds the very model it scanned.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return _load_model(spec, weights, checkpoint)
+
+
+def _load_model(spec: str, weights: str | None, checkpoint: str | Path | None) -> nn.Module:
     if spec.startswith("torchvision:"):
         import torchvision
 
