@@ -26,6 +26,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from featurelens.graph import capture, get_layer, preserved
+from featurelens.unit import check_location
 
 __all__ = ["EmpiricalReceptiveField", "empirical_receptive_field"]
 
@@ -216,14 +217,7 @@ def empirical_receptive_field(
             raise ValueError(f"layer {layer!r} has no spatial axes; use location ()")
         target = y.sum()
     else:
-        if len(loc) != len(spatial):
-            raise ValueError(
-                f"location {loc} has {len(loc)} coordinate(s); layer {layer!r} output has "
-                f"spatial shape {tuple(spatial)}"
-            )
-        for axis, (u, n) in enumerate(zip(loc, spatial)):
-            if not 0 <= u < n:
-                raise ValueError(f"location {loc} out of range on axis {axis}: valid 0..{n - 1}")
+        loc = check_location(loc, spatial, where=f"layer {layer!r} outputs")
         target = y[(0, slice(None), *loc)].sum()
     (grad,) = torch.autograd.grad(target, x)
     mask = (grad[0] != 0).any(dim=0).cpu()

@@ -44,7 +44,7 @@ from featurelens.receptive_field import (
     receptive_field,
 )
 from featurelens.rules import OTHER_ACTIVATIONS, Rule, get_rule, rule_mode
-from featurelens.unit import Unit
+from featurelens.unit import Unit, check_location
 
 __all__ = ["CropWarning", "project", "project_units"]
 
@@ -621,18 +621,7 @@ def _check_unit(job: _Job, layer: str, n_channels: int, out_spatial: tuple[int, 
         )
     if job.location is None:
         return
-    loc = job.location
-    if len(loc) != len(out_spatial):
-        raise ValueError(
-            f"location {loc} of {job.label} has {len(loc)} coordinate(s); layer {layer!r} "
-            f"outputs spatial shape {out_spatial}, so a location has {len(out_spatial)}"
-        )
-    for axis, (u, size) in enumerate(zip(loc, out_spatial)):
-        if not 0 <= u < size:
-            raise ValueError(
-                f"location {loc} of {job.label} is out of range on axis {axis}: valid "
-                f"0..{size - 1} (layer {layer!r} outputs spatial shape {out_spatial})"
-            )
+    check_location(job.location, out_spatial, f" of {job.label}", f"layer {layer!r} outputs")
 
 
 def _argmax_locations(

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from featurelens.graph import preserved, trace
+from featurelens.unit import check_location
 
 __all__ = [
     "NotAlignedError",
@@ -101,23 +102,7 @@ class ReceptiveField:
         return len(self.size)
 
     def _check_location(self, location: Sequence[int] | torch.Tensor | int) -> tuple[int, ...]:
-        if isinstance(location, torch.Tensor):
-            location = location.tolist()
-        if isinstance(location, int):
-            location = (location,)
-        loc = tuple(int(v) for v in location)
-        if len(loc) != self.ndim:
-            raise ValueError(
-                f"location {loc} has {len(loc)} coordinate(s); this layer has {self.ndim} "
-                f"spatial axis/axes with output shape {self.output_shape}"
-            )
-        for axis, (u, n) in enumerate(zip(loc, self.output_shape)):
-            if not 0 <= u < n:
-                raise ValueError(
-                    f"location {loc} is out of range on axis {axis}: valid 0..{n - 1} "
-                    f"(output shape {self.output_shape})"
-                )
-        return loc
+        return check_location(location, self.output_shape)
 
     def interval(self, location: Sequence[int] | int) -> tuple[tuple[int, int], ...]:
         """Unclipped, inclusive ``(first, last)`` input positions per axis for ``location``."""

@@ -5,9 +5,39 @@ Shared by projections, scans, figures, the explorer and the CLI.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["Unit"]
+__all__ = ["Unit", "check_location"]
+
+
+def check_location(
+    location: Sequence[int] | int, spatial_shape: Sequence[int], owner: str = "", where: str = ""
+) -> tuple[int, ...]:
+    """``location`` as a tuple of ints, checked against a layer's output ``spatial_shape``.
+
+    Raises a ValueError naming the location and the valid range; ``owner`` (e.g. " of unit 3")
+    and ``where`` (e.g. "layer 'features.3' outputs") complete the message.
+    """
+    if isinstance(location, int):
+        location = (location,)
+    elif hasattr(location, "tolist"):
+        location = location.tolist()
+    loc = tuple(int(v) for v in location)
+    shape = tuple(int(n) for n in spatial_shape)
+    where = where or "the layer outputs"
+    if len(loc) != len(shape):
+        raise ValueError(
+            f"location {loc}{owner} has {len(loc)} coordinate(s); {where} spatial shape "
+            f"{shape}, so a location has {len(shape)}"
+        )
+    for axis, (u, n) in enumerate(zip(loc, shape)):
+        if not 0 <= u < n:
+            raise ValueError(
+                f"location {loc}{owner} is out of range on axis {axis}: valid 0..{n - 1} "
+                f"({where} spatial shape {shape})"
+            )
+    return loc
 
 
 @dataclass(frozen=True)
