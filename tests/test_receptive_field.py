@@ -201,6 +201,7 @@ class FunctionalOps(nn.Module):
         return self.out(x[:, :, 1:, ::2])
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 def test_functional_ops_literal():
     m = FunctionalOps()
     rfs = fl.receptive_fields(m, (1, 11, 12))
