@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from featurelens.graph import capture, get_layer, preserved
+from featurelens.graph import capture, get_layer, model_device, preserved
 from featurelens.unit import check_location
 
 __all__ = ["EmpiricalReceptiveField", "empirical_receptive_field"]
@@ -205,7 +205,7 @@ def empirical_receptive_field(
         raise ValueError(f"input_shape {shape} is not (C, *spatial) with 1 to 3 spatial axes")
     get_layer(model, layer)
     loc = (location,) if isinstance(location, int) else tuple(int(v) for v in location)
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = model_device(model)
     x = torch.ones((1, *shape), dtype=torch.float64, device=device, requires_grad=True)
     with preserved(model), _PositiveLinearMode(), capture(model, [layer]) as run:
         y = run(x)[layer]

@@ -31,6 +31,7 @@ __all__ = [
     "capture",
     "get_layer",
     "layer_names",
+    "model_device",
     "model_state",
     "preserved",
     "resolve_layers",
@@ -107,6 +108,15 @@ def preserved(model: nn.Module, *, eval_mode: bool = True, freeze: bool = True) 
         yield
     finally:
         _restore(model, state)
+
+
+def model_device(model: nn.Module, default: torch.device | str = "cpu") -> torch.device:
+    """Where the model lives: its first parameter's device, else its first buffer's."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device(default)
 
 
 # --------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from featurelens.graph import preserved, trace
+from featurelens.graph import model_device, preserved, trace
 from featurelens.unit import check_location
 
 __all__ = [
@@ -85,6 +85,9 @@ class ReceptiveField:
         axis; ``(0, -1)`` for a location that sees only padding. :meth:`region` reads them:
         away from the borders they equal the clipped Distill interval, at the borders they are
         exact where the formula is not (explicit pads, crops, dilated taps that skip pixels).
+    channel_dim
+        The output tensor's channel dim: 1 for ``(N, C, *spatial)``, the last dim for a
+        channels-last layer (see :meth:`check_channels_first`).
     """
 
     size: tuple[int, ...]
@@ -95,6 +98,20 @@ class ReceptiveField:
     is_global: bool = False
     aligned: bool = True
     bounds: tuple[tuple[tuple[int, int], ...], ...] = field(default=(), repr=False, compare=False)
+    channel_dim: int = 1
+
+    def check_channels_first(self, layer: str) -> None:
+        """Raise a ValueError when the layer's output is not ``(N, C, *spatial)``.
+
+        Scans and projections read channels at dim 1; a channels-last layer (``(N, H, W, C)``
+        inside ConvNeXt blocks) would be misread silently.
+        """
+        if self.channel_dim != 1:
+            raise ValueError(
+                f"layer {layer!r} outputs its channels at dim {self.channel_dim} (channels-last, "
+                "e.g. after permute(0, 2, 3, 1)); featurelens reads channels at dim 1: address "
+                "the layer after the permute back to (N, C, *spatial), such as the block's output"
+            )
 
     @property
     def ndim(self) -> int:
@@ -998,7 +1015,7 @@ def _propagate(
     prop = _Propagator(traced.graph_module, shape, stop_at=target)
     param = next(model.parameters(), None)
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    device = param.device if param is not None else torch.device("cpu")
+    device = model_device(model)
     x = torch.zeros((1, *shape), dtype=dtype, device=device)
     with preserved(model, freeze=False), torch.no_grad():
         try:
@@ -1070,6 +1087,7 @@ def _to_value(f: _Field, spatial: tuple[int, ...]) -> ReceptiveField:
         output_shape=f.lengths,
         is_global=f.covers(spatial),
         aligned=f.aligned,
+        channel_dim=next((i for i, d in enumerate(f.dims) if i >= 1 and d is None), 1),
         bounds=tuple(
             tuple((int(a), int(b)) if b >= a else (0, -1) for a, b in zip(fa, la))
             for fa, la in zip(f.first, f.last)

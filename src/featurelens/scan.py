@@ -47,8 +47,9 @@ from featurelens.atlas import (
     _library_version,
     model_fingerprint,
 )
-from featurelens.graph import capture, preserved, resolve_layers
+from featurelens.graph import capture, model_device, preserved, resolve_layers
 from featurelens.specs import DataSpec, ModelSpec
+from featurelens.unit import first_argmax
 
 __all__ = ["SCORES", "DataError", "Score", "scan"]
 
@@ -102,14 +103,6 @@ def _mean_values(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         values = values.clone()
         values[suspects] = torch.nanmean(maps, dim=1)
     return values, has_nan
-
-
-def _first_argmax(v: torch.Tensor) -> torch.Tensor:
-    """(..., S) -> (...): first index of the maximum, NaN ignored; 0 for an all-NaN map."""
-    nan = torch.isnan(v)
-    if bool(nan.any()):
-        v = v.masked_fill(nan, -math.inf)
-    return v.argmax(dim=-1)  # documented to return the first of equal maxima
 
 
 #: The scores a scan can rank by; CLI choices and tests read this registry.
@@ -488,20 +481,12 @@ def _atlas(
 # Device
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
 class _on_device:  # noqa: N801 - used as a context manager
     """Move the model to ``device`` for the scan and back afterwards (nothing when it is there)."""
 
     def __init__(self, model: nn.Module, device: str | torch.device | None) -> None:
         self.model = model
-        self.original = _model_device(model)
+        self.original = model_device(model)
         self.device = self.original if device is None else torch.device(device)
 
     def __enter__(self) -> torch.device:
@@ -654,7 +639,7 @@ def scan(
         else:
             rows = torch.arange(n, device=values.device)[:, None].expand(n, channels)
         columns = torch.arange(channels, device=values.device).expand_as(rows)
-        locations = _first_argmax(score_of.peak(flat[rows, columns]))  # (K, C)
+        locations = first_argmax(score_of.peak(flat[rows, columns]))  # (K, C)
         reduced[name] = (
             rows.cpu().numpy(),
             values.cpu().double().numpy(),

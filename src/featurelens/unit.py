@@ -5,10 +5,33 @@ Shared by projections, scans, figures, the explorer and the CLI.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["Unit", "check_location"]
+import torch
+
+__all__ = ["Unit", "argmax_location", "check_location", "first_argmax"]
+
+
+def first_argmax(values: torch.Tensor) -> torch.Tensor:
+    """``(..., S) -> (...)``: index of the first maximum along the last dim, NaN ignored.
+
+    The one arg-max rule of featurelens (scan, projections, explorer): ties go to the first
+    index (row-major order once maps are flattened), NaN never wins, an all-NaN row gives 0.
+    """
+    nan = torch.isnan(values)
+    if bool(nan.any()):
+        values = values.masked_fill(nan, -math.inf)
+    return values.argmax(dim=-1)  # documented to return the first of equal maxima
+
+
+def argmax_location(fmap: torch.Tensor) -> tuple[int, ...]:
+    """Location of the first maximum of one feature map ``(*spatial)``, NaN ignored."""
+    if fmap.dim() == 0:
+        return ()
+    flat = int(first_argmax(fmap.reshape(-1)))
+    return tuple(int(v) for v in torch.unravel_index(torch.tensor(flat), fmap.shape))
 
 
 def check_location(
