@@ -229,12 +229,43 @@ def test_model_fingerprint_sees_every_parameter_and_buffer():
     a = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
     b = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
     b.load_state_dict(a.state_dict())
-    assert model_fingerprint(a) == model_fingerprint(b)  # now cached for b
+    assert model_fingerprint(a) == model_fingerprint(b)
     with torch.no_grad():
-        b[1].running_mean[0] += 1e-6  # in place: the cache must notice
+        b[1].running_mean[0] += 1e-6  # in place
     assert model_fingerprint(a) != model_fingerprint(b)
     b[0].weight = nn.Parameter(a[0].weight.detach() + 1)  # replaced
     b[1].running_mean = a[1].running_mean.clone()
     assert model_fingerprint(a) != model_fingerprint(b)
     b[0].weight = nn.Parameter(a[0].weight.detach().clone())
     assert model_fingerprint(a) == model_fingerprint(b)
+
+
+def test_model_fingerprint_sees_writes_through_data():
+    # `.data` writes do not bump tensor version counters: a cache keyed on them went stale
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
+    before = model_fingerprint(model)
+    model[0].weight.data.mul_(2)
+    after = model_fingerprint(model)
+    assert after != before
+    model[1].running_var.data.add_(1)
+    assert model_fingerprint(model) != after
+
+
+def test_save_leaves_other_writers_temp_files_and_sets_mode_without_umask(
+    tmp_path: Path, monkeypatch
+):
+    directory = tmp_path / "a"
+    directory.mkdir()
+    other = directory / ".tmp-someone-elses-write"
+    other.write_bytes(b"in progress")
+
+    def no_umask(mask):  # os.umask changes the whole process: not thread-safe
+        raise AssertionError("os.umask called")
+
+    monkeypatch.setattr(os, "umask", no_umask)
+    small_atlas().save(directory)
+    monkeypatch.undo()
+    assert other.read_bytes() == b"in progress"
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (directory / "manifest.json").stat().st_mode & 0o777 == 0o666 & ~mask

@@ -17,8 +17,7 @@ import hashlib
 import html
 import json
 import os
-import tempfile
-import weakref
+import secrets
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,27 +104,15 @@ class LayerTop:
         return int(self.indices.shape[0])
 
 
-_FINGERPRINTS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, str]] = weakref.WeakKeyDictionary()
-
-
 def model_fingerprint(model: nn.Module) -> str:
     """``sha256:<hex>`` of every parameter and buffer (names, dtypes, shapes and values).
 
-    Hashing reads every weight (about 0.5 s per 100M parameters on a CPU core), so the result
-    is cached per model and recomputed when any tensor is replaced or modified in place
-    (tensor version counters).
+    Hashing reads every weight (about 0.5 s per 100M parameters on a CPU core). It is not
+    cached: writes through ``.data`` do not bump tensor version counters, so no cheap key
+    tells a modified model from the one hashed before. A scan hashes its model once.
     """
     state = model.state_dict(keep_vars=True)
     uninitialized = nn.parameter.UninitializedParameter | nn.parameter.UninitializedBuffer
-    key = tuple(
-        (name, id(t))
-        if isinstance(t, uninitialized)
-        else (name, t.data_ptr(), t._version, t.dtype, tuple(t.shape), str(t.device))
-        for name, t in state.items()
-    )
-    cached = _FINGERPRINTS.get(model)
-    if cached is not None and cached[0] == key:
-        return cached[1]
     h = hashlib.sha256()
     for name, t in state.items():
         h.update(name.encode())
@@ -136,9 +123,7 @@ def model_fingerprint(model: nn.Module) -> str:
         h.update(f"{t.dtype}{tuple(t.shape)}".encode())
         if t.numel():
             h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-    fingerprint = "sha256:" + h.hexdigest()
-    _FINGERPRINTS[model] = (key, fingerprint)
-    return fingerprint
+    return "sha256:" + h.hexdigest()
 
 
 def _library_version() -> str:
@@ -322,15 +307,13 @@ class Atlas:
         array_file = f"arrays-{digest[:16]}.npz"
         manifest = dict(self._manifest)
         manifest["arrays"] = {"file": array_file, "sha256": digest}
-        _atomic_write(directory / array_file, data)
+        atomic_write(directory / array_file, data)
         text = json.dumps(manifest, indent=2, sort_keys=False) + "\n"
-        _atomic_write(directory / MANIFEST, text.encode())
+        atomic_write(directory / MANIFEST, text.encode())
         self._manifest = manifest
         for stale in directory.glob("arrays-*.npz"):
             if stale.name != array_file:
                 stale.unlink(missing_ok=True)
-        for stale in directory.glob(".tmp-*"):
-            stale.unlink(missing_ok=True)
         return directory
 
     @classmethod
@@ -453,21 +436,23 @@ def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+def atomic_write(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in its folder and ``os.replace``.
+
+    Readers see the old file or the new one, never a partial one. The temporary file is
+    created with mode 0o666 (less the umask, applied by the OS: no process-wide umask change)
+    and removed if the write fails. Returns the path.
+    """
+    path = Path(path)
+    tmp = path.parent / f".tmp-{path.name}-{secrets.token_hex(8)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; atlases are shared
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    return path
