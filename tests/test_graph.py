@@ -111,3 +111,28 @@ def test_resolve_layers_validates_every_name(small_cnn):
         resolve_layers(small_cnn, ["features.0", "features.9"])
     with pytest.raises(fl.LayerError, match="no layer given"):
         resolve_layers(small_cnn, [])
+
+
+def test_preserved_lets_a_custom_train_undo_its_side_effects():
+    class FreezesBatchNorm(nn.Module):
+        """Like detection backbones: train() keeps its BatchNorm frozen and records it."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm2d(1)
+            self.updating = False
+
+        def train(self, mode: bool = True):
+            super().train(mode)
+            self.updating = mode
+            self.bn.eval()
+            return self
+
+        def forward(self, x):
+            return self.bn(x)
+
+    m = FreezesBatchNorm().train()
+    assert m.updating and not m.bn.training
+    with preserved(m):
+        assert not m.updating
+    assert m.updating and m.training and not m.bn.training

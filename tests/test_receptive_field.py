@@ -20,6 +20,9 @@ def assert_matches_empirical(model: nn.Module, shape: tuple[int, ...], layer: st
     for loc in itertools.product(*(range(n) for n in rf.output_shape)):
         emp = fl.empirical_receptive_field(model, shape, layer, loc)
         assert rf.region(loc) == emp.region, (layer, loc, rf)
+        # the geometry (what crops and figure boxes use) holds the exact region
+        for (first, last), sl in zip(rf.interval(loc), emp.region):
+            assert sl.start == sl.stop or first <= sl.start and sl.stop - 1 <= last, (loc, rf)
 
 
 def geometry(rf: fl.ReceptiveField) -> tuple:
@@ -123,10 +126,49 @@ def test_squeeze_excitation_is_global():
     assert geometry(rfs["conv"]) == ((3, 3), (1, 1), (0, 0), (6, 8), False, True)
     # global average pooling = a window over the whole 6x8 map
     assert geometry(rfs["fc"]) == ((8, 10), (6, 8), (0, 0), (1, 1), True, True)
-    assert geometry(rfs["gate"]) == ((3, 3), (1, 1), (0, 0), (6, 8), True, True)
+    # the gate's one location reaches every location: the geometry grows to hold the 3x3 path
+    # and the pooled hull everywhere (padding (6-1)*1 + 0 = 5, size 5 + max(3, 8) = 13; W alike)
+    assert geometry(rfs["gate"]) == ((13, 17), (1, 1), (5, 7), (6, 8), True, True)
     assert rfs["after"].is_global
     assert rfs["gate"].region((5, 7)) == (slice(0, 8), slice(0, 10))
     assert_matches_empirical(m, (1, 8, 10), "gate")
+
+
+class StripGate(nn.Module):
+    """Strip pooling / coordinate attention: a gate pooled over W only, broadcast over W."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+        self.pool = nn.AdaptiveAvgPool2d((None, 1))
+        self.gated = nn.Identity()
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.gated(y * torch.sigmoid(self.pool(y)))
+
+
+def test_gate_over_one_axis():
+    m = StripGate()
+    rfs = fl.receptive_fields(m, (1, 7, 10))
+    # H stays local (3 rows); every location sees all 10 columns: not global, and the
+    # geometry on W grows to hold the whole axis (padding 7*1, size 7 + max(3, 10) = 17)
+    assert geometry(rfs["gated"]) == ((3, 17), (1, 1), (0, 7), (5, 8), False, True)
+    assert rfs["gated"].region((2, 0)) == (slice(2, 5), slice(0, 10))
+    assert_matches_empirical(m, (1, 7, 10), "gated")
+
+
+def test_normalize_over_a_spatial_dim_is_refused():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3)
+
+        def forward(self, x):
+            return F.normalize(F.normalize(self.conv(x)), dim=2)
+
+    with pytest.raises(fl.UnsupportedOpError, match="normalize.*mixes spatial tensor dim 2"):
+        fl.receptive_fields(Net(), (1, 8, 8))
 
 
 class DilatedCeil1d(nn.Module):

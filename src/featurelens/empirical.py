@@ -188,7 +188,8 @@ def empirical_receptive_field(
     Parameters
     ----------
     model
-        Left untouched: the computation runs on a float64 copy.
+        Left untouched: it runs in float64 with its parameters swapped for positive constants
+        call by call (no copy is made); its mode and hooks come back as they were.
     input_shape
         ``(C, *spatial)`` without the batch dimension.
     layer

@@ -83,8 +83,12 @@ def model_state(model: nn.Module) -> ModelState:
 
 
 def _restore(model: nn.Module, state: ModelState) -> None:
+    # train() first, so a custom train()/eval() override gets to undo its own side effects;
+    # then the flags that differ from the root's (a submodule the caller froze in eval mode).
+    if "" in state.training:
+        model.train(state.training[""])
     for name, module in model.named_modules():
-        if name in state.training:
+        if name in state.training and module.training != state.training[name]:
             module.training = state.training[name]
     for name, param in model.named_parameters():
         if name in state.requires_grad:

@@ -289,7 +289,7 @@ _ELEMENTWISE_FUNCTIONS: set[Any] = {
     F.leaky_relu, F.prelu, F.hardswish, F.hardsigmoid, F.sigmoid, F.tanh, F.softplus,
     F.logsigmoid, F.threshold, F.glu, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
     F.alpha_dropout, F.feature_alpha_dropout, F.batch_norm, F.instance_norm, F.group_norm,
-    F.layer_norm, F.local_response_norm, F.normalize,
+    F.layer_norm, F.local_response_norm,
 }  # fmt: skip
 
 _ELEMENTWISE_METHODS = {
@@ -557,6 +557,9 @@ class _Propagator(fx.Interpreter):
             return self._split(node, f, x, result)
         if fn in (F.linear, F.softmax, F.log_softmax):
             return self._along(node, f, x, result, -1 if fn is F.linear else self._dim_arg(node, 1))
+        if fn is F.normalize:  # divides by a norm over `dim` (default 1, the channels)
+            dim = _bind(node.args, node.kwargs, ("input", "p", "dim"), {"dim": 1})["dim"]
+            return self._along(node, f, x, result, self._value(dim))
         if fn in _ELEMENTWISE_FUNCTIONS or getattr(fn, "__name__", "") == "stochastic_depth":
             return self._merge(node, inputs, result)
         if fn in (F.interpolate, F.upsample, F.conv_transpose1d, F.conv_transpose2d,
@@ -726,12 +729,17 @@ class _Propagator(fx.Interpreter):
             last = np.maximum(big.last[axis], other.last[axis])
             if n_other == 1 and n > 1:
                 # One location reaches every location of the map (squeeze-and-excitation
-                # gating): the geometry is the map's; aligned only if that location sees all.
+                # gating, strip pooling): the smallest geometry whose interval holds, at every
+                # location, both the map's interval and that location's fixed one.
+                pad = max(p, (n - 1) * j + po)
+                size = pad + max(r - p, ro - po)
                 if not (
                     other.first[axis][0] == 0 and other.last[axis][0] == self.spatial[axis] - 1
                 ):
                     aligned = False
-                out = out._put(axis, size=r, stride=j, padding=p, lengths=n, first=first, last=last)
+                out = out._put(
+                    axis, size=size, stride=j, padding=pad, lengths=n, first=first, last=last
+                )
                 continue
             if j != jo and n > 1:
                 raise NotAlignedError(
