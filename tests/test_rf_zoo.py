@@ -63,6 +63,8 @@ def check(name: str, size: int, picks: int) -> int:
         for loc in locations(rf):
             emp = fl.empirical_receptive_field(model, shape, layer, loc)
             assert rf.region(loc) == emp.region, (name, layer, loc, rf)
+            for (first, last), sl in zip(rf.interval(loc), emp.region):
+                assert first <= sl.start and sl.stop - 1 <= last, (name, layer, loc, rf)
             checked += 1
     return checked
 
