@@ -171,6 +171,21 @@ def test_normalize_over_a_spatial_dim_is_refused():
         fl.receptive_fields(Net(), (1, 8, 8))
 
 
+def test_statistics_over_positions_are_recorded():
+    """Norm statistics keep the field by convention, but are listed (crops would change them)."""
+    m = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.GroupNorm(2, 4), nn.Conv2d(4, 4, 3),
+        nn.LayerNorm([4, 4, 4]), nn.Identity(),
+    )  # fmt: skip
+    rfs = fl.receptive_fields(m, (1, 8, 8))
+    assert rfs["1"].statistics == ()  # BatchNorm in eval mode: running statistics
+    assert rfs["3"].statistics == ("GroupNorm module '2'",)
+    assert rfs["5"].statistics == ("GroupNorm module '2'", "LayerNorm module '4'")
+    assert (rfs["5"].size, rfs["5"].stride) == ((5, 5), (1, 1))
+    # LayerNorm over channels only (channels-last, as in ConvNeXt) normalises no positions
+    assert fl.receptive_fields(ChannelsLast(), (4, 9, 8))["out"].statistics == ()
+
+
 class DilatedCeil1d(nn.Module):
     def __init__(self) -> None:
         super().__init__()

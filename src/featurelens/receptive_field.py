@@ -88,6 +88,11 @@ class ReceptiveField:
     channel_dim
         The output tensor's channel dim: 1 for ``(N, C, *spatial)``, the last dim for a
         channels-last layer (see :meth:`check_channels_first`).
+    statistics
+        The operations before the layer that normalise over positions (GroupNorm,
+        InstanceNorm, LayerNorm over spatial dims, BatchNorm with batch statistics). Their
+        statistics do not count as dependencies (the empirical verifier agrees), but a unit
+        computed on a crop of the input sees other statistics: projections do not crop then.
     """
 
     size: tuple[int, ...]
@@ -99,6 +104,7 @@ class ReceptiveField:
     aligned: bool = True
     bounds: tuple[tuple[tuple[int, int], ...], ...] = field(default=(), repr=False, compare=False)
     channel_dim: int = 1
+    statistics: tuple[str, ...] = field(default=(), compare=False)
 
     def check_channels_first(self, layer: str) -> None:
         """Raise a ValueError when the layer's output is not ``(N, C, *spatial)``.
@@ -206,6 +212,7 @@ class _Field:
     first: tuple[np.ndarray, ...]
     last: tuple[np.ndarray, ...]
     aligned: bool = True
+    statistics: tuple[str, ...] = ()  # ops before it that normalise over positions
 
     @classmethod
     def identity(cls, spatial: tuple[int, ...]) -> _Field:
@@ -501,7 +508,7 @@ class _Propagator(fx.Interpreter):
             dim = -1 if isinstance(m, nn.Linear | nn.Bilinear) else m.dim
             return self._along(node, f, x, result, dim if dim is not None else 1)
         if isinstance(m, _ELEMENTWISE_MODULES):
-            return self._merge(node, inputs, result)
+            return self._noting_statistics(node, self._merge(node, inputs, result), x, m)
         if isinstance(m, _UNSUPPORTED_MODULES):
             raise self._unsupported(node)
         raise self._unsupported(
@@ -561,7 +568,7 @@ class _Propagator(fx.Interpreter):
             dim = _bind(node.args, node.kwargs, ("input", "p", "dim"), {"dim": 1})["dim"]
             return self._along(node, f, x, result, self._value(dim))
         if fn in _ELEMENTWISE_FUNCTIONS or getattr(fn, "__name__", "") == "stochastic_depth":
-            return self._merge(node, inputs, result)
+            return self._noting_statistics(node, self._merge(node, inputs, result), x, fn)
         if fn in (F.interpolate, F.upsample, F.conv_transpose1d, F.conv_transpose2d,
                   F.conv_transpose3d, F.pixel_shuffle, F.pixel_unshuffle, F.unfold, F.fold,
                   F.grid_sample, torch.roll, F.scaled_dot_product_attention):  # fmt: skip
@@ -607,6 +614,38 @@ class _Propagator(fx.Interpreter):
         return None
 
     # -- rules --------------------------------------------------------------------------------
+    def _noting_statistics(self, node: fx.Node, out: _Field, x: torch.Tensor, op: Any) -> _Field:
+        """Record a normalisation whose statistics run over positions (GroupNorm, InstanceNorm,
+        LayerNorm over spatial dims, BatchNorm with batch statistics). By convention they keep
+        the field (as in the empirical verifier), but a unit computed on a crop of the input
+        would see other statistics: projections read this to decide whether to crop."""
+        spatial = [i for i, a in enumerate(out.dims[: x.dim()]) if a is not None and x.shape[i] > 1]
+        if not spatial:
+            return out
+        over_space = False
+        if isinstance(op, nn.GroupNorm) or op is F.group_norm:
+            over_space = True
+        elif isinstance(op, nn.modules.instancenorm._InstanceNorm):
+            over_space = not op.track_running_stats
+        elif op is F.instance_norm:
+            over_space = bool(self._value(node.kwargs.get("use_input_stats", True)))
+        elif isinstance(op, nn.LayerNorm) or op is F.layer_norm:
+            shape = op.normalized_shape if isinstance(op, nn.Module) else self._value(
+                _bind(node.args, node.kwargs, ("input", "normalized_shape"), {})["normalized_shape"]
+            )  # fmt: skip
+            k = len(shape) if isinstance(shape, (list, tuple, torch.Size)) else 1
+            over_space = any(i >= x.dim() - k for i in spatial)
+        elif isinstance(op, nn.modules.batchnorm._BatchNorm):
+            over_space = op.training or op.running_mean is None
+        elif op is F.batch_norm:
+            training = _bind(node.args, node.kwargs, ("input", "running_mean", "running_var",
+                             "weight", "bias", "training"), {"training": False})["training"]  # fmt: skip
+            over_space = bool(self._value(training))
+        if not over_space:
+            return out
+        label = self._where(node).split(" (graph node")[0]
+        return replace(out, statistics=tuple(dict.fromkeys((*out.statistics, label))))
+
     def _spatial_tail(self, node: fx.Node, f: _Field, x: torch.Tensor, d: int) -> list[int]:
         """Input axes held by the last ``d`` tensor dims (the dims a d-D kernel slides over)."""
         if x.dim() != d + 2:
@@ -755,7 +794,8 @@ class _Propagator(fx.Interpreter):
             if (r - 1) - 2 * p != (ro - 1) - 2 * po:
                 aligned = False
         self._check_separable(node, a, b, out)
-        return replace(out, aligned=aligned)
+        statistics = tuple(dict.fromkeys(a.statistics + b.statistics))
+        return replace(out, aligned=aligned, statistics=statistics)
 
     def _check_separable(self, node: fx.Node, a: _Field, b: _Field, out: _Field) -> None:
         """Per-axis bounds stay exact through a union unless a branch sees only padding at some
@@ -1096,6 +1136,7 @@ def _to_value(f: _Field, spatial: tuple[int, ...]) -> ReceptiveField:
         is_global=f.covers(spatial),
         aligned=f.aligned,
         channel_dim=next((i for i, d in enumerate(f.dims) if i >= 1 and d is None), 1),
+        statistics=f.statistics,
         bounds=tuple(
             tuple((int(a), int(b)) if b >= a else (0, -1) for a, b in zip(fa, la))
             for fa, la in zip(f.first, f.last)
