@@ -78,6 +78,7 @@ def test_save_load_round_trip(tmp_path: Path):
     m = loaded.manifest
     assert m["format_version"] == FORMAT_VERSION and m["library_version"] == fl.__version__
     assert m["model"]["spec"] is None and m["model"]["fingerprint"].startswith("sha256:")
+    assert m["data"].pop("fingerprint").startswith("sha256:")
     assert m["data"] == {"spec": None, "class": "Tensor", "size": 20}
     assert m["layers"][0] == {
         "name": "0",

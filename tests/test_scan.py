@@ -14,6 +14,7 @@ from torch import nn
 
 import featurelens as fl
 from conftest import assert_unchanged, snapshot
+from featurelens.atlas import AtlasError
 from featurelens.graph import LayerError
 from featurelens.scan import SCORES, DataError
 
@@ -328,3 +329,73 @@ def test_scores_registry_is_what_the_cli_offers():
     scan_parser = parser._subparsers._group_actions[0].choices["scan"]
     score_action = next(a for a in scan_parser._actions if a.dest == "score")
     assert list(score_action.choices) == list(SCORES)
+
+
+@pytest.mark.filterwarnings("ignore:skipping example")
+def test_resuming_with_other_data_of_the_same_size_is_refused(tmp_path):
+    # without a data spec, class and size were all that identified the data
+    model = make_net()
+    x = digits(40)
+    fl.scan(model, x, ["features.0"], top_k=2, batch_size=16, checkpoint=tmp_path / "t",
+            progress=False)  # fmt: skip
+    saved = fl.Atlas.load(tmp_path / "t").manifest["data"]["fingerprint"]
+    assert saved.startswith("sha256:")
+    other = x.flip(0)
+    with pytest.raises(AtlasError, match=r"cannot resume .*the data differs \(fingerprint"):
+        fl.scan(model, other, ["features.0"], top_k=2, batch_size=16,
+                checkpoint=tmp_path / "t", progress=False)  # fmt: skip
+    # the same data resumes (here: returns the complete atlas)
+    again = fl.scan(model, x.clone(), ["features.0"], 2, batch_size=16,
+                    checkpoint=tmp_path / "t", progress=False)  # fmt: skip
+    assert again.manifest["data"]["fingerprint"] == saved
+
+    # a Dataset: len and a few fixed items (first, middle, last), loaded the safe way
+    broken = Broken(x, {0})
+    fl.scan(model, broken, ["features.0"], top_k=2, batch_size=16, checkpoint=tmp_path / "d",
+            progress=False)  # fmt: skip
+    changed_last = x.clone()
+    changed_last[-1] += 1
+    for data in (Broken(changed_last, {0}), Broken(x, set()), Broken(x.flip(0), {0})):
+        with pytest.raises(AtlasError, match=r"the data differs \(fingerprint"):
+            fl.scan(model, data, ["features.0"], top_k=2, batch_size=16,
+                    checkpoint=tmp_path / "d", progress=False)  # fmt: skip
+    fl.scan(model, Broken(x.clone(), {0}), ["features.0"], top_k=2, batch_size=16,
+            checkpoint=tmp_path / "d", progress=False)  # fmt: skip
+
+
+def test_a_checkpoint_without_data_fingerprint_still_resumes(tmp_path):
+    # the field is optional: checkpoints written before it existed keep working
+    model = make_net()
+    x = digits(20)
+    atlas = fl.scan(model, x, ["features.0"], top_k=2, checkpoint=tmp_path, progress=False)
+    manifest = atlas.manifest
+    del manifest["data"]["fingerprint"]
+    fl.Atlas(manifest, {"features.0": atlas.layer("features.0")}).save(tmp_path)
+    assert fl.scan(model, x, ["features.0"], 2, checkpoint=tmp_path, progress=False)
+
+
+class ChannelsLast(nn.Module):
+    """A conv whose output is permuted to (N, H, W, C), as inside ConvNeXt blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.permute = Permute()
+        self.mlp = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.mlp(self.permute(self.conv(x)))
+
+
+class Permute(nn.Module):
+    def forward(self, x):
+        return x.permute(0, 2, 3, 1)
+
+
+def test_a_channels_last_layer_is_refused_clearly():
+    model = ChannelsLast()
+    x = digits(6)
+    for layer in ("permute", "mlp"):
+        with pytest.raises(ValueError, match=f"layer '{layer}' outputs its channels at dim 3"):
+            fl.scan(model, x, ["conv", layer], top_k=2, progress=False)
+    assert fl.scan(model, x, ["conv"], top_k=2, progress=False).channels("conv") == 4

@@ -119,11 +119,16 @@ def model_fingerprint(model: nn.Module) -> str:
         if isinstance(t, uninitialized):
             h.update(b"uninitialized")
             continue
-        t = t.detach().cpu().contiguous()
-        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        if t.numel():
-            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        hash_tensor(h, t)
     return "sha256:" + h.hexdigest()
+
+
+def hash_tensor(h: Any, t: torch.Tensor) -> None:
+    """Feed ``t``'s dtype, shape and bytes to the hashlib object ``h``."""
+    t = t.detach().cpu().contiguous()
+    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    if t.numel():
+        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
 
 
 def _library_version() -> str:

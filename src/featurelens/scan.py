@@ -25,6 +25,7 @@ least one NaN are counted per layer and channel.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import warnings
@@ -45,9 +46,11 @@ from featurelens.atlas import (
     AtlasError,
     LayerTop,
     _library_version,
+    hash_tensor,
     model_fingerprint,
 )
 from featurelens.graph import capture, model_device, preserved, resolve_layers
+from featurelens.receptive_field import receptive_field
 from featurelens.specs import DataSpec, ModelSpec
 from featurelens.unit import first_argmax
 
@@ -321,6 +324,50 @@ def _check_data(data: Any) -> int:
     return len(data)
 
 
+def _data_fingerprint(data: Any, size: int) -> tuple[str, tuple[int, ...] | None]:
+    """``sha256:<hex>`` identifying the data, and the shape of one example (None if unknown).
+
+    A tensor is hashed whole. A dataset is hashed by its length and the items at a few fixed
+    indices (first, middle, last), loaded through the same guarded path as the scan: an item
+    that fails to load is hashed as skipped. Cheap, and enough to tell a resumed scan that it
+    was handed other data of the same size.
+    """
+    h = hashlib.sha256()
+    if isinstance(data, torch.Tensor):
+        h.update(b"tensor")
+        hash_tensor(h, data)
+        return "sha256:" + h.hexdigest(), tuple(int(v) for v in data.shape[1:])
+    h.update(f"dataset of {size}".encode())
+    guarded = _Guarded(data)
+    shape = None
+    for index in sorted({0, size // 2, size - 1}):
+        _, ok, item = guarded[index]
+        h.update(f"|{index}:".encode())
+        x = item[0] if ok and isinstance(item, tuple | list) and item else item
+        if not ok:
+            h.update(b"skipped")
+        elif isinstance(x, torch.Tensor):
+            hash_tensor(h, x)
+            shape = shape or tuple(int(v) for v in x.shape)
+        else:  # the scan reports non-tensor items with a clear DataError
+            h.update(type(x).__name__.encode())
+    return "sha256:" + h.hexdigest(), shape
+
+
+def _check_channels_first(model: nn.Module, input_shape: tuple[int, ...], names: list[str]) -> None:
+    """Refuse channels-last layers, whose dim 1 is not channels (when the model traces).
+
+    The check needs the receptive-field analysis; a model it cannot analyse is scanned as
+    is (scans do not need receptive fields).
+    """
+    for name in names:
+        try:
+            rf = receptive_field(model, input_shape, name)
+        except Exception:  # untraceable model, unsupported op, ...: no check possible
+            continue
+        rf.check_channels_first(name)
+
+
 # --------------------------------------------------------------------------------------------
 # torch.distributed
 
@@ -360,6 +407,7 @@ def _config(
     data: Any,
     data_spec: DataSpec | None,
     size: int,
+    data_fingerprint: str,
     layers: list[str],
     score: str,
     top_k: int,
@@ -374,6 +422,7 @@ def _config(
             "spec": None if data_spec is None else data_spec.to_dict(),
             "class": type(data).__name__,
             "size": size,
+            "fingerprint": data_fingerprint,
         },
         "layers": layers,
         "score": score,
@@ -399,6 +448,13 @@ def _differences(manifest: dict[str, Any], config: dict[str, Any]) -> list[str]:
     if manifest["data"]["size"] != config["data"]["size"]:
         out.append(
             f"the data size differs ({config['data']['size']} vs {manifest['data']['size']} examples)"
+        )
+    old_data = manifest["data"].get("fingerprint")  # absent in checkpoints of older versions
+    new_data = config["data"]["fingerprint"]
+    if old_data is not None and old_data != new_data:
+        out.append(
+            f"the data differs (fingerprint {new_data[:19]}... vs {old_data[:19]}...: other "
+            "examples at the same indices)"
         )
     old_layers = [entry["name"] for entry in manifest["layers"]]
     if old_layers != config["layers"]:
@@ -543,7 +599,8 @@ def scan(
         A directory: the scan's state is saved there atomically every ``checkpoint_every``
         batches (per process) and at the end, as an atlas with ``complete: false``; calling
         the same scan again resumes it (a complete one is returned as is). Resuming with
-        another model, data, layers, score or top_k is refused.
+        another model, data (told by a fingerprint: a tensor's bytes, or a dataset's length
+        and its first, middle and last items), layers, score or top_k is refused.
     progress
         Show a tqdm bar (images/s).
     model_spec, data_spec
@@ -565,7 +622,8 @@ def scan(
     LayerError
         Unknown layer (listing valid names).
     ValueError
-        Bad ``top_k``, ``score`` or ``batch_size``; :class:`DataError` for data that is not
+        Bad ``top_k``, ``score`` or ``batch_size``; a channels-last layer (output
+        ``(N, *spatial, C)``, found when the model traces); :class:`DataError` for data that is not
         tensors; :class:`~featurelens.atlas.AtlasError` when ``checkpoint`` holds a different
         scan.
     """
@@ -584,7 +642,10 @@ def scan(
     if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
     rank, world = _dist()
-    config = _config(model, model_spec, data, data_spec, size, names, score, top_k)
+    data_fp, example_shape = _data_fingerprint(data, size)
+    if example_shape is not None:
+        _check_channels_first(model, example_shape, names)
+    config = _config(model, model_spec, data, data_spec, size, data_fp, names, score, top_k)
     ckpt = None if checkpoint is None else Path(checkpoint)
 
     # Rank 0 reads the checkpoint and tells the others (they may not share a filesystem).
