@@ -175,3 +175,89 @@ def test_1d_and_3d_models():
     assert "central slice" in fig.meta["note"]
     rf = featurelens.receptive_field(net3, (1, 6, 7, 8), "2")
     assert fig.layout.cell_shape == rf.size[1:]
+
+
+class _Permute(torch.nn.Module):
+    def __init__(self, *dims: int) -> None:
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x):
+        return x.permute(*self.dims)
+
+
+class _Net(torch.nn.Module):
+    """conv -> (optionally permuted to channels-last) -> F.interpolate -> conv."""
+
+    def __init__(self, channels_last: bool = False) -> None:
+        super().__init__()
+        self.conv0 = torch.nn.Conv2d(1, 3, 3)
+        self.permute = _Permute(0, 2, 3, 1) if channels_last else torch.nn.Identity()
+        self.back = _Permute(0, 3, 1, 2) if channels_last else torch.nn.Identity()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        y = self.back(self.permute(self.conv0(x)))
+        return self.conv(torch.nn.functional.interpolate(y, scale_factor=2))
+
+
+def test_a_channels_last_layer_is_a_clear_error():
+    torch.manual_seed(0)
+    x = torch.randn(6, 1, 10, 12)
+    atlas = featurelens.scan(_Net().eval(), x, ["permute"], top_k=2, progress=False)
+    channels_last = _Net(channels_last=True).eval()  # same names, dim 1 is no longer channels
+    with pytest.raises(ValueError, match="layer 'permute' outputs its channels at dim 3"):
+        zf_grid(channels_last, x, atlas, "permute", 0)
+    with pytest.raises(ValueError, match="layer 'permute' outputs its channels at dim 3"):
+        layer_sheet(channels_last, x, atlas, "permute")
+
+
+def test_a_layer_without_receptive_field_shows_the_whole_input():
+    # F.interpolate has no receptive field of one interval per location: whole-input boxes,
+    # and each projection is the unit's plain gradient over the whole input.
+    torch.manual_seed(0)
+    model = _Net().eval()
+    x = torch.randn(6, 1, 10, 12)
+    with pytest.raises(featurelens.UnsupportedOpError):
+        featurelens.receptive_field(model, (1, 10, 12), "conv")
+    atlas = featurelens.scan(model, x, ["conv"], top_k=3, progress=False)
+    with pytest.warns(featurelens.CropWarning):
+        fig = zf_figure(model, x, atlas, "conv", 2, "gradient", 3, "signed")
+    assert "receptive field not computable: whole input shown" in fig.meta["title"]
+    assert fig.meta["receptive_field"] is None
+    assert "interpolate" in fig.meta["receptive_field_error"]
+    assert fig.layout.cell_shape == (10, 12)  # every box is the whole input
+    hits = atlas.top("conv", 2)
+    with pytest.warns(featurelens.CropWarning):
+        batch = project_hits(model, x, "conv", [(2, h) for h in hits], None, "gradient")
+    for row, hit in enumerate(hits):
+        xi = x[hit.index : hit.index + 1].clone().requires_grad_(True)
+        model(xi)[0, 2][hit.location].backward()
+        torch.testing.assert_close(batch.projections[row], xi.grad[0])
+        assert batch.boxes[row] == ((0, 9), (0, 11))
+    with pytest.warns(featurelens.CropWarning):
+        layer_sheet(model, x, atlas, "conv", "gradient")  # no error: whole-input cells
+
+
+def test_a_float64_model_gives_the_float32_figure():
+    from conftest import SmallCNN
+
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    model(torch.zeros(1, 1, 28, 28))
+    data = torch.rand(12, 1, 28, 28)
+    atlas = featurelens.scan(model, data, [LAYER], top_k=3, progress=False)
+    model64, data64 = model.double(), data.double()
+    atlas64 = featurelens.scan(model64, data64, [LAYER], top_k=3, progress=False)
+    assert [(h.index, h.location) for h in atlas64.top(LAYER, 1)] == [
+        (h.index, h.location) for h in atlas.top(LAYER, 1)
+    ]
+    hits = atlas64.top(LAYER, 1)
+    rf = featurelens.receptive_field(model64, (1, 28, 28), LAYER)
+    batch = project_hits(model64, data64, LAYER, [(1, h) for h in hits], rf, "gradient")
+    assert batch.examples.dtype == batch.projections.dtype == torch.float64
+    fig64 = zf_grid(model64, data64, atlas64, LAYER, 1, "gradient", 3, "signed")
+    model32 = model64.float()
+    fig32 = zf_grid(model32, data, atlas64, LAYER, 1, "gradient", 3, "signed")
+    diff = np.abs(decode(fig64) - decode(fig32))
+    assert diff.max() <= 2  # rounding of the last colour level only

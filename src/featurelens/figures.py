@@ -36,6 +36,8 @@ from featurelens.render import (
 __all__ = [
     "HitBatch",
     "check_method",
+    "layer_field",
+    "model_dtype",
     "figure_from_batch",
     "normalisation",
     "top_hits",
@@ -53,6 +55,43 @@ def check_method(method: str) -> str:
     from featurelens.rules import get_rule
 
     return get_rule(method).name
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The floating dtype inputs must have for ``model``: its first floating parameter's
+    (else buffer's) dtype, else torch's default dtype."""
+    for t in (*model.parameters(), *model.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return torch.get_default_dtype()
+
+
+def layer_field(
+    model: nn.Module, input_shape: Sequence[int], layer: str
+) -> tuple[ReceptiveField | None, str | None]:
+    """``(receptive field, None)`` of ``layer``, or ``(None, why)`` when it is not computable.
+
+    Figures, reports and the explorer fall back to the whole input for a layer whose field
+    cannot be computed (an untraceable model, an op the engine does not support such as
+    ``F.interpolate``): the projection of a unit is still exact, only its box is unknown.
+
+    Raises
+    ------
+    ValueError
+        A channels-last layer (:meth:`ReceptiveField.check_channels_first`): its dim 1 is not
+        channels, so every channel would be misread.
+    """
+    try:
+        rf = receptive_field(model, tuple(input_shape), layer)
+    except (NotImplementedError, ValueError, RuntimeError) as exc:  # Unsupported/NotAligned/Trace
+        return None, str(exc)
+    rf.check_channels_first(layer)
+    return rf, None
+
+
+def whole_input_box(input_shape: Sequence[int]) -> Box:
+    """The box of the whole input, spatial shape ``input_shape``: a unit without a field."""
+    return tuple((0, int(n) - 1) for n in input_shape)
 
 
 def _example(data: Any, index: int) -> torch.Tensor:
@@ -84,11 +123,13 @@ class HitBatch:
     Attributes
     ----------
     examples, projections
-        (N, C, *spatial) float tensors on the CPU; row ``i`` is unit ``units[i]``.
+        (N, C, *spatial) tensors on the CPU, in the model's dtype; row ``i`` is unit
+        ``units[i]``.
     units
         ``(channel, Hit)`` per row.
     boxes
-        The unclipped receptive-field box of each row's unit.
+        The unclipped receptive-field box of each row's unit (the whole input when the layer
+        has no computable receptive field).
     """
 
     examples: torch.Tensor
@@ -102,18 +143,20 @@ def project_hits(
     data: Any,
     layer: str,
     units: Sequence[tuple[int, Hit]],
-    rf: ReceptiveField,
+    rf: ReceptiveField | None,
     method: str = "deconvnet",
     device: str | torch.device | None = None,
 ) -> HitBatch:
     """Project every ``(channel, hit)`` unit of ``layer`` on its example, in one call.
 
-    The unit of a hit is ``(layer, channel, hit.location)`` on example ``hit.index``.
+    The unit of a hit is ``(layer, channel, hit.location)`` on example ``hit.index``. With
+    ``rf`` None (no computable receptive field) every box is the whole input. Examples are
+    cast to the model's parameter dtype (:func:`model_dtype`).
     """
     from featurelens.projection import project
 
     indices = [hit.index for _, hit in units]
-    examples = load_examples(data, indices).float()
+    examples = load_examples(data, indices).to(model_dtype(model))
     channels = torch.tensor([c for c, _ in units], dtype=torch.long)
     dims = len(units[0][1].location)
     if dims == 0:  # a layer without spatial axes: the unit is the channel itself
@@ -124,9 +167,12 @@ def project_hits(
         model, examples, layer, channels, locations, method=method, device=device
     ).detach()
     projections = projections.to("cpu")
-    boxes = tuple(
-        box_of(rf, hit.location) if dims else box_of(rf, (0,) * rf.ndim) for _, hit in units
-    )
+    if rf is None:
+        boxes = (whole_input_box(examples.shape[2:]),) * len(units)
+    else:
+        boxes = tuple(
+            box_of(rf, hit.location) if dims else box_of(rf, (0,) * rf.ndim) for _, hit in units
+        )
     return HitBatch(examples, projections, tuple(units), boxes)
 
 
@@ -150,9 +196,12 @@ def top_hits(atlas: Atlas, layer: str, channel: int, k: int) -> list[Hit]:
     return hits
 
 
-def zf_title(layer: str, channel: int, method: str, style: str, rf: ReceptiveField) -> str:
-    size = "x".join(map(str, rf.input_shape if rf.is_global else rf.size))
-    return f"{layer} · channel {channel} · {method} · {style} · receptive field {size}"
+def zf_title(layer: str, channel: int, method: str, style: str, rf: ReceptiveField | None) -> str:
+    if rf is None:
+        field = "receptive field not computable: whole input shown"
+    else:
+        field = "receptive field " + "x".join(map(str, rf.input_shape if rf.is_global else rf.size))
+    return f"{layer} · channel {channel} · {method} · {style} · {field}"
 
 
 def figure_from_batch(
@@ -200,12 +249,20 @@ def zf_figure(
     check_method(method)
     style = get_style(style).name
     hits = top_hits(atlas, layer, channel, k)
-    rf = receptive_field(model, atlas.input_shape, layer)
+    rf, rf_error = layer_field(model, atlas.input_shape, layer)
     batch = project_hits(model, data, layer, [(channel, h) for h in hits], rf, method, device)
     mean, std = normalisation(atlas, mean, std)
     title = zf_title(layer, channel, method, style, rf)
     fig = figure_from_batch(batch, slice(None), title, style, mean, std)
-    fig.meta.update(layer=layer, channel=channel, method=method, hits=hits, receptive_field=rf)
+    fig.meta.update(
+        layer=layer,
+        channel=channel,
+        method=method,
+        hits=hits,
+        title=title,
+        receptive_field=rf,
+        receptive_field_error=rf_error,
+    )
     return fig
 
 
@@ -229,7 +286,8 @@ def zf_grid(
     ``(layer, channel, hit.location)`` on example ``hit.index`` of ``data``, cut to the unit's
     receptive-field box, in one block; the input patches cut from the same boxes in a second
     block, hit ``i`` at the same place in both (rank order, row by row). Boxes that run past
-    the input border keep their full size; the part outside is a light checkerboard.
+    the input border keep their full size; the part outside is a light checkerboard. A layer
+    whose receptive field cannot be computed shows the whole input (said in the title).
 
     Parameters
     ----------
@@ -282,9 +340,10 @@ def layer_sheet(
     style = get_style(style).name
     chosen = list(range(atlas.channels(layer))) if channels is None else list(channels)
     units = [(c, top_hits(atlas, layer, c, 1)[0]) for c in chosen]
-    rf = receptive_field(model, atlas.input_shape, layer)
+    rf, _ = layer_field(model, atlas.input_shape, layer)
     batch = project_hits(model, data, layer, units, rf, method, device)
     mean, std = normalisation(atlas, mean, std)
+    whole = " · whole input (no receptive field)" if rf is None else ""
     return render_layer_sheet(
         batch.examples,
         batch.projections,
@@ -293,6 +352,6 @@ def layer_sheet(
         style,
         mean,
         std,
-        title=f"{layer} · top-1 of every channel · {method} · {style}",
+        title=f"{layer} · top-1 of every channel · {method} · {style}{whole}",
         columns=columns,
     ).image
