@@ -320,3 +320,65 @@ def test_report_of_a_1d_model_draws_line_plots(tmp_path):
     page = parse(tmp_path / "s" / "layer-0.html")
     assert page.cards == 3 and len(page.images) == 3  # no sheet for 1-D layers
     assert "5" in index.read_text()  # the receptive field size
+
+
+def test_a_second_report_with_fewer_channels_leaves_no_stale_files(
+    atlas_dir, tmp_path, monkeypatch
+):
+    import os
+
+    atlas_before = tree_digest(atlas_dir)
+    out = tmp_path / "site"
+    write_report(atlas_dir, out, progress=False)
+    assert (out / "img" / "0" / "channel-0003.png").is_file()
+    replaced: list[str] = []
+    real_replace = os.replace
+
+    def spy(src, dst):
+        replaced.append(str(Path(dst).relative_to(out)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", spy)
+    write_report(atlas_dir, out, channels=2, layers=["0"], progress=False)
+    monkeypatch.undo()
+    files = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
+    assert {f for f in files if f.startswith("img/0/")} == {
+        "img/0/channel-0000.png", "img/0/channel-0001.png", "img/0/sheet.png",
+    }  # fmt: skip
+    # every file of the new report arrived whole, through a temporary file and os.replace
+    written = {f for f in files if not f.startswith("img/3/") and f != "layer-3.html"}
+    assert written == set(replaced)
+    assert not [p for p in out.rglob(".tmp-*")]
+    assert tree_digest(atlas_dir) == atlas_before
+
+
+class _Up(torch.nn.Module):
+    """conv0 -> F.interpolate -> conv: the receptive-field engine cannot analyse conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0 = torch.nn.Conv2d(1, 2, 3)
+        self.conv = torch.nn.Conv2d(2, 3, 3)
+
+    def forward(self, x):
+        return self.conv(torch.nn.functional.interpolate(self.conv0(x), scale_factor=2))
+
+
+def test_a_layer_without_receptive_field_gets_whole_input_figures(tmp_path):
+    from featurelens.projection import CropWarning
+
+    torch.manual_seed(0)
+    net = _Up().eval()
+    x = torch.randn(8, 1, 9, 7)
+    atlas = featurelens.scan(net, x, ["conv0", "conv"], top_k=2, progress=False)
+    with pytest.warns(CropWarning):
+        index = write_report(atlas, tmp_path / "s", model=net, data=x, progress=False)
+    page = parse(tmp_path / "s" / "layer-conv.html")
+    assert page.cards == 3 and len(page.images) == 4  # a card per channel and the sheet
+    text = (tmp_path / "s" / "layer-conv.html").read_text()
+    assert "interpolate" in text and "figures show the whole input" in text
+    assert "figures show the whole input" in index.read_text()
+    with pytest.warns(CropWarning):
+        expected = zf_grid(net, x, atlas, "conv", 1, k=2)
+    with Image.open(tmp_path / "s" / "img" / "conv" / "channel-0001.png") as shown:
+        assert save_png(shown.convert("RGB")) == save_png(expected)

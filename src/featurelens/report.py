@@ -12,7 +12,9 @@ Writes a site that opens from disk without a server (relative links only)::
 
 Images carry ``loading="lazy"`` and their size, so a page of 512 cards stays usable. The
 projections are batched over many channels per call (:func:`featurelens.figures.project_hits`)
-and a tqdm bar counts channels. The atlas directory is only read.
+and a tqdm bar counts channels. The atlas directory is only read. Every file is written
+through a temporary file and ``os.replace`` (a browser or a killed run never sees half a
+file), and a report written over an older one removes the channel images it no longer draws.
 """
 
 from __future__ import annotations
@@ -28,16 +30,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from featurelens.atlas import Atlas, AtlasError
+from featurelens.atlas import Atlas, AtlasError, atomic_write
 from featurelens.figures import (
     check_method,
     figure_from_batch,
+    layer_field,
     normalisation,
     project_hits,
     top_hits,
     zf_title,
 )
-from featurelens.receptive_field import ReceptiveField, receptive_field
+from featurelens.receptive_field import ReceptiveField
 from featurelens.render import get_style, render_cells, render_sheet_cells
 
 __all__ = ["ReportError", "write_report"]
@@ -170,17 +173,13 @@ def write_report(
         slugs.add(slug)
         total = atlas.channels(name)
         picked = list(range(total if channels is None else min(channels, total)))
-        rf, err = None, None
-        try:
-            rf = receptive_field(model, atlas.input_shape, name)
-        except (NotImplementedError, ValueError, RuntimeError) as exc:
-            err = str(exc)
+        rf, err = layer_field(model, atlas.input_shape, name)  # refuses channels-last layers
         infos.append(
             _LayerInfo(name, slug, picked, total, tuple(atlas.output_shape(name)), rf, err)
         )
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "style.css").write_text(_CSS)
+    atomic_write(out / "style.css", _CSS.encode())
     from tqdm.auto import tqdm
 
     bar = tqdm(
@@ -198,7 +197,7 @@ def write_report(
     finally:
         bar.close()
     index = out / "index.html"
-    index.write_text(_index_page(atlas, atlas_dir, infos, sheets, method, style, k))
+    atomic_write(index, _index_page(atlas, atlas_dir, infos, sheets, method, style, k).encode())
     return index
 
 
@@ -223,55 +222,70 @@ def _write_layer(
     widths = [0]
     sheet_proj, sheet_patch, labels = [], [], []
     note = None
-    if info.rf is not None:
-        per_call = max(1, EXAMPLES_PER_CALL // k)
-        for start in range(0, len(info.channels), per_call):
-            chunk = info.channels[start : start + per_call]
-            units, spans = [], []
-            for c in chunk:
-                hits = top_hits(atlas, info.name, c, k)
-                spans.append((c, len(units), len(units) + len(hits), hits))
-                units.extend((c, h) for h in hits)
-            batch = project_hits(model, data, info.name, units, info.rf, method, device)
-            firsts = [lo for _, lo, _, _ in spans]
-            if batch.examples.dim() >= 4:  # 2-D and 3-D: cells for the sheet
-                idx = torch.tensor(firsts, dtype=torch.long)
-                p_cells, x_cells, note = render_cells(
-                    batch.examples[idx],
-                    batch.projections[idx],
-                    [batch.boxes[i] for i in firsts],
-                    style,
-                    mean,
-                    std,
-                )
-                # uint8 keeps a big layer's sheet small in memory
-                sheet_proj += [(_u8(rgb), v) for rgb, v in p_cells]
-                sheet_patch += [(_u8(rgb), v) for rgb, v in x_cells]
-                labels += [str(c) for c in chunk]
-            for c, lo, hi, hits in spans:
-                title = zf_title(info.name, c, method, style, info.rf)
-                fig = figure_from_batch(batch, slice(lo, hi), title, style, mean, std)
-                name = f"channel-{c:04d}.png"
-                fig.save(img_dir / name)
-                cards.append(_card(info, c, hits, f"{info.img_dir}/{name}", fig.image.size))
-                widths.append(fig.image.size[0])
-                bar.update(1)
+    written: set[str] = set()
+    per_call = max(1, EXAMPLES_PER_CALL // k)
+    for start in range(0, len(info.channels), per_call):
+        chunk = info.channels[start : start + per_call]
+        units, spans = [], []
+        for c in chunk:
+            hits = top_hits(atlas, info.name, c, k)
+            spans.append((c, len(units), len(units) + len(hits), hits))
+            units.extend((c, h) for h in hits)
+        batch = project_hits(model, data, info.name, units, info.rf, method, device)
+        firsts = [lo for _, lo, _, _ in spans]
+        if batch.examples.dim() >= 4:  # 2-D and 3-D: cells for the sheet
+            idx = torch.tensor(firsts, dtype=torch.long)
+            p_cells, x_cells, note = render_cells(
+                batch.examples[idx],
+                batch.projections[idx],
+                [batch.boxes[i] for i in firsts],
+                style,
+                mean,
+                std,
+            )
+            # uint8 keeps a big layer's sheet small in memory
+            sheet_proj += [(_u8(rgb), v) for rgb, v in p_cells]
+            sheet_patch += [(_u8(rgb), v) for rgb, v in x_cells]
+            labels += [str(c) for c in chunk]
+        for c, lo, hi, hits in spans:
+            title = zf_title(info.name, c, method, style, info.rf)
+            fig = figure_from_batch(batch, slice(lo, hi), title, style, mean, std)
+            name = f"channel-{c:04d}.png"
+            atomic_write(img_dir / name, fig.to_png())
+            written.add(name)
+            cards.append(_card(info, c, hits, f"{info.img_dir}/{name}", fig.image.size))
+            widths.append(fig.image.size[0])
+            bar.update(1)
     sheet_size = None
     if sheet_proj:
+        whole = " · whole input (no receptive field)" if info.rf is None else ""
         sheet = render_sheet_cells(
             sheet_proj,
             sheet_patch,
             labels,
-            title=f"{info.name} · top-1 of every channel · {method} · {style}",
+            title=f"{info.name} · top-1 of every channel · {method} · {style}{whole}",
             note=note,
             style=style,
         )
-        sheet.save(img_dir / "sheet.png")
+        atomic_write(img_dir / "sheet.png", sheet.to_png())
+        written.add("sheet.png")
         sheet_size = sheet.image.size
-    (out / info.page).write_text(
-        _layer_page(atlas, info, infos, cards, sheet_size, method, style, k, max(widths))
-    )
+    _remove_stale_images(img_dir, written)
+    page = _layer_page(atlas, info, infos, cards, sheet_size, method, style, k, max(widths))
+    atomic_write(out / info.page, page.encode())
     return sheet_size
+
+
+def _remove_stale_images(img_dir: Path, written: set[str]) -> None:
+    """Delete the images an earlier report left in ``img_dir`` that this one did not write.
+
+    Only names this module writes are touched (``channel-*.png``, ``sheet.png``): a report
+    with fewer channels must not leave pictures of channels it no longer lists.
+    """
+    for path in img_dir.iterdir():
+        ours = path.name == "sheet.png" or re.fullmatch(r"channel-\d+\.png", path.name)
+        if ours and path.name not in written and path.is_file():
+            path.unlink(missing_ok=True)
 
 
 def _u8(rgb: Any) -> Any:
@@ -294,7 +308,10 @@ def _shape(shape: Sequence[int]) -> str:
 
 def _rf_cells(info: _LayerInfo) -> str:
     if info.rf is None:
-        return f'<td colspan="3" class="muted">not computable: {_e(info.rf_error)}</td>'
+        return (
+            f'<td colspan="3" class="muted">not computable: {_e(info.rf_error)}; figures show '
+            "the whole input</td>"
+        )
     rf = info.rf
     if rf.is_global:
         return f"<td>global ({_e(_shape(rf.input_shape))})</td><td>-</td><td>-</td>"
@@ -437,7 +454,10 @@ def _layer_page(
     if i + 1 < len(infos):
         nav.append(f'<a href="{_e(infos[i + 1].page)}">{_e(infos[i + 1].name)} →</a>')
     if info.rf is None:
-        rf_text = f"receptive field not computable: {_e(info.rf_error)}"
+        rf_text = (
+            f"receptive field not computable ({_e(info.rf_error)}): figures show the whole "
+            "input as the box of every unit"
+        )
     elif info.rf.is_global:
         rf_text = "receptive field: the whole input"
     else:
