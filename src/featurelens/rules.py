@@ -50,6 +50,7 @@ __all__ = [
     "OTHER_ACTIVATIONS",
     "ActivationError",
     "Rule",
+    "check_other_activations",
     "get_rule",
     "method_names",
     "rule_mode",
@@ -131,6 +132,15 @@ def get_rule(method: str | Rule) -> Rule:
             f"unknown method {method!r}; valid methods: {', '.join(map(repr, METHODS))}"
         )
     return METHODS[method]
+
+
+def check_other_activations(other_activations: str) -> None:
+    """A ValueError listing the valid choices unless ``other_activations`` is one of them."""
+    if other_activations not in OTHER_ACTIVATIONS:
+        raise ValueError(
+            f"unknown other_activations {other_activations!r}; valid: "
+            + ", ".join(map(repr, OTHER_ACTIVATIONS))
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -307,11 +317,7 @@ def rule_mode(
         gradient.
     """
     rule = get_rule(rule)
-    if other_activations not in OTHER_ACTIVATIONS:
-        raise ValueError(
-            f"unknown other_activations {other_activations!r}; valid: "
-            + ", ".join(map(repr, OTHER_ACTIVATIONS))
-        )
+    check_other_activations(other_activations)
     if rule.autograd:
         yield
         return
