@@ -6,12 +6,20 @@ Shared by projections, scans, figures, the explorer and the CLI.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Unit", "argmax_location", "check_location", "first_argmax"]
+__all__ = [
+    "Unit",
+    "argmax_location",
+    "as_integer",
+    "as_location",
+    "check_location",
+    "first_argmax",
+]
 
 
 def first_argmax(values: torch.Tensor) -> torch.Tensor:
@@ -85,9 +93,50 @@ class Unit:
     def __post_init__(self) -> None:
         if not isinstance(self.layer, str):
             raise TypeError(f"Unit.layer must be a dotted layer name, got {self.layer!r}")
-        object.__setattr__(self, "channel", int(self.channel))
+        object.__setattr__(self, "channel", as_integer(self.channel, "Unit.channel"))
         if self.location is not None:
-            loc = self.location
-            if isinstance(loc, int):
-                loc = (loc,)
-            object.__setattr__(self, "location", tuple(int(v) for v in loc))
+            object.__setattr__(self, "location", as_location(self.location, "Unit.location"))
+
+
+def as_integer(value: object, what: str) -> int:
+    """``value`` as an int: ints, numpy integers, 0-d integer tensors; never bools or floats.
+
+    ``int(1.7)`` would quietly become 1, a different unit: anything not integral is refused
+    with a TypeError that starts with ``what``.
+    """
+    if _is_integer(value):
+        return operator.index(value)
+    raise TypeError(f"{what} must be an integer, got {_describe(value)}")
+
+
+def _is_integer(value: object) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.dim() == 0 and not (
+            value.is_floating_point() or value.is_complex() or value.dtype == torch.bool
+        )
+    is_bool = isinstance(value, bool) or type(value).__name__ == "bool_"  # numpy's bool
+    return hasattr(value, "__index__") and not is_bool
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"{value!r} (a {value.dtype} tensor of shape {tuple(value.shape)})"
+    return repr(value)
+
+
+def as_location(location: object, what: str) -> tuple[int, ...]:
+    """A location (one integer per spatial axis, or a single integer) as a tuple of ints."""
+    if getattr(location, "ndim", None) == 0 or not hasattr(location, "__iter__"):
+        return (as_integer(location, what),)
+    if isinstance(location, (str, bytes)):
+        raise TypeError(f"{what} must be integers, one per spatial axis, got {location!r}")
+    values = list(location)
+    for v in values:
+        if not _is_integer(v):
+            shown = tuple(
+                v.item() if isinstance(v, torch.Tensor) and v.dim() == 0 else v for v in values
+            )
+            raise TypeError(
+                f"{what} {shown} must hold integers, one per spatial axis; got {_describe(v)}"
+            )
+    return tuple(operator.index(v) for v in values)
