@@ -11,8 +11,10 @@ pass from that one value to ``x``, with the rectifier rule of the chosen method
   input's size. The crop starts on a multiple of the layer's effective stride, so every
   intermediate grid of the truncated network lines up with the full image's, and is clamped to
   the image (shifted inwards by whole strides near the far border), so real zero padding stays
-  real padding. Every value the unit depends on is then computed from the same numbers in the
-  same order: in float64 the maps equal the full-image ones bit for bit (tested).
+  real padding. Every value the unit depends on is then computed from the same numbers: the
+  geometry is tested bit for bit in float64 with dyadic weights (every sum exact in any order);
+  with arbitrary float64 weights a crop can differ from the full image by about one ulp,
+  because BLAS blocks a smaller matrix differently (docs/projections.md).
 * **Batching.** Crops of many units (any examples, channels, locations) are stacked and go
   through one forward and one backward of the *sum* of the selected units: rows are
   independent in eval mode, so each row's gradient is its own unit's.
@@ -25,26 +27,26 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from featurelens.graph import TraceError, capture, preserved, resolve_layers
+from featurelens.graph import TraceError, capture, model_device, preserved, resolve_layers
 from featurelens.receptive_field import (
     NotAlignedError,
     ReceptiveField,
     UnsupportedOpError,
     receptive_field,
 )
-from featurelens.rules import OTHER_ACTIVATIONS, Rule, get_rule, rule_mode
-from featurelens.unit import Unit, check_location
+from featurelens.rules import Rule, check_other_activations, get_rule, rule_mode
+from featurelens.unit import Unit, argmax_location, as_integer, as_location, check_location
 
 __all__ = ["CropWarning", "project", "project_units"]
 
@@ -86,11 +88,14 @@ def project(
         Dotted ``named_modules()`` name of the layer (:func:`featurelens.layer_names`). Its
         output is ``(N, K, *spatial_l)`` (or ``(N, K)``, then locations are ``()``).
     channel
-        An int (the same channel for every example) or a LongTensor ``(N,)``.
+        An integer (int, numpy integer, 0-d integer tensor): the same channel for every
+        example; or an integer tensor or numpy array ``(N,)``.
     location
         None: each example's arg-max of its channel's map (the first in row-major order on
-        ties). A tuple of ints (the same location for every example) or a LongTensor
-        ``(N, d)`` with one int per spatial axis of the layer's output.
+        ties, NaN ignored, as in :func:`featurelens.scan`). A tuple of integers (the same
+        location for every example; a single integer on a 1-D layer), or one location per
+        example: an integer tensor or numpy array ``(N, d)`` or a list of N tuples, with one
+        integer per spatial axis of the layer's output.
     method
         A name in :data:`featurelens.rules.METHODS`: ``"gradient"`` (Simonyan et al. 2013),
         ``"deconvnet"`` (Zeiler & Fergus 2014), ``"guided"`` (Springenberg et al. 2014).
@@ -98,8 +103,10 @@ def project(
         Compute each unit on the input crop holding its receptive field (exact, much faster).
         Falls back to the whole input when the field is global; also, with a
         :class:`CropWarning`, when the field cannot be computed (the model does not trace, an
-        operation the receptive-field engine does not know) or the network normalises over
-        positions (GroupNorm, InstanceNorm, LayerNorm) before the layer.
+        operation the receptive-field engine does not know), when the network normalises over
+        positions (GroupNorm, InstanceNorm, LayerNorm on a map) or pools to a fixed size
+        (adaptive pooling to more than 1) before the layer, or when a crop would not hold a
+        unit's exact receptive field (that unit only).
     chunk_size
         Units per forward/backward pass: memory is about ``chunk_size`` times the activations
         of one crop. Default: as many crops as hold :data:`AUTO_CHUNK_VALUES` input values
@@ -123,10 +130,17 @@ def project(
     LayerError
         ``layer`` is not an addressable layer (the message lists valid names).
     ValueError
-        Unknown method; channel or location out of range or of the wrong rank; inputs the
-        model rejects. The message names the bad value and the valid range.
+        Unknown method; channel or location out of range or of the wrong rank; inputs whose
+        shape the model rejects; a channels-last layer (``(N, *spatial, C)``, found when the
+        crop's receptive field is computed). The message names the bad value and the valid
+        range.
+    TypeError
+        A channel, location or row that is not an integer (``1.7``, ``True``), naming it.
     ActivationError
         An activation without a rule for ``method`` (see ``other_activations``).
+    RuntimeError
+        Errors that are not about the input's shape (``torch.OutOfMemoryError``, a dtype or
+        device mismatch between inputs and model) propagate unchanged, never retried.
 
     Examples
     --------
@@ -167,7 +181,7 @@ def project_units(
         channel on that unit's example (one truncated forward per example and layer, shared
         by all its units).
     rows
-        The example of ``inputs`` each unit belongs to, ``(M,)`` ints. Default: unit ``i``
+        The example of ``inputs`` each unit belongs to, ``(M,)`` integers. Default: unit ``i``
         belongs to example ``i`` (then M must equal N).
     method, crop, chunk_size, device, other_activations
         As in :func:`project`.
@@ -241,46 +255,65 @@ def _check_inputs(inputs: Any) -> torch.Tensor:
     return inputs.detach()
 
 
+def _as_tensor(v: Any) -> Any:
+    """numpy arrays as tensors (ints stay ints, floats stay floats and are refused later)."""
+    if isinstance(v, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(v)) if v.dtype != object else v
+    return v
+
+
+def _integer_tensor(v: torch.Tensor, what: str, expected: str) -> None:
+    if v.is_floating_point() or v.is_complex() or v.dtype == torch.bool:
+        raise TypeError(f"{what} must hold integers ({expected}), got {v.dtype} {tuple(v.shape)}")
+
+
 def _int_list(v: Any, what: str) -> list[int]:
+    v = _as_tensor(v)
     if isinstance(v, torch.Tensor):
-        if v.is_floating_point() or v.is_complex() or v.dim() != 1:
-            raise ValueError(f"{what} must be a 1-D integer tensor, got {v.dtype} {tuple(v.shape)}")
+        _integer_tensor(v, what, "a 1-D integer tensor")
+        if v.dim() != 1:
+            raise ValueError(f"{what} must be a 1-D integer tensor, got shape {tuple(v.shape)}")
         return [int(a) for a in v.tolist()]
-    return [int(a) for a in v]
+    return [as_integer(a, f"{what}[{i}]") for i, a in enumerate(v)]
 
 
 def _per_example_channel(channel: Any, n: int) -> list[int]:
-    if isinstance(channel, torch.Tensor):
-        if channel.dim() == 0:
-            return [int(channel)] * n
-        if channel.dim() != 1 or channel.shape[0] != n or channel.is_floating_point():
+    channel = _as_tensor(channel)
+    if isinstance(channel, torch.Tensor) and channel.dim() > 0:
+        _integer_tensor(channel, "channel", f"an int or an integer tensor ({n},)")
+        if channel.dim() != 1 or channel.shape[0] != n:
             raise ValueError(
                 f"channel must be an int or an integer tensor of shape ({n},), one per example; "
                 f"got {channel.dtype} of shape {tuple(channel.shape)}"
             )
         return [int(c) for c in channel.tolist()]
-    if isinstance(channel, bool) or not isinstance(channel, numbers.Integral):
-        raise TypeError(f"channel must be an int or a LongTensor (N,), got {channel!r}")
-    return [int(channel)] * n
+    return [as_integer(channel, "channel (an int or an integer tensor (N,))")] * n
 
 
 def _per_example_location(location: Any, n: int) -> list[tuple[int, ...] | None]:
     if location is None:
         return [None] * n
+    location = _as_tensor(location)
     if isinstance(location, torch.Tensor):
-        if location.is_floating_point():
-            raise ValueError(f"location must hold integers, got {location.dtype}")
+        _integer_tensor(location, "location", f"a tuple of ints or an integer tensor ({n}, d)")
         if location.dim() == 2 and location.shape[0] == n:
-            return [tuple(int(v) for v in row) for row in location.tolist()]
-        if location.dim() == 1:
-            return [tuple(int(v) for v in location.tolist())] * n
+            return [tuple(row) for row in location.tolist()]
+        if location.dim() <= 1:
+            return [as_location(location, "location")] * n
         raise ValueError(
             f"location must be a tuple of ints or an integer tensor (N, d) = ({n}, d), "
             f"got shape {tuple(location.shape)}"
         )
-    if isinstance(location, int):
-        location = (location,)
-    return [tuple(int(v) for v in location)] * n
+    rows = list(location) if isinstance(location, (list, tuple)) else None
+    if rows and all(isinstance(r, (list, tuple, np.ndarray, torch.Tensor)) for r in rows):
+        # one location per example, e.g. [[1, 2], [4, 0]]
+        if len(rows) != n:
+            raise ValueError(
+                f"location {location!r} has {len(rows)} rows for {n} examples: pass one "
+                "location per example, or one tuple of ints for all"
+            )
+        return [as_location(r, f"location[{i}]") for i, r in enumerate(rows)]
+    return [as_location(location, "location")] * n
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,7 +327,8 @@ class _Crop:
     Per axis, crops start on a multiple of the layer's effective ``stride`` and have one of two
     sizes: ``size`` (holds any interior unit's field) or ``far_size`` (a crop flush with the
     far border, whose start ``n - far_size`` is then on the grid too). Units of equal size
-    batch together.
+    batch together. An axis with stride 0 (one input location repeated over the layer's
+    axis) is cropped whole.
     """
 
     size: tuple[int, ...]
@@ -302,6 +336,7 @@ class _Crop:
     stride: tuple[int, ...]
     padding: tuple[int, ...]
     input_shape: tuple[int, ...]
+    field: ReceptiveField | None = None
 
     @classmethod
     def full(cls, input_shape: tuple[int, ...]) -> _Crop:
@@ -312,12 +347,16 @@ class _Crop:
     def for_field(cls, rf: ReceptiveField) -> _Crop:
         size, far = [], []
         for r, j, p, n in zip(rf.size, rf.stride, rf.padding, rf.input_shape):
+            if j <= 0:
+                size.append(n)
+                far.append(n)
+                continue
             # An interior unit's field starts at u*j - p, i.e. (-p) mod j past a multiple of j:
             # that much slack before it once the start is aligned down.
             need = min(r + (-p) % j, n)
             size.append(need)
             far.append(n - j * ((n - need) // j))  # n - far is a multiple of j
-        return cls(tuple(size), tuple(far), rf.stride, rf.padding, rf.input_shape)
+        return cls(tuple(size), tuple(far), rf.stride, rf.padding, rf.input_shape, rf)
 
     @property
     def is_full(self) -> bool:
@@ -329,7 +368,7 @@ class _Crop:
         for u, j, p, n, s, far in zip(
             location, self.stride, self.padding, self.input_shape, self.size, self.far_size
         ):
-            a = (max(u * j - p, 0) // j) * j
+            a = (max(u * j - p, 0) // j) * j if s < n else 0
             if a + s > n:
                 s = far
                 a = n - far
@@ -339,22 +378,75 @@ class _Crop:
 
     def local(self, location: tuple[int, ...], start: tuple[int, ...]) -> tuple[int, ...]:
         """The unit's location on the crop's grid."""
-        return tuple(u - a // j for u, a, j in zip(location, start, self.stride))
+        return tuple(u - a // j if a else u for u, a, j in zip(location, start, self.stride))
+
+    def holds(
+        self, location: tuple[int, ...], window: tuple[tuple[int, ...], tuple[int, ...]]
+    ) -> bool:
+        """Whether ``window`` holds every input position the unit at ``location`` reads.
+
+        A safety net under the arithmetic above: the receptive field's exact clipped bounds
+        (:meth:`ReceptiveField.region`) must lie inside the crop.
+        """
+        if self.field is None:
+            return all(a == 0 and s == n for a, s, n in zip(*window, self.input_shape))
+        region = self.field.region(location)
+        if any(sl.stop <= sl.start for sl in region):  # sees only padding
+            return True
+        return all(a <= sl.start and sl.stop <= a + s for sl, a, s in zip(region, *window))
 
 
 def _slices(start: tuple[int, ...], size: tuple[int, ...]) -> tuple[slice, ...]:
     return tuple(slice(a, a + s) for a, s in zip(start, size))
 
 
+def _show(slices: tuple[slice, ...]) -> str:
+    return "[" + ", ".join(f"{sl.start}:{sl.stop}" for sl in slices) + "]"
+
+
 _BATCH_STATISTICS = "batch_norm with batch statistics"
 
+_ADAPTIVE_POOLS: dict[Any, str] = {}
+for _d in (1, 2, 3):
+    for _kind in ("avg", "max"):
+        _name = f"adaptive_{_kind}_pool{_d}d"
+        for _f in (_name, f"{_name}_with_indices", f"_{_name}"):
+            if hasattr(F, _f):
+                _ADAPTIVE_POOLS[getattr(F, _f)] = _name
 
-class _SpatialStatistics(TorchFunctionMode):
-    """Records normalisations computed over positions (their crops would not be exact)."""
+
+class _CropHazards(TorchFunctionMode):
+    """Records operations whose result a crop would change, run on the way to the layer.
+
+    * Normalisations computed over positions: their statistics would cover the crop only.
+      ``layer_norm`` counts whenever its input has more than 2 dims. That is conservative: a
+      LayerNorm over the channels of a channels-last map ``(N, *spatial, C)`` (ConvNeXt)
+      does not mix positions, but from inside this mode a trailing channel dim cannot be
+      told from a trailing spatial one (``LayerNorm([H, W])`` on ``(N, C, H, W)``).
+    * Adaptive pooling to a fixed size larger than 1: on a smaller crop it would still
+      output that size, with other windows. (Size 1 is global pooling, None keeps the
+      size: both crop exactly, and the receptive field then spans the whole axis.)
+    """
 
     def __init__(self) -> None:
         super().__init__()
-        self.seen: list[str] = []
+        self.norms: list[str] = []
+        self.pools: list[str] = []
+
+    @property
+    def batch_statistics(self) -> bool:
+        return _BATCH_STATISTICS in self.norms
+
+    def reasons(self) -> list[str]:
+        out = []
+        if self.norms:
+            out.append(f"the network normalises over positions before it ({', '.join(self.norms)})")
+        if self.pools:
+            out.append(
+                "the network pools to a fixed size before it, which a crop would change "
+                f"({', '.join(self.pools)})"
+            )
+        return out
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
@@ -373,39 +465,58 @@ class _SpatialStatistics(TorchFunctionMode):
             training = args[5] if len(args) > 5 else kwargs.get("training", False)
             if training:
                 name = _BATCH_STATISTICS
-        if name is not None and name not in self.seen:
-            self.seen.append(name)
+        elif func in _ADAPTIVE_POOLS:
+            size = args[1] if len(args) > 1 else kwargs.get("output_size")
+            sizes = tuple(size) if isinstance(size, (list, tuple)) else (size,)
+            if any(isinstance(n, int) and n > 1 for n in sizes):
+                pool = f"{_ADAPTIVE_POOLS[func]} to {size}"
+                if pool not in self.pools:
+                    self.pools.append(pool)
+        if name is not None and name not in self.norms:
+            self.norms.append(name)
         return func(*args, **kwargs)
 
 
-def _plan_crop(
-    model: nn.Module, x: torch.Tensor, layer: str, out_spatial: tuple[int, ...], stats: list[str]
-) -> _Crop:
-    full = _Crop.full(tuple(x.shape[2:]))
-    why = None
+def _field(model: nn.Module, x: torch.Tensor, layer: str) -> tuple[ReceptiveField | None, str]:
+    """The layer's receptive field, or None and why it cannot be computed."""
     try:
-        rf = receptive_field(model, tuple(x.shape[1:]), layer)
+        return receptive_field(model, tuple(x.shape[1:]), layer), ""
     except (TraceError, UnsupportedOpError, NotAlignedError, ValueError) as exc:
-        why = f"its receptive field cannot be computed ({type(exc).__name__}: {exc})"
-    else:
+        return None, f"its receptive field cannot be computed ({type(exc).__name__}: {exc})"
+
+
+def _plan_crop(
+    layer: str,
+    input_shape: tuple[int, ...],
+    rf: ReceptiveField | None,
+    why: str,
+    out_spatial: tuple[int, ...],
+    hazards: _CropHazards,
+) -> _Crop:
+    full = _Crop.full(input_shape)
+    if rf is not None:
         if rf.is_global:
             return full
-        if stats:
-            why = f"the network normalises over positions before it ({', '.join(stats)})"
-        elif tuple(rf.output_shape) != out_spatial:
+        why = "; ".join(hazards.reasons())
+        if not why and tuple(rf.output_shape) != out_spatial:
             why = (
                 f"its output's spatial shape {out_spatial} does not match the receptive-field "
                 f"grid {rf.output_shape}"
             )
-    if why is not None:
-        warnings.warn(
-            f"projection of layer {layer!r} computed on the whole input (exact, slower): {why}. "
-            "Pass crop=False to silence this warning.",
-            CropWarning,
-            stacklevel=5,
-        )
+    if why:
+        _crop_warning(layer, why, stacklevel=6)
         return full
     return _Crop.for_field(rf)
+
+
+def _crop_warning(layer: str, why: str, stacklevel: int) -> None:
+    # stacklevel: the caller of project()/project_units()
+    warnings.warn(
+        f"projection of layer {layer!r} computed on the whole input (exact, slower): {why}. "
+        "Pass crop=False to silence this warning.",
+        CropWarning,
+        stacklevel=stacklevel,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -423,24 +534,20 @@ def _project(
     other_activations: str,
 ) -> torch.Tensor:
     rule = get_rule(method)
-    if other_activations not in OTHER_ACTIVATIONS:
-        raise ValueError(
-            f"unknown other_activations {other_activations!r}; valid: "
-            + ", ".join(map(repr, OTHER_ACTIVATIONS))
-        )
+    check_other_activations(other_activations)
     if chunk_size is not None and (
         isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
     ):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if device is None:
-        param = next(model.parameters(), None)
-        device = param.device if param is not None else x.device
-    device = torch.device(device)
-    out = torch.zeros((len(jobs), *x.shape[1:]), dtype=x.dtype, device=x.device)
+    device = torch.device(device) if device is not None else model_device(model, x.device)
     layers = list(dict.fromkeys(job.layer for job in jobs))
     with preserved(model), _grad_enabled():
+        if x.is_inference():  # made under inference_mode: autograd cannot record it
+            x = x.clone()
+        # Created here, not under a caller's inference_mode, so that it can be written to.
+        out = torch.zeros((len(jobs), *x.shape[1:]), dtype=x.dtype, device=x.device)
         for layer in layers:
             resolve_layers(model, [layer])
             idx = [i for i, job in enumerate(jobs) if job.layer == layer]
@@ -463,6 +570,25 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+# Substrings (lower case) of PyTorch's messages. Out of memory, dtype and device errors are
+# the caller's to see as they are (a retry on the whole input would only make an OOM worse);
+# only an error about the input's size may become "rejects inputs of shape" or a crop retry.
+_NOT_SHAPE = (
+    "out of memory", "allocate", "dtype", "scalar type", "type (", "device", "cuda", "mps",
+)  # fmt: skip
+_SHAPE = (
+    "size", "shape", "dimension", "channels", "must match", "cannot be multiplied",
+    "expected input", "too small", "kernel", "padding",
+)  # fmt: skip
+
+
+def _is_shape_error(exc: BaseException) -> bool:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return False
+    text = str(exc).lower()
+    return not any(s in text for s in _NOT_SHAPE) and any(s in text for s in _SHAPE)
+
+
 def _rejected(exc: BaseException, shape: tuple[int, ...]) -> ValueError:
     return ValueError(f"the model rejects inputs of shape {shape}: {_first_line(exc)}")
 
@@ -472,7 +598,9 @@ def _forward(run: Any, x: torch.Tensor, layer: str, shape: tuple[int, ...]) -> t
     try:
         return run(x)[layer]
     except RuntimeError as exc:
-        raise _rejected(exc, shape) from exc
+        if _is_shape_error(exc):
+            raise _rejected(exc, shape) from exc
+        raise
 
 
 def _project_layer(
@@ -489,47 +617,47 @@ def _project_layer(
 ) -> None:
     layer = jobs[0].layer
     # 1. One example through the truncated model: the layer's shape, errors for activations
-    #    without a rule, normalisations over positions.
+    #    without a rule, operations a crop would change.
     probe_row = next((job.row for job in jobs if job.location is None), jobs[0].row)
-    stats = _SpatialStatistics()
+    hazards = _CropHazards()
     with (
         torch.no_grad(),
         capture(model, [layer]) as run,
         rule_mode(model, rule, other_activations),
-        stats,
+        hazards,
     ):
         y = _forward(run, x[probe_row : probe_row + 1].to(device), layer, tuple(x.shape))
     shape = tuple(y.shape[1:])
     if len(shape) < 1:
         raise ValueError(f"layer {layer!r} outputs shape {tuple(y.shape)}: no channel axis")
     n_channels, out_spatial = shape[0], shape[1:]
+    cropping = crop and len(out_spatial) == x.dim() - 2
+    rf, why = _field(model, x, layer) if cropping else (None, "")
+    if rf is not None:  # an untraceable model keeps reading channels at dim 1, unchecked
+        rf.check_channels_first(layer)
     for job in jobs:
         _check_unit(job, layer, n_channels, out_spatial)
 
     # 2. Arg-max locations: one truncated forward per example, shared by all its units.
-    if _BATCH_STATISTICS in stats.seen:
+    if hazards.batch_statistics:
         chunk_size = 1  # statistics over the batch would mix the units of one pass
     whole = chunk_size or max(1, AUTO_CHUNK_VALUES // x[0].numel())
     locations = _argmax_locations(model, x, jobs, layer, whole, device, probe_row, y)
 
     # 3. Crops.
-    if crop and len(out_spatial) == x.dim() - 2:
-        plan = _plan_crop(model, x, layer, out_spatial, stats.seen)
+    input_shape = tuple(x.shape[2:])
+    if cropping:
+        plan = _plan_crop(layer, input_shape, rf, why, out_spatial, hazards)
     else:
-        plan = _Crop.full(tuple(x.shape[2:]))
+        plan = _Crop.full(input_shape)
 
     # 4. Batched forward/backward, chunk by chunk.
     args = (model, x, jobs, out_index, out, rule, locations, out_spatial, device, other_activations)
     try:
         _run_chunks(*args, plan, chunk_size)
     except _CropRejected as exc:
-        warnings.warn(
-            f"projection of layer {layer!r} computed on the whole input (exact, slower): {exc}. "
-            "Pass crop=False to silence this warning.",
-            CropWarning,
-            stacklevel=4,
-        )
-        _run_chunks(*args, _Crop.full(tuple(x.shape[2:])), chunk_size)
+        _crop_warning(layer, str(exc), stacklevel=5)
+        _run_chunks(*args, _Crop.full(input_shape), chunk_size)
 
 
 class _CropRejected(Exception):
@@ -552,6 +680,19 @@ def _run_chunks(
 ) -> None:
     layer = jobs[0].layer
     windows = [plan.window(loc) for loc in locations]
+    missed = [k for k, (loc, w) in enumerate(zip(locations, windows)) if not plan.holds(loc, w)]
+    if missed:  # a geometry the crop arithmetic got wrong: those units go uncropped
+        whole = ((0,) * len(plan.input_shape), plan.input_shape)
+        k = missed[0]
+        _crop_warning(
+            layer,
+            f"the crop {_show(_slices(*windows[k]))} of {jobs[k].label} at {locations[k]} does "
+            f"not hold its receptive field {_show(plan.field.region(locations[k]))} (nor do the "
+            f"crops of {len(missed) - 1} more units)",
+            stacklevel=6,
+        )
+        for k in missed:
+            windows[k] = whole
     groups: dict[tuple[int, ...], list[int]] = {}
     for k, (_, size) in enumerate(windows):
         groups.setdefault(size, []).append(k)
@@ -590,7 +731,9 @@ def _run_chunk(
         with rule_mode(model, rule, other_activations):
             y = run(crops)[layer]
     except RuntimeError as exc:
-        if plan.is_full:
+        if not _is_shape_error(exc):
+            raise
+        if crops.shape[2:] == x.shape[2:]:
             raise _rejected(exc, tuple(x.shape)) from exc
         raise _CropRejected(
             f"the model rejects receptive-field crops of shape {tuple(crops.shape)} "
@@ -642,12 +785,7 @@ def _argmax_locations(
 
     def take(row: int, y: torch.Tensor) -> None:  # y: (K, *spatial_l) of one example
         for k in wanted[row]:
-            fmap = y[jobs[k].channel]
-            if fmap.dim() == 0:
-                found[k] = ()
-                continue
-            flat = int(torch.argmax(fmap.reshape(-1)))  # first maximum in row-major order
-            found[k] = tuple(int(v) for v in torch.unravel_index(torch.tensor(flat), fmap.shape))
+            found[k] = argmax_location(y[jobs[k].channel])  # the first maximum, NaN ignored
 
     if probe_row in wanted:
         take(probe_row, probe[0])
