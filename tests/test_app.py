@@ -415,7 +415,7 @@ BAD_GETS = [
     ("/api/unit", {"input": "dataset:0", "layer": "head.1", "channel": 0, "location": "0"},
      400, "0 spatial axes"),
     ("/api/rf", {"layer": "features.4"}, 400, "location"),
-    ("/api/rf", {"layer": "features.4", "location": "-1,0"}, 400, "out of range"),
+    ("/api/rf", {"layer": "features.4", "location": "-1,0"}, 404, "out of range"),
     ("/api/rf", {"layer": "features.4", "location": "1,2,3"}, 400, "axes"),
     ("/api/projection.png", {"input": "dataset:0", "layer": "features.4", "channel": 0,
                              "method": "lrp"}, 400, "gradient"),
@@ -851,3 +851,75 @@ def test_cli_serve_runs_until_interrupted(atlas_dir):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# --------------------------------------------------------------------------------------------
+# Model dtype, channels-last layers, one arg-max rule
+
+
+def test_a_float64_model_works_end_to_end_and_agrees_with_the_scan(tmp_path):
+    # Two peaks 1e-12 apart: equal in float32, ordered in float64. The scan (float64) stores
+    # the second; the explorer must find the same one, so it must run in the model's dtype.
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.ReLU()).double().eval()
+    with torch.no_grad():
+        net[0].weight.fill_(1.0)
+        net[0].bias.zero_()
+    images = torch.zeros(3, 1, 6, 5, dtype=torch.float64)
+    images[:, 0, 1, 1] = 1.0
+    images[:, 0, 4, 2] = 1.0 + 1e-12
+    atlas = featurelens.scan(net, images, ["0", "1"], top_k=2, progress=False)
+    assert atlas.top("1", 0)[0].location == (4, 2)
+    atlas.save(tmp_path / "atlas")
+    with TestClient(create_app(tmp_path / "atlas", model=net, data=images)) as c:
+        base = {"input": "dataset:1", "layer": "1"}
+        layout = c.get("/api/activations", params=base).json()
+        assert layout["channel_argmax"] == [[4, 2], [4, 2]]
+        unit = c.get("/api/unit", params={**base, "channel": 0}).json()
+        assert unit["location"] == [4, 2] and unit["value"] == 1.0 + 1e-12
+        params = {**base, "channel": 1, "method": "gradient", "style": "signed"}
+        shown = png(c.get("/api/projection.png", params=params))
+        x = images[1:2].clone().requires_grad_(True)
+        net(x)[0, 1, 4, 2].backward()
+        expected = render_projection(x.grad[0].detach(), "signed")
+        np.testing.assert_array_equal(shown, np.round(expected * 255).astype(np.uint8))
+        zf = c.get("/api/zf.png", params={"layer": "1", "channel": 0, "k": 2})
+        assert zf.status_code == 200
+
+
+class _Permute(torch.nn.Module):
+    def __init__(self, *dims: int) -> None:
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x):
+        return x.permute(*self.dims)
+
+
+def _permuting(channels_last: bool) -> torch.nn.Module:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential()
+    net.conv = torch.nn.Conv2d(1, 3, 3)
+    net.permute = _Permute(0, 2, 3, 1) if channels_last else torch.nn.Identity()
+    net.back = _Permute(0, 3, 1, 2) if channels_last else torch.nn.Identity()
+    net.relu = torch.nn.ReLU()
+    return net.eval()
+
+
+def test_a_channels_last_layer_is_refused_with_the_library_message(tmp_path):
+    images = torch.rand(4, 1, 9, 8)
+    featurelens.scan(_permuting(False), images, ["permute", "relu"], 2, progress=False).save(
+        tmp_path / "atlas"
+    )
+    with TestClient(create_app(tmp_path / "atlas", model=_permuting(True), data=images)) as c:
+        for path, extra in (
+            ("/api/activations", {}),
+            ("/api/unit", {"channel": 0}),
+            ("/api/projection.png", {"channel": 0}),
+            ("/api/zf.png", {"channel": 0}),
+        ):
+            params = {"input": "dataset:0", "layer": "permute", **extra}
+            r = c.get(path, params=params)
+            assert r.status_code == 422, (path, r.text)
+            assert "'permute' outputs its channels at dim 3" in r.json()["error"]
+        ok = c.get("/api/unit", params={"input": "dataset:0", "layer": "relu", "channel": 2})
+        assert ok.status_code == 200

@@ -61,13 +61,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from torch import nn
 
-from featurelens.graph import LayerError, TraceError, capture, preserved
-from featurelens.receptive_field import (
-    NotAlignedError,
-    ReceptiveField,
-    UnsupportedOpError,
-    receptive_field,
-)
+from featurelens.figures import layer_field, model_dtype
+from featurelens.graph import LayerError, TraceError, capture, model_device, preserved
+from featurelens.receptive_field import NotAlignedError, ReceptiveField, UnsupportedOpError
+from featurelens.unit import argmax_location
 
 __all__ = ["ApiError", "Explorer", "ExplorerServer", "create_app", "serve"]
 
@@ -204,8 +201,8 @@ class Explorer:
         self.data = data if data is not None else atlas.build_data()
         if device is not None:
             self.model.to(device)
-        first = next(self.model.parameters(), None)
-        self.device = first.device if first is not None else torch.device("cpu")
+        self.device = model_device(self.model)
+        self.dtype = model_dtype(self.model)  # inputs follow the model: float64 models work
         self.methods = list(METHODS)
         self.styles = list(STYLES)
         self.method_help = {name: rule.summary for name, rule in METHODS.items()}
@@ -221,13 +218,19 @@ class Explorer:
         self._max_uploads = int(max_uploads)
         self.fields: dict[str, ReceptiveField | None] = {}
         self.field_errors: dict[str, str] = {}
+        self.refused: dict[str, str] = {}  # layer -> why no request may use it
         for layer in self.layers:
             try:
-                self.fields[layer] = receptive_field(self.model, self.input_shape, layer)
-            except (TraceError, UnsupportedOpError, NotAlignedError, LayerError) as exc:
                 # The page still works without geometry: it just draws no boxes.
-                self.fields[layer] = None
-                self.field_errors[layer] = str(exc)
+                field, error = layer_field(self.model, self.input_shape, layer)
+            except LayerError as exc:  # the model given lacks the layer: no geometry
+                field, error = None, str(exc)
+            except ValueError as exc:  # a channels-last layer: every channel would be misread
+                field, error = None, str(exc)
+                self.refused[layer] = str(exc)
+            self.fields[layer] = field
+            if error is not None:
+                self.field_errors[layer] = error
 
     # ---- validation ------------------------------------------------------------------------
     def layer(self, name: str | None) -> str:
@@ -235,6 +238,8 @@ class Explorer:
             raise ApiError(400, "missing parameter 'layer'; layers: " + ", ".join(self.layers))
         if name not in self.layers:
             raise ApiError(404, f"unknown layer {name!r}; the atlas has: " + ", ".join(self.layers))
+        if name in self.refused:
+            raise ApiError(422, self.refused[name])
         return name
 
     def channel(self, layer: str, value: str | None) -> int:
@@ -300,7 +305,7 @@ class Explorer:
                 422, f"dataset example {ref.key} is {what}, not a tensor of the atlas's input "
                 f"shape {self.input_shape}"
             )  # fmt: skip
-        return x.float()
+        return x.to(self.dtype)
 
     def input_png(self, ref: _InputRef) -> bytes:
         return self._cache.get_or_compute(
@@ -368,7 +373,7 @@ class Explorer:
             mean = torch.tensor(spec.mean, dtype=torch.float32).reshape(-1, 1, 1)
             std = torch.tensor(spec.std, dtype=torch.float32).reshape(-1, 1, 1)
             x = (x - mean) / std
-        return x.contiguous()
+        return x.to(self.dtype).contiguous()
 
     # ---- activations -----------------------------------------------------------------------
     def activations(self, ref: _InputRef, layer: str) -> torch.Tensor:
@@ -379,7 +384,8 @@ class Explorer:
             with self.model_lock, torch.no_grad(), preserved(self.model):
                 with capture(self.model, [layer]) as run:
                     out = run(x)[layer]
-                return out[0].detach().to("cpu", torch.float32).clone()
+                # the model's dtype: arg-max locations must agree with the scan's
+                return out[0].detach().to("cpu").clone()
 
         return self._cache.get_or_compute(("act", str(ref), layer), compute)
 
@@ -402,8 +408,8 @@ class Explorer:
         cols = min(cols, channels)
         rows = math.ceil(channels / cols)
         flat = maps.reshape(channels, -1)
-        peak = torch.nan_to_num(flat, nan=-math.inf).argmax(1)
-        spatial = self.activations(ref, layer).dim() - 1
+        act = self.activations(ref, layer)  # (C, *spatial)
+        spatial = act.dim() - 1
         return {
             "input": str(ref),
             "layer": layer,
@@ -417,7 +423,7 @@ class Explorer:
             "min": float(flat.nan_to_num(nan=math.inf).min()),
             "max": float(flat.nan_to_num(nan=-math.inf).max()),
             "channel_max": [round(float(v), 6) for v in flat.max(1).values],  # NaN: null
-            "channel_argmax": [_location(int(i), h, w, spatial) for i in peak],
+            "channel_argmax": [list(argmax_location(m)) for m in act],
             "signed": bool((flat < 0).any()),
         }
 
@@ -433,24 +439,9 @@ class Explorer:
     def location(self, ref: _InputRef, layer: str, channel: int, text: str | None) -> tuple:
         """The unit's location: parsed and range-checked, or the channel's arg-max."""
         act = self.activations(ref, layer)
-        shape = tuple(act.shape[1:])
         if text is None or text == "":
-            flat = act[channel].reshape(-1).nan_to_num(nan=-math.inf)  # NaN never peaks
-            idx = int(flat.argmax()) if flat.numel() else 0
-            return tuple(int(v) for v in np.unravel_index(idx, shape)) if shape else ()
-        try:
-            loc = tuple(int(v) for v in text.split(","))
-        except ValueError:
-            raise ApiError(400, f"location {text!r} is not comma-separated integers") from None
-        if len(loc) != len(shape):
-            raise ApiError(
-                400, f"location {text!r} has {len(loc)} coordinate(s); layer {layer!r} has "
-                f"{len(shape)} spatial axes, output shape {list(shape)}"
-            )  # fmt: skip
-        for axis, (u, n) in enumerate(zip(loc, shape)):
-            if not 0 <= u < n:
-                raise ApiError(404, f"location {loc} out of range on axis {axis}: valid 0..{n - 1}")
-        return loc
+            return argmax_location(act[channel])  # the scan's rule: NaN never peaks, first wins
+        return _parse_location(text, tuple(act.shape[1:]), layer)
 
     def rf_box(self, layer: str, loc: tuple) -> dict[str, Any] | None:
         """The receptive field of ``loc`` on the input, clipped and unclipped (inclusive)."""
@@ -567,12 +558,21 @@ def _int(value: str | None, what: str) -> int:
         raise ApiError(400, f"{what} {value!r} is not an integer") from None
 
 
-def _location(flat: int, h: int, w: int, spatial: int) -> list[int]:
-    if spatial == 0:
-        return []
-    if spatial == 1:
-        return [flat]
-    return [flat // w, flat % w]
+def _parse_location(text: str, shape: tuple[int, ...], layer: str) -> tuple[int, ...]:
+    """``"i,j"`` as a location of a map of spatial ``shape``: 400 if malformed, 404 if outside."""
+    try:
+        loc = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise ApiError(400, f"location {text!r} is not comma-separated integers") from None
+    if len(loc) != len(shape):
+        raise ApiError(
+            400, f"location {text!r} has {len(loc)} coordinate(s); layer {layer!r} has "
+            f"{len(shape)} spatial axes, output shape {list(shape)}"
+        )  # fmt: skip
+    for axis, (u, n) in enumerate(zip(loc, shape)):
+        if not 0 <= u < n:
+            raise ApiError(404, f"location {loc} out of range on axis {axis}: valid 0..{n - 1}")
+    return loc
 
 
 def _decode_image(raw: bytes, max_pixels: int) -> Image.Image:
@@ -819,12 +819,7 @@ def create_app(
         text = q(request, "location")
         if not text:
             raise ApiError(400, "missing parameter 'location' (comma-separated integers)")
-        try:
-            loc = tuple(int(v) for v in text.split(","))
-        except ValueError:
-            raise ApiError(400, f"location {text!r} is not comma-separated integers") from None
-        if len(loc) != field.ndim:
-            raise ApiError(400, f"location {text!r}: layer {layer!r} has {field.ndim} axes")
+        loc = _parse_location(text, field.output_shape, layer)
         return _json({"layer": layer, **ex.rf_box(layer, loc)})
 
     async def projection(request: Request) -> Response:
