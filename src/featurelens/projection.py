@@ -14,7 +14,8 @@ pass from that one value to ``x``, with the rectifier rule of the chosen method
   real padding. Every value the unit depends on is then computed from the same numbers: the
   geometry is tested bit for bit in float64 with dyadic weights (every sum exact in any order);
   with arbitrary float64 weights a crop can differ from the full image by about one ulp,
-  because BLAS blocks a smaller matrix differently (docs/projections.md).
+  because BLAS blocks a smaller matrix differently (docs/projections.md). Each window is
+  checked to hold the unit's exact field; a unit whose window does not goes uncropped.
 * **Batching.** Crops of many units (any examples, channels, locations) are stacked and go
   through one forward and one backward of the *sum* of the selected units: rows are
   independent in eval mode, so each row's gradient is its own unit's.
