@@ -25,6 +25,7 @@ from featurelens import (
     receptive_fields,
     scan,
 )
+from featurelens.figures import layer_sheet, zf_grid
 from featurelens.graph import preserved
 from featurelens.rules import METHODS, rule_mode
 
@@ -40,6 +41,40 @@ def _rule_mode_forward(method: str) -> Call:
 
     return call
 
+
+def _atlas(x: torch.Tensor):
+    # hits from an intact twin (same layers): the call under test may have an armed model
+    return scan(make_model(armed=False), x.detach(), [LAYER], top_k=2, progress=False)
+
+
+def _report(model: nn.Module, x: torch.Tensor, **kwargs: object) -> object:
+    import tempfile
+
+    from featurelens.report import write_report
+
+    with tempfile.TemporaryDirectory() as out:
+        return write_report(_atlas(x), out, model=model, data=x, progress=False, **kwargs)
+
+
+def _explorer(model: nn.Module, x: torch.Tensor, requests: list[tuple[str, dict]]) -> object:
+    """GET each request from the explorer; a 4xx/5xx answer raises LookupError."""
+    import warnings
+
+    from featurelens.app import create_app
+
+    with warnings.catch_warnings():  # starlette's TestClient import warns about httpx
+        warnings.simplefilter("ignore")
+        from starlette.testclient import TestClient
+
+    with TestClient(create_app(_atlas(x), model=model, data=x)) as client:
+        for path, params in requests:
+            r = client.get(path, params={"input": "dataset:1", "layer": LAYER, **params})
+            if r.status_code >= 400:
+                raise LookupError(r.text)
+
+
+EXPLORE = [("/api/activations", {}), ("/api/unit", {"channel": 2}),
+           ("/api/projection.png", {"channel": 1, "method": "guided"})]  # fmt: skip
 
 CALLS: list[tuple[str, Call]] = [
     ("layer_names", lambda m, x: layer_names(m)),
@@ -58,6 +93,10 @@ CALLS: list[tuple[str, Call]] = [
     ("scan", lambda m, x: scan(m, x, [LAYER, "features.1"], top_k=2, progress=False)),
     ("scan[absmax, batch 1]",
      lambda m, x: scan(m, x, ["features.2", LAYER], 1, "absmax", batch_size=1, progress=False)),
+    ("zf_grid", lambda m, x: zf_grid(m, x, _atlas(x), LAYER, 1, "guided", k=2)),
+    ("layer_sheet", lambda m, x: layer_sheet(m, x, _atlas(x), LAYER, "deconvnet")),
+    ("write_report", lambda m, x: _report(m, x, channels=2)),
+    ("explorer", lambda m, x: _explorer(m, x, EXPLORE)),
 ]  # fmt: skip
 """Public calls that must succeed on the intact model."""
 
@@ -77,6 +116,13 @@ FAILING: list[tuple[str, Call, type[Exception]]] = [
     ("scan: bad layer", lambda m, x: scan(m, x, ["features.44"], progress=False), LayerError),
     ("scan: bad top_k", lambda m, x: scan(m, x, [LAYER], top_k=3, progress=False), ValueError),
     ("scan: bad score", lambda m, x: scan(m, x, [LAYER], 1, "median", progress=False), ValueError),
+    ("zf_grid: bad channel", lambda m, x: zf_grid(m, x, _atlas(x), LAYER, 6), ValueError),
+    ("layer_sheet: bad channel",
+     lambda m, x: layer_sheet(m, x, _atlas(x), LAYER, channels=[0, 9]), ValueError),
+    ("write_report: bad layer", lambda m, x: _report(m, x, layers=["head.2"]), LayerError),
+    ("explorer: bad location",
+     lambda m, x: _explorer(m, x, [("/api/projection.png", {"channel": 1, "location": "99,0"})]),
+     LookupError),
 ]  # fmt: skip
 """Public calls that must raise (the exception type given) on the intact model."""
 
