@@ -124,3 +124,18 @@ def test_training_is_seeded_and_split_held_out():
 
 def test_conv_layers_finds_every_convolution():
     assert conv_layers(mnist_cnn()) == ["features.conv1", "features.conv2", "features.conv3"]
+
+
+def test_demo_output_can_be_moved(quick_demo, tmp_path):
+    import json
+    import shutil
+
+    out, _ = quick_demo
+    recorded = json.loads((out / "atlas" / "manifest.json").read_text())["model"]["spec"]
+    assert not Path(recorded["checkpoint"]).is_absolute()  # relative to the atlas directory
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    atlas = featurelens.Atlas.load(moved / "atlas")
+    assert Path(atlas.model_spec.checkpoint).is_relative_to(moved.resolve())
+    model = atlas.build_model()  # strict: the fingerprint must match
+    assert model_fingerprint(model) == atlas.manifest["model"]["fingerprint"]

@@ -13,6 +13,7 @@ removed. A process killed at any moment leaves either the old atlas or the new o
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import html
 import json
@@ -152,6 +153,7 @@ class Atlas:
         self._manifest = manifest
         self._tops = tops
         self.layers: list[str] = [entry["name"] for entry in manifest["layers"]]
+        self._directory: Path | None = None  # where it was loaded from or saved to
 
     # ---- queries -------------------------------------------------------------------------
     @property
@@ -179,8 +181,19 @@ class Atlas:
 
     @property
     def model_spec(self) -> ModelSpec | None:
+        """How to rebuild the model; a relative checkpoint path is resolved against the atlas
+        directory when the file is there (the demo stores ``../model/...pt``, so that an output
+        folder can be moved), else left relative to the current directory."""
         d = self._manifest["model"]["spec"]
-        return None if d is None else ModelSpec.from_dict(d)
+        if d is None:
+            return None
+        spec = ModelSpec.from_dict(d)
+        ckpt = spec.checkpoint
+        if ckpt and self._directory is not None and not Path(ckpt).is_absolute():
+            beside = self._directory / ckpt
+            if beside.exists():
+                spec = dataclasses.replace(spec, checkpoint=str(beside.resolve()))
+        return spec
 
     @property
     def data_spec(self) -> DataSpec | None:
@@ -316,6 +329,7 @@ class Atlas:
         text = json.dumps(manifest, indent=2, sort_keys=False) + "\n"
         atomic_write(directory / MANIFEST, text.encode())
         self._manifest = manifest
+        self._directory = directory
         for stale in directory.glob("arrays-*.npz"):
             if stale.name != array_file:
                 stale.unlink(missing_ok=True)
@@ -380,7 +394,9 @@ class Atlas:
                     nan_counts=npz[f"{i}.nan_counts"],
                     output_shape=tuple(entry["output_shape"]),
                 )
-        return cls(manifest, tops)
+        atlas = cls(manifest, tops)
+        atlas._directory = directory
+        return atlas
 
     # ---- display -------------------------------------------------------------------------
     def __repr__(self) -> str:

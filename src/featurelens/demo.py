@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -266,7 +267,9 @@ def run_demo(
         dataset = data_spec.build()
         net, ckpt, accuracy = _cached_model(out, dataset, config, log)
         log(f"held-out accuracy: {accuracy:.1%} on {config.heldout} digits")
-        model_spec = ModelSpec(DEMO_MODEL_SPEC, checkpoint=str(ckpt))
+        # relative to the atlas directory (resolved by Atlas.model_spec): OUT can be moved
+        atlas_rel = os.path.relpath(ckpt, (out / "atlas").resolve())
+        model_spec = ModelSpec(DEMO_MODEL_SPEC, checkpoint=atlas_rel)
     else:
         model_spec = ModelSpec(model, weights=weights, checkpoint=checkpoint)
         data_spec = DataSpec(data)
