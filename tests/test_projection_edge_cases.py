@@ -251,14 +251,27 @@ def test_a_channels_last_layer_is_refused_with_a_clear_message() -> None:
     assert_unchanged(model, before)
 
 
-def test_layer_norm_over_channels_last_keeps_the_exact_whole_input_fallback() -> None:
-    # Documented limitation: a LayerNorm on a channels-last map turns the crop off (with a
-    # warning naming it); the result is exact either way.
+def test_layer_norm_over_channels_last_still_crops() -> None:
+    # The receptive-field trace knows the LayerNorm runs over channels only (ConvNeXt): the
+    # crop stays on, with no warning, and equals the whole-input result.
     model = ChannelsLast().double().eval()
     x = torch.randn(2, 4, 12, 10, dtype=torch.float64)
-    with pytest.warns(CropWarning, match="layer_norm"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CropWarning)
         out = project(model, x, "out", 2, (4, 5), "guided")
-    assert torch.equal(out, project(model, x, "out", 2, (4, 5), "guided", crop=False))
+    torch.testing.assert_close(
+        out, project(model, x, "out", 2, (4, 5), "guided", crop=False), rtol=1e-12, atol=1e-15
+    )
+    assert out[:, :, :, :].abs().sum() > 0
+
+
+def test_layer_norm_over_positions_turns_the_crop_off() -> None:
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.LayerNorm([10, 8]), nn.Conv2d(2, 2, 3))
+    model = model.double().eval()
+    x = torch.randn(2, 1, 12, 10, dtype=torch.float64)
+    with pytest.warns(CropWarning, match="LayerNorm module '1'"):
+        out = project(model, x, "2", 1, (3, 3), "gradient")
+    assert torch.equal(out, project(model, x, "2", 1, (3, 3), "gradient", crop=False))
 
 
 # --------------------------------------------------------------------------------------------

@@ -405,8 +405,6 @@ def _show(slices: tuple[slice, ...]) -> str:
     return "[" + ", ".join(f"{sl.start}:{sl.stop}" for sl in slices) + "]"
 
 
-_BATCH_STATISTICS = "batch_norm with batch statistics"
-
 _ADAPTIVE_POOLS: dict[Any, str] = {}
 for _d in (1, 2, 3):
     for _kind in ("avg", "max"):
@@ -417,31 +415,30 @@ for _d in (1, 2, 3):
 
 
 class _CropHazards(TorchFunctionMode):
-    """Records operations whose result a crop would change, run on the way to the layer.
+    """Records, on the way to the layer, what a crop would change and the trace cannot say.
 
-    * Normalisations computed over positions: their statistics would cover the crop only.
-      ``layer_norm`` counts whenever its input has more than 2 dims. That is conservative: a
-      LayerNorm over the channels of a channels-last map ``(N, *spatial, C)`` (ConvNeXt)
-      does not mix positions, but from inside this mode a trailing channel dim cannot be
-      told from a trailing spatial one (``LayerNorm([H, W])`` on ``(N, C, H, W)``).
-    * Adaptive pooling to a fixed size larger than 1: on a smaller crop it would still
-      output that size, with other windows. (Size 1 is global pooling, None keeps the
-      size: both crop exactly, and the receptive field then spans the whole axis.)
+    * BatchNorm with batch statistics (``track_running_stats=False``): rows of one pass would
+      mix, so units go one per pass.
+    * Adaptive pooling to a fixed size larger than 1: on a smaller crop it would still output
+      that size, with other windows. (Size 1 is global pooling, None keeps the size: both crop
+      exactly, and the receptive field then spans the whole axis.)
+
+    Normalisations over positions (GroupNorm, InstanceNorm, LayerNorm over spatial dims) come
+    from the receptive-field trace (:attr:`ReceptiveField.statistics`), which knows which dims
+    are spatial: a LayerNorm over the channels of a channels-last map (ConvNeXt) still crops.
     """
 
     def __init__(self) -> None:
         super().__init__()
-        self.norms: list[str] = []
+        self.batch_statistics = False
         self.pools: list[str] = []
 
-    @property
-    def batch_statistics(self) -> bool:
-        return _BATCH_STATISTICS in self.norms
-
-    def reasons(self) -> list[str]:
+    def reasons(self, rf: ReceptiveField) -> list[str]:
         out = []
-        if self.norms:
-            out.append(f"the network normalises over positions before it ({', '.join(self.norms)})")
+        if rf.statistics:
+            out.append(
+                f"the network normalises over positions before it ({', '.join(rf.statistics)})"
+            )
         if self.pools:
             out.append(
                 "the network pools to a fixed size before it, which a crop would change "
@@ -451,21 +448,9 @@ class _CropHazards(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
-        name = None
-        if func is F.group_norm:
-            name = "group_norm"
-        elif func is F.layer_norm:
-            x = args[0] if args else kwargs.get("input")
-            if isinstance(x, torch.Tensor) and x.dim() > 2:
-                name = "layer_norm"
-        elif func is F.instance_norm:
-            use_input_stats = args[5] if len(args) > 5 else kwargs.get("use_input_stats", True)
-            if use_input_stats:
-                name = "instance_norm"
-        elif func is F.batch_norm:
-            training = args[5] if len(args) > 5 else kwargs.get("training", False)
-            if training:
-                name = _BATCH_STATISTICS
+        if func is F.batch_norm:
+            if args[5] if len(args) > 5 else kwargs.get("training", False):
+                self.batch_statistics = True
         elif func in _ADAPTIVE_POOLS:
             size = args[1] if len(args) > 1 else kwargs.get("output_size")
             sizes = tuple(size) if isinstance(size, (list, tuple)) else (size,)
@@ -473,8 +458,6 @@ class _CropHazards(TorchFunctionMode):
                 pool = f"{_ADAPTIVE_POOLS[func]} to {size}"
                 if pool not in self.pools:
                     self.pools.append(pool)
-        if name is not None and name not in self.norms:
-            self.norms.append(name)
         return func(*args, **kwargs)
 
 
@@ -498,7 +481,7 @@ def _plan_crop(
     if rf is not None:
         if rf.is_global:
             return full
-        why = "; ".join(hazards.reasons())
+        why = "; ".join(hazards.reasons(rf))
         if not why and tuple(rf.output_shape) != out_spatial:
             why = (
                 f"its output's spatial shape {out_spatial} does not match the receptive-field "

@@ -622,7 +622,7 @@ class _Propagator(fx.Interpreter):
         spatial = [i for i, a in enumerate(out.dims[: x.dim()]) if a is not None and x.shape[i] > 1]
         if not spatial:
             return out
-        over_space = False
+        over_space = batch = False
         if isinstance(op, nn.GroupNorm) or op is F.group_norm:
             over_space = True
         elif isinstance(op, nn.modules.instancenorm._InstanceNorm):
@@ -636,14 +636,16 @@ class _Propagator(fx.Interpreter):
             k = len(shape) if isinstance(shape, (list, tuple, torch.Size)) else 1
             over_space = any(i >= x.dim() - k for i in spatial)
         elif isinstance(op, nn.modules.batchnorm._BatchNorm):
-            over_space = op.training or op.running_mean is None
+            over_space = batch = op.training or op.running_mean is None
         elif op is F.batch_norm:
             training = _bind(node.args, node.kwargs, ("input", "running_mean", "running_var",
                              "weight", "bias", "training"), {"training": False})["training"]  # fmt: skip
-            over_space = bool(self._value(training))
+            over_space = batch = bool(self._value(training))
         if not over_space:
             return out
         label = self._where(node).split(" (graph node")[0]
+        if batch:
+            label += " with batch statistics"
         return replace(out, statistics=tuple(dict.fromkeys((*out.statistics, label))))
 
     def _spatial_tail(self, node: fx.Node, f: _Field, x: torch.Tensor, d: int) -> list[int]:
