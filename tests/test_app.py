@@ -867,8 +867,12 @@ def test_a_float64_model_works_end_to_end_and_agrees_with_the_scan(tmp_path):
     images = torch.zeros(3, 1, 6, 5, dtype=torch.float64)
     images[:, 0, 1, 1] = 1.0
     images[:, 0, 4, 2] = 1.0 + 1e-12
-    atlas = featurelens.scan(net, images, ["0", "1"], top_k=2, progress=False)
+    images[2] = 0.0  # example 2: NaN first, then two equal peaks: the first one wins
+    images[2, 0, 0, 0] = float("nan")
+    images[2, 0, 2, 1] = images[2, 0, 3, 3] = 1.0
+    atlas = featurelens.scan(net, images, ["0", "1"], top_k=3, progress=False)
     assert atlas.top("1", 0)[0].location == (4, 2)
+    assert [h.location for h in atlas.top("1", 0) if h.index == 2] == [(2, 1)]
     atlas.save(tmp_path / "atlas")
     with TestClient(create_app(tmp_path / "atlas", model=net, data=images)) as c:
         base = {"input": "dataset:1", "layer": "1"}
@@ -884,6 +888,10 @@ def test_a_float64_model_works_end_to_end_and_agrees_with_the_scan(tmp_path):
         np.testing.assert_array_equal(shown, np.round(expected * 255).astype(np.uint8))
         zf = c.get("/api/zf.png", params={"layer": "1", "channel": 0, "k": 2})
         assert zf.status_code == 200
+        nan_tie = {"input": "dataset:2", "layer": "1"}
+        assert c.get("/api/activations", params=nan_tie).json()["channel_argmax"][0] == [2, 1]
+        unit = c.get("/api/unit", params={**nan_tie, "channel": 0}).json()
+        assert unit["location"] == [2, 1]
 
 
 class _Permute(torch.nn.Module):

@@ -64,7 +64,7 @@ from torch import nn
 from featurelens.figures import layer_field, model_dtype
 from featurelens.graph import LayerError, TraceError, capture, model_device, preserved
 from featurelens.receptive_field import NotAlignedError, ReceptiveField, UnsupportedOpError
-from featurelens.unit import argmax_location
+from featurelens.unit import argmax_location, first_argmax
 
 __all__ = ["ApiError", "Explorer", "ExplorerServer", "create_app", "serve"]
 
@@ -423,7 +423,7 @@ class Explorer:
             "min": float(flat.nan_to_num(nan=math.inf).min()),
             "max": float(flat.nan_to_num(nan=-math.inf).max()),
             "channel_max": [round(float(v), 6) for v in flat.max(1).values],  # NaN: null
-            "channel_argmax": [list(argmax_location(m)) for m in act],
+            "channel_argmax": _argmax_locations(act),
             "signed": bool((flat < 0).any()),
         }
 
@@ -556,6 +556,14 @@ def _int(value: str | None, what: str) -> int:
         return int(value)
     except (TypeError, ValueError):
         raise ApiError(400, f"{what} {value!r} is not an integer") from None
+
+
+def _argmax_locations(act: torch.Tensor) -> list[list[int]]:
+    """Per channel of ``act`` (C, *spatial): where its map peaks, by the scan's rule."""
+    if act.dim() == 1:
+        return [[] for _ in range(act.shape[0])]
+    flat = first_argmax(act.reshape(act.shape[0], -1))  # (C,) first maximum, NaN ignored
+    return torch.stack(torch.unravel_index(flat, tuple(act.shape[1:])), dim=-1).tolist()
 
 
 def _parse_location(text: str, shape: tuple[int, ...], layer: str) -> tuple[int, ...]:
