@@ -124,8 +124,8 @@ def test_squeeze_excitation_is_global():
     m = SqueezeExcitation()
     rfs = fl.receptive_fields(m, (1, 8, 10))
     assert geometry(rfs["conv"]) == ((3, 3), (1, 1), (0, 0), (6, 8), False, True)
-    # global average pooling = a window over the whole 6x8 map
-    assert geometry(rfs["fc"]) == ((8, 10), (6, 8), (0, 0), (1, 1), True, True)
+    # global average pooling = a window over the whole 6x8 map (one location: stride kept)
+    assert geometry(rfs["fc"]) == ((8, 10), (1, 1), (0, 0), (1, 1), True, True)
     # the gate's one location reaches every location: the geometry grows to hold the 3x3 path
     # and the pooled hull everywhere (padding (6-1)*1 + 0 = 5, size 5 + max(3, 8) = 13; W alike)
     assert geometry(rfs["gate"]) == ((13, 17), (1, 1), (5, 7), (6, 8), True, True)
@@ -288,8 +288,8 @@ def test_volume_3d_adaptive_and_flatten_linear():
     rfs = fl.receptive_fields(m, (1, 4, 13, 13))
     assert geometry(rfs["c"]) == ((1, 3, 3), (1, 2, 2), (0, 0, 0), (4, 6, 6), False, True)
     assert geometry(rfs["d"]) == ((3, 7, 7), (1, 2, 2), (1, 2, 2), (4, 6, 6), False, True)
-    # depth pooled to 1 (the whole map), 6 -> 3 is a window of 2 with stride 2
-    assert geometry(rfs["p"]) == ((6, 9, 9), (4, 4, 4), (1, 2, 2), (1, 3, 3), False, True)
+    # depth pooled to 1 (the whole map, stride kept), 6 -> 3 is a window of 2 with stride 2
+    assert geometry(rfs["p"]) == ((6, 9, 9), (1, 4, 4), (1, 2, 2), (1, 3, 3), False, True)
     assert rfs["head"].is_global and rfs["head"].output_shape == (1, 1, 1)
     assert rfs["head"].region((0, 0, 0)) == (slice(0, 4), slice(0, 13), slice(0, 13))
     for layer in ("c", "d", "p", "head.1"):

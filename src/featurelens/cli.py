@@ -8,6 +8,7 @@ with status 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -21,6 +22,40 @@ def _shape(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a shape like 3,224,224 (channels first, no batch)"
         ) from exc
+
+
+def _device(text: str) -> str:
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError as exc:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a device: use cpu, cuda, cuda:1, mps"
+        ) from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: this machine has no CUDA device (torch.cuda.is_available() is False); use cpu"
+        )
+    if (
+        device.type == "cuda"
+        and device.index is not None
+        and device.index >= torch.cuda.device_count()
+    ):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: valid CUDA devices are 0..{torch.cuda.device_count() - 1}"
+        )
+    return text
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port: use 0..65535 (0: any free one)")
+    return port
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -96,7 +131,9 @@ def _add_scan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--score", choices=list(SCORES), default="max", help="default: max")
     p.add_argument("--out", required=True, help="atlas directory to write")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
+    p.add_argument(
+        "--device", type=_device, default=None, help="cpu, cuda, cuda:1, ... (default: cpu)"
+    )
     p.add_argument(
         "--resume", action="store_true", help="continue the interrupted scan saved in --out"
     )
@@ -121,9 +158,18 @@ def _run_scan(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     if (out / MANIFEST).is_file() and not args.resume:
+        import json
+
+        m = json.loads((out / MANIFEST).read_text())
+        done, size = m.get("examples_scanned", "?"), (m.get("data") or {}).get("size", "?")
+        if m.get("complete"):
+            raise ValueError(
+                f"{str(out)!r} already holds a complete atlas ({done} examples, layers "
+                f"{', '.join(m.get('layers', {}))}); choose another --out or delete it"
+            )
         raise ValueError(
-            f"{str(out)!r} already holds an atlas or an interrupted scan; pass --resume to "
-            "continue it, or choose another --out"
+            f"{str(out)!r} holds an interrupted scan ({done} of {size} examples); pass --resume "
+            "to continue it, or choose another --out"
         )
     model_spec = ModelSpec(args.model, weights=args.weights, checkpoint=args.checkpoint)
     data_spec = DataSpec(args.data, input_size=args.input_size, mean=args.mean, std=args.std)
@@ -169,7 +215,9 @@ def _render_options(p: argparse.ArgumentParser, method: str = "deconvnet") -> No
         default="rgb",
         help="picture (default rgb): " + "; ".join(f"{n}: {s.help}" for n, s in STYLES.items()),
     )
-    p.add_argument("--device", default=None, help="where projections run (default cpu)")
+    p.add_argument(
+        "--device", type=_device, default=None, help="where projections run (default cpu)"
+    )
 
 
 def _add_figure(sub: argparse._SubParsersAction) -> None:
@@ -201,6 +249,8 @@ def _run_figure(args: argparse.Namespace) -> int:
     check_method(args.method)
     get_style(args.style)
     out = Path(args.out)
+    if out.suffix.lower() not in ("", ".png"):
+        raise ValueError(f"--out {str(out)!r}: figures are written as PNG; use a .png name")
     if is_within(out, Path(args.atlas)):
         raise ReportError(
             f"--out {str(out)!r} is inside the atlas directory {args.atlas!r}; rendering never "
@@ -339,8 +389,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         help="address to bind (default 127.0.0.1; the explorer has no authentication, so "
         "anything else exposes the model and data to the network)",
     )
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free one)")
-    p.add_argument("--device", default=None, help="where the model runs (default cpu)")
+    p.add_argument("--port", type=_port, default=8000, help="port (default 8000; 0: any free one)")
+    p.add_argument(
+        "--device", type=_device, default=None, help="where the model runs (default cpu)"
+    )
     p.set_defaults(func=_run_serve)
 
 
@@ -366,6 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="featurelens",
         description="Interpret the features of a convolutional network by inverting it.",
     )
+    from featurelens import __version__
+
+    parser.add_argument("--version", action="version", version=f"featurelens {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, adder in sorted(globals().items()):
         if name.startswith("_add_") and name != "_add_model_args" and callable(adder):
@@ -373,22 +428,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warnings(message, category, filename, lineno, file=None, line=None) -> str:  # noqa: ANN001
+    return f"warning: {message}\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    import warnings
+
     parser = build_parser()
     args = parser.parse_args(argv)
-    from featurelens.graph import LayerError, TraceError
-    from featurelens.receptive_field import NotAlignedError, UnsupportedOpError
-    from featurelens.specs import SpecError
-
+    warnings.formatwarning = _one_line_warnings  # the CLI speaks in lines, not source excerpts
     try:
         return int(args.func(args) or 0)
-    except (LayerError, TraceError, SpecError, NotAlignedError, UnsupportedOpError, ValueError,
-            FileNotFoundError) as exc:  # fmt: skip
-        print(f"featurelens {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"interrupted{': ' + str(exc) if str(exc) else ''}", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `featurelens rf ... | head`
+        sys.stderr.close()
+        return 0
+    except Exception as exc:  # every failure is one line; the library's messages say what to do
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        kind = (
+            "" if isinstance(exc, (ValueError, LookupError, OSError)) else f"{type(exc).__name__}: "
+        )
+        print(f"featurelens {args.command}: error: {kind}{message}", file=sys.stderr)
+        if os.environ.get("FEATURELENS_DEBUG"):
+            raise
+        return 2
 
 
 if __name__ == "__main__":

@@ -54,13 +54,13 @@ class TraceError(RuntimeError):
 
 
 def unknown_name_message(bad: str, valid: Sequence[str], what: str = "layer") -> str:
-    close = difflib.get_close_matches(bad, valid, n=5, cutoff=0.5)
-    rest = [v for v in valid if v not in close]
-    listed = close + rest
-    shown = ", ".join(repr(v) for v in listed[:40])
-    more = f", ... ({len(listed) - 40} more)" if len(listed) > 40 else ""
+    """ "unknown layer 'x'. Did you mean ...? Valid names (in order): ..." - close matches
+    first, then the valid names in their own order (execution order for layers)."""
+    close = difflib.get_close_matches(str(bad), list(valid), n=5, cutoff=0.5)
+    shown = ", ".join(repr(v) for v in valid[:25])
+    more = f", ... ({len(valid) - 25} more)" if len(valid) > 25 else ""
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    return f"unknown {what} {bad!r}.{hint} Valid names: {shown}{more}"
+    return f"unknown {what} {bad!r}.{hint} Valid names (in order): {shown}{more}"
 
 
 # --------------------------------------------------------------------------------------------

@@ -260,7 +260,8 @@ class _Field:
     def collapse(self, axis: int) -> _Field:
         """Union over all locations of ``axis`` (global pooling, flatten)."""
         n = self.lengths[axis]
-        return self.window(axis, n, n, 0, 1, 1)
+        # one output location: its stride is never used; keep the map's, not a surprising n*j
+        return self.window(axis, n, 1, 0, 1, 1)
 
     def covers(self, input_shape: tuple[int, ...]) -> bool:
         """Every location sees the whole input on every axis."""
@@ -1084,7 +1085,8 @@ def _propagate(
         except RuntimeError as exc:
             raise ValueError(
                 f"the model rejects inputs of shape (N, {', '.join(map(str, shape))}): "
-                f"{str(exc).splitlines()[0]}"
+                f"{str(exc).splitlines()[0]} (input_shape is (C, *spatial) without the batch "
+                "dimension, e.g. (3, 224, 224) for RGB images)"
             ) from exc
     out: dict[str, ReceptiveField] = {}
     for name, node in traced.outputs.items():
