@@ -212,7 +212,11 @@ def test_broken_items_are_skipped_counted_and_listed():
     model = make_net()
     x = digits(120)
     broken = {0, 3, 64, 65, 119}
-    with pytest.warns(RuntimeWarning, match="skipping example 3: OSError: cannot read example 3"):
+    with pytest.warns(
+        RuntimeWarning,
+        match=r"^skipping example 3 \(OSError: cannot read example 3\); it is listed in the "
+        "atlas manifest$",
+    ):
         atlas = fl.scan(model, Broken(x, broken), LAYERS, top_k=6, batch_size=32, progress=False)
     valid = [i for i in range(120) if i not in broken]
     acts = activations(model, x, LAYERS, batch_size=32)

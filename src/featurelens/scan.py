@@ -26,8 +26,11 @@ least one NaN are counted per layer and channel.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
+import signal
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -51,14 +54,29 @@ from featurelens.atlas import (
 )
 from featurelens.graph import capture, model_device, preserved, resolve_layers
 from featurelens.receptive_field import receptive_field
-from featurelens.specs import DataSpec, ModelSpec
+from featurelens.specs import DataSpec, ModelSpec, remembered_spec
 from featurelens.unit import first_argmax
 
-__all__ = ["SCORES", "DataError", "Score", "scan"]
+__all__ = ["SCORES", "DataError", "Score", "ScanInterrupted", "check_new_output", "scan"]
 
 
 class DataError(TypeError, ValueError):
     """Data that cannot be scanned: items that are not tensors, shapes that do not stack."""
+
+
+class ScanInterrupted(KeyboardInterrupt):
+    """A checkpointed scan stopped by Ctrl-C or SIGTERM; the message says what was saved.
+
+    A ``KeyboardInterrupt``, so code that stops on Ctrl-C still does. ``scanned`` and ``size``
+    are the examples done and in all, ``directory`` the checkpoint (None when nothing could
+    be saved).
+    """
+
+    def __init__(self, message: str, scanned: int, size: int, directory: Path | None) -> None:
+        super().__init__(message)
+        self.scanned = scanned
+        self.size = size
+        self.directory = directory
 
 
 # --------------------------------------------------------------------------------------------
@@ -401,8 +419,24 @@ def _gather_merge(state: _State, world: int, k: int) -> _State:
 # Checkpoints and manifests
 
 
+def _remembered_model_spec(model: nn.Module, fingerprint: str) -> ModelSpec | None:
+    """The spec ``ModelSpec.build()`` left on ``model``, if its parameters are still the same."""
+    spec, built = remembered_spec(model, ModelSpec)
+    if spec is None or built == fingerprint:
+        return spec
+    warnings.warn(
+        f"the model was built from {spec.spec!r} but its parameters changed since (training, "
+        "load_state_dict): that spec would rebuild another model, so the atlas records none; "
+        "pass model_spec= (e.g. with checkpoint= a saved state_dict) to record one",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return None
+
+
 def _config(
     model: nn.Module,
+    model_fp: str,
     model_spec: ModelSpec | None,
     data: Any,
     data_spec: DataSpec | None,
@@ -416,7 +450,7 @@ def _config(
         "model": {
             "spec": None if model_spec is None else model_spec.to_dict(),
             "class": type(model).__name__,
-            "fingerprint": model_fingerprint(model),
+            "fingerprint": model_fp,
         },
         "data": {
             "spec": None if data_spec is None else data_spec.to_dict(),
@@ -555,6 +589,112 @@ class _on_device:  # noqa: N801 - used as a context manager
             self.model.to(self.original)
 
 
+def check_new_output(directory: str | os.PathLike) -> None:
+    """Refuse ``directory`` as the output of a new scan when it already holds one.
+
+    Raises
+    ------
+    AtlasError
+        Saying whether it holds a complete atlas (choose another output or delete it) or an
+        interrupted scan (resume it), with its size and layers.
+    """
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not path.is_file():
+        return
+    where = str(directory)
+    try:
+        manifest = json.loads(path.read_text())
+        size = int(manifest["data"]["size"])
+        layers = [entry["name"] for entry in manifest["layers"]]
+        complete = bool(manifest["complete"])
+        next_index = int(manifest["progress"]["next_index"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise AtlasError(
+            f"{where!r} already holds an unreadable atlas manifest ({type(exc).__name__}: {exc}); "
+            "choose another --out or delete it"
+        ) from exc
+    if complete:
+        raise AtlasError(
+            f"{where!r} already holds a complete atlas ({size} examples, layers "
+            f"{', '.join(layers)}); choose another --out or delete it"
+        )
+    raise AtlasError(
+        f"{where!r} holds an interrupted scan at {next_index} of {size} examples (layers "
+        f"{', '.join(layers)}); pass --resume to continue it, or choose another --out"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Interrupts
+
+
+class _Stop:
+    """While a checkpointed scan runs: SIGINT and SIGTERM raise ``KeyboardInterrupt``, deferred
+    to :meth:`check` while ``recording[0]`` (a batch half recorded); a second signal raises at
+    once. The previous handlers come back on exit. Only in the main thread (where Python runs
+    signal handlers), and only when ``enabled``."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, recording: list[bool], enabled: bool) -> None:
+        self.recording = recording
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.pending: list[int] = []
+        self.previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.pending.append(signum)
+        if not self.recording[0] or len(self.pending) > 1:
+            raise KeyboardInterrupt
+
+    def check(self) -> None:
+        if self.pending:
+            raise KeyboardInterrupt
+
+    def __enter__(self) -> _Stop:
+        if self.enabled:
+            for sig in self.SIGNALS:
+                self.previous[sig] = signal.getsignal(sig)
+            for sig in self.SIGNALS:
+                signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self.previous.items():
+            # None: a handler not installed from Python; the default is the closest we can do
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        self.previous.clear()
+
+
+def _interrupted(
+    config: dict[str, Any],
+    state: _State,
+    data_spec: DataSpec | None,
+    batch_size: int,
+    completed: int,
+    ckpt: Path,
+    consistent: bool,
+) -> ScanInterrupted:
+    """Save the state of the batches done to ``ckpt`` (when it is whole) and say so."""
+    size = config["data"]["size"]
+    head = f"scan interrupted after {completed} of {size} examples"
+    again = "run the same scan again (CLI: --resume) to continue"
+    if not consistent:
+        saved = ckpt if (ckpt / MANIFEST).is_file() else None
+        where = f"{str(ckpt)!r} keeps the last periodic checkpoint" if saved else "nothing saved"
+        return ScanInterrupted(
+            f"scan interrupted while recording a batch; {where}" + (f": {again}" if saved else ""),
+            completed,
+            size,
+            saved,
+        )
+    if set(state.tops) != set(config["layers"]):  # no example loaded yet
+        return ScanInterrupted(f"{head}; nothing to save yet", completed, size, None)
+    _atlas(config, state, data_spec, batch_size, completed).save(ckpt)
+    return ScanInterrupted(f"{head}; state saved in {str(ckpt)!r}: {again}", completed, size, ckpt)
+
+
 # --------------------------------------------------------------------------------------------
 # The scan
 
@@ -574,6 +714,7 @@ def scan(
     data_spec: DataSpec | None = None,
     num_workers: int = 0,
     checkpoint_every: int = 10,
+    resume: bool = False,
 ) -> Atlas:
     """The ``top_k`` maximally activating examples of every channel of ``layers``.
 
@@ -601,15 +742,24 @@ def scan(
         the same scan again resumes it (a complete one is returned as is). Resuming with
         another model, data (told by a fingerprint: a tensor's bytes, or a dataset's length
         and its first, middle and last items), layers, score or top_k is refused.
+        Ctrl-C (and SIGTERM, while a scan runs in the main thread) saves the batches done so
+        far there and raises :class:`ScanInterrupted`, which says how to continue.
     progress
         Show a tqdm bar (images/s).
     model_spec, data_spec
         Recorded in the manifest so that the atlas can rebuild model and data
-        (:meth:`Atlas.build_model`, :meth:`Atlas.build_data`); the CLI passes them.
+        (:meth:`Atlas.build_model`, :meth:`Atlas.build_data`, and the ``figure``, ``report``
+        and ``serve`` commands). When not given, the spec that ``ModelSpec.build()`` /
+        ``DataSpec.build()`` left on the model / dataset (``featurelens_spec``) is used; the
+        model's only when its parameters are still those it was built with (a fingerprint
+        taken at build time), else a warning says it was not recorded.
     num_workers
         DataLoader worker processes loading the data.
     checkpoint_every
         Batches per process between checkpoints.
+    resume
+        Only for the message: a warning says so when ``checkpoint`` holds nothing to resume
+        (the scan then starts afresh). Resuming happens whenever there is something to resume.
 
     Returns
     -------
@@ -626,6 +776,8 @@ def scan(
         ``(N, *spatial, C)``, found when the model traces); :class:`DataError` for data that is not
         tensors; :class:`~featurelens.atlas.AtlasError` when ``checkpoint`` holds a different
         scan.
+    ScanInterrupted
+        Ctrl-C or SIGTERM during a checkpointed scan, after saving what was done.
     """
     if score not in SCORES:
         raise ValueError(f"unknown score {score!r}; valid scores: {', '.join(SCORES)}")
@@ -635,7 +787,8 @@ def scan(
         raise DataError("the dataset is empty")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= size:
         raise ValueError(
-            f"top_k must be an int between 1 and the dataset size {size}, got {top_k!r}"
+            f"top_k must be an int between 1 and the dataset size {size}, got {top_k!r} "
+            "(use --top-k N with N <= the dataset size)"
         )
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -645,7 +798,14 @@ def scan(
     data_fp, example_shape = _data_fingerprint(data, size)
     if example_shape is not None:
         _check_channels_first(model, example_shape, names)
-    config = _config(model, model_spec, data, data_spec, size, data_fp, names, score, top_k)
+    model_fp = model_fingerprint(model)
+    if model_spec is None:
+        model_spec = _remembered_model_spec(model, model_fp)
+    if data_spec is None:
+        data_spec = remembered_spec(data, DataSpec)[0]
+    config = _config(
+        model, model_fp, model_spec, data, data_spec, size, data_fp, names, score, top_k
+    )
     ckpt = None if checkpoint is None else Path(checkpoint)
 
     # Rank 0 reads the checkpoint and tells the others (they may not share a filesystem).
@@ -657,6 +817,12 @@ def scan(
         except (AtlasError, FileNotFoundError) as exc:
             payload = ("error", exc)
         else:
+            if found is None and resume:
+                warnings.warn(
+                    f"nothing to resume in {str(ckpt)!r} (no scan saved there): starting afresh",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             if found is not None:
                 saved_state, saved_start, saved_atlas = found
                 if saved_atlas.complete:
@@ -719,8 +885,15 @@ def scan(
         dynamic_ncols=True,
     )
     warned = 0
+    # Interrupt handling (one process with a checkpoint): the state is consistent except while
+    # a batch is being recorded; a Ctrl-C / SIGTERM arriving then is deferred to the batch's
+    # end, so that what is saved is exactly the batches done ("completed" examples).
+    recording = [False]
+    completed = start
+    stop = _Stop(recording, enabled=ckpt is not None and world == 1)
     try:
         with (
+            stop,
             preserved(model),
             _on_device(model, device) as dev,
             torch.inference_mode(),
@@ -732,19 +905,24 @@ def scan(
                     indices, x, skipped, error = next(batches)
                     if error is not None:
                         raise DataError(error)
-                    for index, error in skipped.items():
-                        if warned < 10:
-                            warnings.warn(
-                                f"skipping example {index}: {error}", RuntimeWarning, stacklevel=2
-                            )
-                        warned += 1
-                    state.skipped.update(skipped)
                     if x is not None:
                         if state.input_shape is None:
                             state.input_shape = tuple(x.shape[1:])
                         reduced.clear()
                         batch_n[0] = x.shape[0]
                         run(x.to(dev, non_blocking=True))
+                    recording[0] = True
+                    for index, error in skipped.items():
+                        if warned < 10:
+                            warnings.warn(
+                                f"skipping example {index} ({error}); it is listed in the "
+                                "atlas manifest",
+                                RuntimeWarning,
+                                stacklevel=2,
+                            )
+                        warned += 1
+                    state.skipped.update(skipped)
+                    if x is not None:
                         for name in names:
                             rows, values, locations, nan_counts, shape = reduced[name]
                             state.add_batch(
@@ -752,11 +930,21 @@ def scan(
                             )
                         state.scanned += len(indices)
                 done = spans[min((t + 1) * world, len(spans)) - 1][1]
+                completed = done
+                recording[0] = False
                 bar.update(done - bar.n - start)
+                stop.check()
                 if ckpt is not None and (t + 1) % checkpoint_every == 0 and t + 1 < rounds:
                     merged = _gather_merge(state, world, top_k)
                     if rank == 0 and set(merged.tops) == set(names):
                         _atlas(config, merged, data_spec, batch_size, done).save(ckpt)
+    except KeyboardInterrupt:
+        if ckpt is None or world > 1:
+            raise
+        bar.close()
+        raise _interrupted(
+            config, state, data_spec, batch_size, completed, ckpt, consistent=not recording[0]
+        ) from None
     finally:
         bar.close()
     merged = _gather_merge(state, world, top_k)

@@ -38,6 +38,38 @@ class SpecError(ValueError):
     """A model or data spec that cannot be resolved; the message says what would be valid."""
 
 
+#: The attribute under which ``ModelSpec.build`` / ``DataSpec.build`` leave their spec.
+SPEC_ATTRIBUTE = "featurelens_spec"
+_FINGERPRINT_ATTRIBUTE = "_featurelens_spec_fingerprint"
+
+
+def remember_spec(obj: Any, spec: Any, fingerprint: str | None = None) -> Any:
+    """Set ``obj.featurelens_spec = spec`` (and the model fingerprint it was built with).
+
+    A plain attribute: on an ``nn.Module`` it is no parameter, buffer or submodule. Objects
+    that refuse attributes (``__slots__``) are returned without one. Returns ``obj``.
+    """
+    try:
+        object.__setattr__(obj, SPEC_ATTRIBUTE, spec)
+        if fingerprint is not None:
+            object.__setattr__(obj, _FINGERPRINT_ATTRIBUTE, fingerprint)
+    except (AttributeError, TypeError):
+        pass
+    return obj
+
+
+def remembered_spec(obj: Any, kind: type) -> tuple[Any, str | None]:
+    """``(spec, fingerprint)`` left by :func:`remember_spec`; ``(None, None)`` when none.
+
+    Only a spec of type ``kind`` counts (an attribute of that name set by someone else does
+    not).
+    """
+    spec = getattr(obj, SPEC_ATTRIBUTE, None)
+    if not isinstance(spec, kind):
+        return None, None
+    return spec, getattr(obj, _FINGERPRINT_ATTRIBUTE, None)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """How to rebuild a model: recorded in atlas manifests."""
@@ -54,7 +86,19 @@ class ModelSpec:
         return cls(spec=d["spec"], weights=d.get("weights"), checkpoint=d.get("checkpoint"))
 
     def build(self) -> nn.Module:
-        return load_model(self.spec, weights=self.weights, checkpoint=self.checkpoint)
+        """The model, in eval mode, remembering this spec as ``model.featurelens_spec``.
+
+        :func:`featurelens.scan` records that spec in the atlas when it is given no
+        ``model_spec`` (so that the CLI can rebuild the model), provided the model still has
+        the parameters it was built with: a parameter fingerprint taken here is compared. The
+        attribute is a plain Python attribute: no parameter, buffer or submodule, so
+        ``state_dict`` and ``named_modules`` are unchanged.
+        """
+        from featurelens.atlas import model_fingerprint
+
+        model = load_model(self.spec, weights=self.weights, checkpoint=self.checkpoint)
+        remember_spec(model, self, model_fingerprint(model))
+        return model
 
 
 def load_factory(spec: str, what: str = "model") -> Any:
@@ -126,7 +170,19 @@ def _load_model(spec: str, weights: str | None, checkpoint: str | Path | None) -
             kwargs.update(aux_logits=False, init_weights=False)
         if name == "googlenet" and weights is None:
             kwargs.update(aux_logits=False, init_weights=False)
-        model = torchvision.models.get_model(name, **kwargs)
+        if weights is not None:
+            valid = [w.name for w in torchvision.models.get_model_weights(name)]
+            if str(weights).split(".")[-1] not in ["DEFAULT", *valid]:
+                raise SpecError(
+                    f"unknown weights {weights!r} for {name}; valid: DEFAULT, {', '.join(valid)}"
+                )
+        try:
+            model = torchvision.models.get_model(name, **kwargs)
+        except OSError as exc:  # urllib's URLError: no network for the download
+            raise SpecError(
+                f"could not download the {weights} weights of {name} ({exc}); pretrained "
+                "weights need a network, or pass --checkpoint with a saved state_dict"
+            ) from exc
     else:
         factory = load_factory(spec, "model")
         model = factory()
@@ -145,7 +201,13 @@ def _load_model(spec: str, weights: str | None, checkpoint: str | Path | None) -
             and isinstance(state["state_dict"], dict)
         ):
             state = state["state_dict"]
-        model.load_state_dict(state)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            detail = " ".join(str(exc).split())
+            raise SpecError(
+                f"checkpoint {str(path)!r} does not fit model {spec!r}: {detail[:400]}"
+            ) from exc
     return model.eval()
 
 
@@ -249,19 +311,23 @@ class DataSpec:
         )
 
     def build(self) -> torch.utils.data.Dataset:
-        """The dataset; items are ``(tensor, label)`` pairs or tensors, ``(C, *spatial)``."""
+        """The dataset; items are ``(tensor, label)`` pairs or tensors, ``(C, *spatial)``.
+
+        The dataset remembers this spec as ``dataset.featurelens_spec`` (when it accepts
+        attributes), which :func:`featurelens.scan` records when given no ``data_spec``.
+        """
         kind = self.kind
         if kind == "mnist":
-            return MnistDigits(self.mean, self.std)
+            return remember_spec(MnistDigits(self.mean, self.std), self)
         if kind == "folder":
-            return ImageFolder(self.spec, self.input_size, self.mean, self.std)
+            return remember_spec(ImageFolder(self.spec, self.input_size, self.mean, self.std), self)
         dataset = load_factory(self.spec, "data")()
         if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
             raise SpecError(
                 f"data spec {self.spec!r} returned {type(dataset).__name__}, not a Dataset "
                 "(an object with __getitem__ and __len__)"
             )
-        return dataset
+        return remember_spec(dataset, self)
 
     def unnormalize(self, x: torch.Tensor) -> torch.Tensor:
         """``x * std + mean`` per channel, for display. ``x``: (C, *spatial) or (N, C, *spatial).
