@@ -16,7 +16,7 @@ import featurelens as fl
 from featurelens.atlas import FORMAT_VERSION, AtlasError, ChannelError, model_fingerprint
 from featurelens.cli import main
 from featurelens.graph import LayerError
-from featurelens.specs import DataSpec, ModelSpec
+from featurelens.specs import DataSpec, ModelSpec, load_model
 
 MODEL_PY = """
 import torch
@@ -139,7 +139,9 @@ def test_load_errors_are_clear(tmp_path: Path):
 
 def test_unknown_layer_and_channel_list_the_valid_ones():
     atlas = small_atlas()
-    with pytest.raises(LayerError, match=r"unknown layer in this atlas '4'.*Valid names: '0', '3'"):
+    with pytest.raises(
+        LayerError, match=r"unknown layer in this atlas '4'.*Valid names.*: '0', '3'"
+    ):
         atlas.top("4", 0)
     with pytest.raises(ChannelError, match=r"channel 3 out of range for layer '0': .*0\.\.2"):
         atlas.top("0", 3)
@@ -162,10 +164,21 @@ def test_html_table_lists_layers_channels_and_top_hits():
 def test_python_objects_without_specs_cannot_be_rebuilt():
     atlas = small_atlas()
     assert atlas.model_spec is None and atlas.data_spec is None
-    with pytest.raises(AtlasError, match="without a model spec; pass the model explicitly"):
+    with pytest.raises(AtlasError, match="without a model spec") as info:
         atlas.build_model()
-    with pytest.raises(AtlasError, match="without a data spec; pass the dataset explicitly"):
+    # the message says how to fix it, in one line (the CLI prints one)
+    for fix in (
+        "model_spec=featurelens.specs.ModelSpec(...)",
+        "ModelSpec(...).build()",
+        "featurelens.zf_grid(model, data, atlas, ...)",
+        "featurelens.app.create_app(atlas_dir, model=..., data=...)",
+    ):
+        assert fix in str(info.value)
+    assert "\n" not in str(info.value)
+    with pytest.raises(AtlasError, match="without a data spec") as info:
         atlas.build_data()
+    assert "data_spec=featurelens.specs.DataSpec(...)" in str(info.value)
+    assert "DataSpec(...).build()" in str(info.value)
 
 
 def test_cli_scan_records_specs_that_rebuild_model_and_data(model_py: Path, tmp_path: Path, capsys):
@@ -193,7 +206,10 @@ def test_cli_scan_records_specs_that_rebuild_model_and_data(model_py: Path, tmp_
             assert again.top(layer, c) == atlas.top(layer, c)
     # an existing atlas is not overwritten without --resume; --resume returns it
     assert main(argv) == 2
-    assert "already holds an atlas" in capsys.readouterr().err
+    assert (
+        "already holds a complete atlas (5000 examples, layers 0, 3); choose another --out or "
+        "delete it" in capsys.readouterr().err
+    )
     assert main([*argv, "--resume"]) == 0
     # resuming with other settings says what differs
     assert main([*argv[:6], "4", *argv[7:], "--resume"]) == 2
@@ -270,3 +286,36 @@ def test_save_leaves_other_writers_temp_files_and_sets_mode_without_umask(
     mask = os.umask(0)
     os.umask(mask)
     assert (directory / "manifest.json").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_scan_records_the_specs_of_objects_built_from_specs(model_py: Path, tmp_path: Path):
+    """The README's Python example: an atlas the CLI (figure/report/serve) can open."""
+    model_spec, data_spec = ModelSpec(f"{model_py}:net"), DataSpec(f"{model_py}:small_digits")
+    model, data = model_spec.build(), data_spec.build()
+    assert model.featurelens_spec == model_spec and data.featurelens_spec == data_spec
+    # a plain attribute: no parameter, buffer or submodule
+    plain = load_model(f"{model_py}:net")
+    assert list(model.state_dict()) == list(plain.state_dict())
+    assert [n for n, _ in model.named_modules()] == [n for n, _ in plain.named_modules()]
+    assert model_fingerprint(model) == model_fingerprint(plain)
+    fl.scan(model, data, ["0", "3"], top_k=2, checkpoint=tmp_path / "atlas", progress=False)
+    atlas = fl.Atlas.load(tmp_path / "atlas")
+    assert atlas.model_spec == model_spec and atlas.data_spec == data_spec
+    assert model_fingerprint(atlas.build_model()) == atlas.manifest["model"]["fingerprint"]
+    assert len(atlas.build_data()) == 64
+    # an explicit spec wins over the remembered one
+    other = ModelSpec(f"{model_py}:net", weights=None, checkpoint=None)
+    other_data = DataSpec(f"{model_py}:small_digits", mean=(0.5,), std=(0.25,))
+    explicit = fl.scan(
+        model, data, ["0"], top_k=2, progress=False, model_spec=other, data_spec=other_data
+    )
+    assert explicit.data_spec == other_data and explicit.model_spec == other
+
+
+def test_a_model_changed_after_build_records_no_spec(model_py: Path):
+    model = ModelSpec(f"{model_py}:seeded").build()
+    with torch.no_grad():  # fine-tuned after building: the spec would rebuild another model
+        model[0].weight.mul_(2)
+    with pytest.warns(RuntimeWarning, match="parameters changed since .*records none"):
+        atlas = fl.scan(model, torch.randn(4, 1, 8, 8), ["0"], top_k=2, progress=False)
+    assert atlas.model_spec is None

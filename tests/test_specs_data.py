@@ -134,3 +134,18 @@ def test_cli_scans_an_image_folder_with_its_preprocessing(tmp_path: Path, capsys
     assert len(atlas.build_data()) == 4
     assert main([*argv[:-5], "--mean", "0.5", "--quiet", "--resume"]) == 2
     assert "give both mean and std" in capsys.readouterr().err
+
+
+def test_built_datasets_remember_their_spec(tmp_path: Path):
+    write_images(tmp_path)
+    for spec in (DataSpec("mnist"), DataSpec(str(tmp_path), input_size=12)):
+        assert spec.build().featurelens_spec == spec
+    (tmp_path / "factory.py").write_text(
+        "import torch\n\ndef data():\n    return torch.utils.data.TensorDataset(torch.zeros(3, 1, 4, 4))\n"
+        "\nclass Slotted:\n    __slots__ = ()\n    def __len__(self):\n        return 1\n"
+        "    def __getitem__(self, i):\n        return i\n\ndef slotted():\n    return Slotted()\n"
+    )
+    spec = DataSpec(f"{tmp_path / 'factory.py'}:data")
+    assert spec.build().featurelens_spec == spec
+    # an object that takes no attributes is still returned (the scan then records no spec)
+    assert not hasattr(DataSpec(f"{tmp_path / 'factory.py'}:slotted").build(), "featurelens_spec")

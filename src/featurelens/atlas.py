@@ -266,8 +266,12 @@ class Atlas:
         spec = self.model_spec
         if spec is None:
             raise AtlasError(
-                "this atlas was scanned from a Python model without a model spec; "
-                "pass the model explicitly"
+                "this atlas was scanned from a Python model without a model spec, so the "
+                "model cannot be rebuilt; scan with "
+                "model_spec=featurelens.specs.ModelSpec(...) or a model built by "
+                "ModelSpec(...).build(); or from Python call "
+                "featurelens.zf_grid(model, data, atlas, ...) / "
+                "featurelens.app.create_app(atlas_dir, model=..., data=...)"
             )
         model = spec.build()
         recorded = self._manifest["model"]["fingerprint"]
@@ -297,8 +301,11 @@ class Atlas:
         spec = self.data_spec
         if spec is None:
             raise AtlasError(
-                "this atlas was scanned from Python data without a data spec; "
-                "pass the dataset explicitly"
+                "this atlas was scanned from Python data without a data spec, so the data "
+                "cannot be rebuilt; scan with data_spec=featurelens.specs.DataSpec(...) or a "
+                "dataset built by DataSpec(...).build(); or pass the dataset explicitly "
+                "(featurelens.zf_grid(model, data, atlas, ...) / "
+                "featurelens.app.create_app(atlas_dir, model=..., data=...))"
             )
         data = spec.build()
         if len(data) != self.data_size:
