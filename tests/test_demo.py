@@ -139,3 +139,28 @@ def test_demo_output_can_be_moved(quick_demo, tmp_path):
     assert Path(atlas.model_spec.checkpoint).is_relative_to(moved.resolve())
     model = atlas.build_model()  # strict: the fingerprint must match
     assert model_fingerprint(model) == atlas.manifest["model"]["fingerprint"]
+
+
+def test_demo_on_fewer_images_than_top_k_shows_them_all(tmp_path, capsys):
+    (tmp_path / "few.py").write_text(
+        textwrap.dedent(
+            """
+            import torch
+            from torch import nn
+
+            def net():
+                return nn.Sequential(nn.Conv2d(3, 2, 3), nn.ReLU())
+
+            def six():
+                return torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+            """
+        )
+    )
+    spec = str(tmp_path / "few.py")
+    out = tmp_path / "out"
+    argv = ["demo", "--quiet", "--out", str(out), "--model", f"{spec}:net", "--data", f"{spec}:six"]
+    assert main(argv) == 0  # the default --top-k 9 > 6 images
+    assert "note: --top-k 9 > the 6 examples; using --top-k 6" in capsys.readouterr().out
+    atlas = featurelens.Atlas.load(out / "atlas")
+    assert atlas.top_k == 6
+    assert sorted(h.index for h in atlas.top("0", 0)) == list(range(6))

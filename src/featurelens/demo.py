@@ -285,6 +285,10 @@ def run_demo(
         )
     if channels is None and quick:
         channels = 4
+    if isinstance(top_k, int) and not isinstance(top_k, bool) and top_k > len(dataset) >= 1:
+        # a handful of the user's own images is a fine demo: show them all rather than refuse
+        log(f"note: --top-k {top_k} > the {len(dataset)} examples; using --top-k {len(dataset)}")
+        top_k = len(dataset)
     log(f"scanning {len(names)} layer(s) over {len(dataset)} examples: {', '.join(names)}")
     atlas = scan(
         net,
