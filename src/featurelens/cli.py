@@ -152,25 +152,12 @@ def _add_scan(sub: argparse._SubParsersAction) -> None:
 def _run_scan(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from featurelens.atlas import MANIFEST
-    from featurelens.scan import scan
+    from featurelens.scan import check_new_output, scan
     from featurelens.specs import DataSpec, ModelSpec
 
     out = Path(args.out)
-    if (out / MANIFEST).is_file() and not args.resume:
-        import json
-
-        m = json.loads((out / MANIFEST).read_text())
-        done, size = m.get("examples_scanned", "?"), (m.get("data") or {}).get("size", "?")
-        if m.get("complete"):
-            raise ValueError(
-                f"{str(out)!r} already holds a complete atlas ({done} examples, layers "
-                f"{', '.join(m.get('layers', {}))}); choose another --out or delete it"
-            )
-        raise ValueError(
-            f"{str(out)!r} holds an interrupted scan ({done} of {size} examples); pass --resume "
-            "to continue it, or choose another --out"
-        )
+    if not args.resume:
+        check_new_output(out)
     model_spec = ModelSpec(args.model, weights=args.weights, checkpoint=args.checkpoint)
     data_spec = DataSpec(args.data, input_size=args.input_size, mean=args.mean, std=args.std)
     model = model_spec.build()
@@ -189,6 +176,7 @@ def _run_scan(args: argparse.Namespace) -> int:
         model_spec=model_spec,
         data_spec=data_spec,
         num_workers=args.workers,
+        resume=args.resume,
     )
     m = atlas.manifest
     print(
@@ -440,8 +428,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.formatwarning = _one_line_warnings  # the CLI speaks in lines, not source excerpts
     try:
         return int(args.func(args) or 0)
-    except KeyboardInterrupt as exc:
-        print(f"interrupted{': ' + str(exc) if str(exc) else ''}", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # a scan says where its state is and how to resume
+        print(str(exc) or "interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `featurelens rf ... | head`
         sys.stderr.close()
