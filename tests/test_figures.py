@@ -15,6 +15,7 @@ from featurelens.atlas import ChannelError
 from featurelens.figures import layer_sheet, project_hits, zf_figure, zf_grid
 from featurelens.graph import LayerError
 from featurelens.render import PAD_COLORS, StyleError, render_layer_sheet, save_png
+from test_render import reference_crop
 
 MEAN, STD = (0.3,), (0.4,)
 LAYER = "features.3"
@@ -28,18 +29,6 @@ def sample(pixels: np.ndarray, rect, scale: int) -> np.ndarray:
     left, top, right, bottom = rect
     half = scale // 2
     return pixels[top + half : bottom : scale, left + half : right : scale, 0]
-
-
-def reference_crop(image: np.ndarray, interval) -> tuple[np.ndarray, np.ndarray]:
-    (r0, r1), (c0, c1) = interval
-    out = np.zeros((r1 - r0 + 1, c1 - c0 + 1))
-    inside = np.zeros(out.shape, dtype=bool)
-    for r in range(r0, r1 + 1):
-        for c in range(c0, c1 + 1):
-            if 0 <= r < image.shape[0] and 0 <= c < image.shape[1]:
-                out[r - r0, c - c0] = image[r, c]
-                inside[r - r0, c - c0] = True
-    return out, inside
 
 
 @pytest.fixture(scope="module")
