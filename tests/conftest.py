@@ -42,6 +42,17 @@ def assert_unchanged(model: nn.Module, before: dict) -> None:
             assert torch.equal(after[kind][name], value), f"{kind[:-1]} {name} changed"
 
 
+class Permute(nn.Module):
+    """``x.permute(*dims)`` as a module: makes channels-last layers (``(0, 2, 3, 1)``)."""
+
+    def __init__(self, *dims: int) -> None:
+        super().__init__()
+        self.dims = dims or (0, 2, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(*self.dims)
+
+
 class SmallCNN(nn.Module):
     """A Zeiler-Fergus-style net: (conv, ReLU, max-pool) x 2, then a classifier."""
 

@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 import featurelens
+from conftest import Permute
 from featurelens.app import create_app, serve
 from featurelens.app.server import _LRU
 from featurelens.atlas import Atlas
@@ -894,21 +895,12 @@ def test_a_float64_model_works_end_to_end_and_agrees_with_the_scan(tmp_path):
         assert unit["location"] == [2, 1]
 
 
-class _Permute(torch.nn.Module):
-    def __init__(self, *dims: int) -> None:
-        super().__init__()
-        self.dims = dims
-
-    def forward(self, x):
-        return x.permute(*self.dims)
-
-
 def _permuting(channels_last: bool) -> torch.nn.Module:
     torch.manual_seed(0)
     net = torch.nn.Sequential()
     net.conv = torch.nn.Conv2d(1, 3, 3)
-    net.permute = _Permute(0, 2, 3, 1) if channels_last else torch.nn.Identity()
-    net.back = _Permute(0, 3, 1, 2) if channels_last else torch.nn.Identity()
+    net.permute = Permute(0, 2, 3, 1) if channels_last else torch.nn.Identity()
+    net.back = Permute(0, 3, 1, 2) if channels_last else torch.nn.Identity()
     net.relu = torch.nn.ReLU()
     return net.eval()
 

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import featurelens
-from conftest import assert_unchanged, snapshot
+from conftest import Permute, assert_unchanged, snapshot
 from featurelens.atlas import ChannelError
 from featurelens.figures import layer_sheet, project_hits, zf_figure, zf_grid
 from featurelens.graph import LayerError
@@ -166,23 +166,14 @@ def test_1d_and_3d_models():
     assert fig.layout.cell_shape == rf.size[1:]
 
 
-class _Permute(torch.nn.Module):
-    def __init__(self, *dims: int) -> None:
-        super().__init__()
-        self.dims = dims
-
-    def forward(self, x):
-        return x.permute(*self.dims)
-
-
 class _Net(torch.nn.Module):
     """conv -> (optionally permuted to channels-last) -> F.interpolate -> conv."""
 
     def __init__(self, channels_last: bool = False) -> None:
         super().__init__()
         self.conv0 = torch.nn.Conv2d(1, 3, 3)
-        self.permute = _Permute(0, 2, 3, 1) if channels_last else torch.nn.Identity()
-        self.back = _Permute(0, 3, 1, 2) if channels_last else torch.nn.Identity()
+        self.permute = Permute(0, 2, 3, 1) if channels_last else torch.nn.Identity()
+        self.back = Permute(0, 3, 1, 2) if channels_last else torch.nn.Identity()
         self.conv = torch.nn.Conv2d(3, 4, 3)
 
     def forward(self, x):

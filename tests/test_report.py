@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import featurelens
+from conftest import Permute
 from featurelens.atlas import AtlasError
 from featurelens.cli import main
 from featurelens.figures import zf_grid
@@ -384,17 +385,12 @@ def test_a_layer_without_receptive_field_gets_whole_input_figures(tmp_path):
         assert save_png(shown.convert("RGB")) == save_png(expected)
 
 
-class _ToChannelsLast(torch.nn.Module):
-    def forward(self, x):
-        return x.permute(0, 2, 3, 1)
-
-
 def test_a_channels_last_layer_is_refused_before_anything_is_written(tmp_path):
     torch.manual_seed(0)
     first = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.Identity()).eval()
     x = torch.randn(5, 1, 8, 8)
     atlas = featurelens.scan(first, x, ["1"], top_k=2, progress=False)
-    last = torch.nn.Sequential(first[0], _ToChannelsLast()).eval()  # same names, (N, H, W, C)
+    last = torch.nn.Sequential(first[0], Permute()).eval()  # same names, (N, H, W, C)
     with pytest.raises(ValueError, match="layer '1' outputs its channels at dim 3"):
         write_report(atlas, tmp_path / "s", model=last, data=x, progress=False)
     assert not (tmp_path / "s").exists()

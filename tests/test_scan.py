@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import featurelens as fl
-from conftest import assert_unchanged, snapshot
+from conftest import Permute, assert_unchanged, snapshot
 from featurelens.atlas import AtlasError
 from featurelens.graph import LayerError
 from featurelens.scan import SCORES, DataError
@@ -389,11 +389,6 @@ class ChannelsLast(nn.Module):
 
     def forward(self, x):
         return self.mlp(self.permute(self.conv(x)))
-
-
-class Permute(nn.Module):
-    def forward(self, x):
-        return x.permute(0, 2, 3, 1)
 
 
 def test_a_channels_last_layer_is_refused_clearly():
