@@ -7,6 +7,13 @@ the input (gradient, deconvnet, guided backprop), Zeiler-Fergus figures and an e
 from featurelens.app import serve
 from featurelens.atlas import Atlas, AtlasError, Hit
 from featurelens.empirical import EmpiricalReceptiveField, empirical_receptive_field
+from featurelens.errors import (
+    FeaturelensError,
+    FeaturelensWarning,
+    ReceptiveFieldError,
+    SpecError,
+    UsageError,
+)
 from featurelens.figures import layer_sheet, zf_figure, zf_grid
 from featurelens.graph import LayerError, TraceError, get_layer, layer_names
 from featurelens.projection import CropWarning, project, project_units
@@ -43,6 +50,11 @@ __all__ = [
     "project",
     "project_units",
     "EmpiricalReceptiveField",
+    "FeaturelensError",
+    "FeaturelensWarning",
+    "ReceptiveFieldError",
+    "SpecError",
+    "UsageError",
     "LayerError",
     "NotAlignedError",
     "ReceptiveField",

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from featurelens.errors import AtlasError, ChannelError
 from featurelens.graph import LayerError, unknown_name_message
 from featurelens.specs import DataSpec, ModelSpec
 
@@ -45,14 +46,6 @@ __all__ = [
 FORMAT_NAME = "featurelens-atlas"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-
-
-class AtlasError(ValueError):
-    """An atlas directory that cannot be used as asked (incomplete, other version, ...)."""
-
-
-class ChannelError(IndexError, ValueError):
-    """A channel index that the layer does not have; the message gives the valid range."""
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,8 @@ from PIL import Image
 from torch import nn
 
 from featurelens.atlas import Atlas, Hit
-from featurelens.receptive_field import ReceptiveField, receptive_field
+from featurelens.data import example_tensor
+from featurelens.receptive_field import ReceptiveField, try_receptive_field
 from featurelens.render import (
     Box,
     Figure,
@@ -81,10 +82,9 @@ def layer_field(
         A channels-last layer (:meth:`ReceptiveField.check_channels_first`): its dim 1 is not
         channels, so every channel would be misread.
     """
-    try:
-        rf = receptive_field(model, tuple(input_shape), layer)
-    except (NotImplementedError, ValueError, RuntimeError) as exc:  # Unsupported/NotAligned/Trace
-        return None, str(exc)
+    rf, why = try_receptive_field(model, tuple(input_shape), layer)
+    if rf is None:
+        return None, why
     rf.check_channels_first(layer)
     return rf, None
 
@@ -94,18 +94,6 @@ def whole_input_box(input_shape: Sequence[int]) -> Box:
     return tuple((0, int(n) - 1) for n in input_shape)
 
 
-def _example(data: Any, index: int) -> torch.Tensor:
-    item = data[index]
-    if isinstance(item, tuple | list):
-        item = item[0]
-    if not isinstance(item, torch.Tensor):
-        raise TypeError(
-            f"dataset item {index} is a {type(item).__name__}; featurelens needs a tensor "
-            "(C, *spatial) or a (tensor, label) pair"
-        )
-    return item
-
-
 def load_examples(data: Any, indices: Sequence[int]) -> torch.Tensor:
     """Stack ``data[i]`` (tensor or ``(tensor, label)``) for ``indices``: (N, C, *spatial).
 
@@ -113,7 +101,7 @@ def load_examples(data: Any, indices: Sequence[int]) -> torch.Tensor:
     """
     if isinstance(data, torch.Tensor):
         return data[torch.as_tensor(list(indices), dtype=torch.long)]
-    return torch.stack([_example(data, int(i)) for i in indices])
+    return torch.stack([example_tensor(data, int(i)) for i in indices])
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from featurelens.errors import LayerError, TraceError
+
 __all__ = [
     "LayerError",
     "TraceError",
@@ -37,20 +39,6 @@ __all__ = [
     "resolve_layers",
     "trace",
 ]
-
-
-class LayerError(KeyError):
-    """A layer name that the model does not have (or cannot address).
-
-    The message names the bad value and lists valid names, close matches first.
-    """
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0]) if self.args else ""
-
-
-class TraceError(RuntimeError):
-    """The model could not be traced symbolically (data-dependent control flow, ...)."""
 
 
 def unknown_name_message(bad: str, valid: Sequence[str], what: str = "layer") -> str:

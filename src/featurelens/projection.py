@@ -39,13 +39,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from featurelens.graph import TraceError, capture, model_device, preserved, resolve_layers
-from featurelens.receptive_field import (
-    NotAlignedError,
-    ReceptiveField,
-    UnsupportedOpError,
-    receptive_field,
-)
+from featurelens.errors import CropWarning
+from featurelens.graph import capture, model_device, preserved, resolve_layers
+from featurelens.receptive_field import ReceptiveField, try_receptive_field
 from featurelens.rules import Rule, check_other_activations, get_rule, rule_mode
 from featurelens.unit import Unit, argmax_location, as_integer, as_location, check_location
 
@@ -53,10 +49,6 @@ __all__ = ["CropWarning", "project", "project_units"]
 
 AUTO_CHUNK_VALUES = 2**19
 """With ``chunk_size=None``, units per pass = this many input values / values of one crop."""
-
-
-class CropWarning(UserWarning):
-    """The receptive-field crop was turned off for a call (the result is still exact)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -463,10 +455,8 @@ class _CropHazards(TorchFunctionMode):
 
 def _field(model: nn.Module, x: torch.Tensor, layer: str) -> tuple[ReceptiveField | None, str]:
     """The layer's receptive field, or None and why it cannot be computed."""
-    try:
-        return receptive_field(model, tuple(x.shape[1:]), layer), ""
-    except (TraceError, UnsupportedOpError, NotAlignedError, ValueError) as exc:
-        return None, f"its receptive field cannot be computed ({type(exc).__name__}: {exc})"
+    rf, why = try_receptive_field(model, tuple(x.shape[1:]), layer)
+    return rf, "" if rf is not None else f"its receptive field cannot be computed ({why})"
 
 
 def _plan_crop(

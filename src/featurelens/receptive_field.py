@@ -32,6 +32,12 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from featurelens.errors import (
+    LayerError,
+    NotAlignedError,
+    ReceptiveFieldError,
+    UnsupportedOpError,
+)
 from featurelens.graph import model_device, preserved, trace
 from featurelens.unit import check_location
 
@@ -41,15 +47,8 @@ __all__ = [
     "UnsupportedOpError",
     "receptive_field",
     "receptive_fields",
+    "try_receptive_field",
 ]
-
-
-class UnsupportedOpError(NotImplementedError):
-    """An operation whose effect on the receptive field featurelens does not know."""
-
-
-class NotAlignedError(ValueError):
-    """Branches merge with different effective strides: no single receptive-field geometry."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -1157,6 +1156,29 @@ def receptive_field(model: nn.Module, input_shape: Sequence[int], layer: str) ->
     if layer not in fields:
         raise ValueError(f"layer {layer!r} does not output a tensor with a receptive field")
     return fields[layer]
+
+
+def try_receptive_field(
+    model: nn.Module, input_shape: Sequence[int], layer: str
+) -> tuple[ReceptiveField | None, str]:
+    """The layer's receptive field, or ``(None, reason)`` when it cannot be computed.
+
+    The one place that decides what "no analytic receptive field here" means: the model does
+    not trace, an operation has no known field, branches do not align, or the model rejects
+    ``input_shape``. Projections, figures and scans fall back on the whole input then and say
+    ``reason``. An unknown layer name is not such a case: :class:`LayerError` propagates.
+
+    Returns
+    -------
+    tuple
+        ``(field, "")`` or ``(None, "TypeName: message")``.
+    """
+    try:
+        return receptive_field(model, input_shape, layer), ""
+    except (ReceptiveFieldError, ValueError) as exc:
+        if isinstance(exc, LayerError):
+            raise
+        return None, f"{type(exc).__name__}: {exc}"
 
 
 def receptive_field_table(fields: dict[str, ReceptiveField]) -> str:

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from featurelens.errors import StyleError
+
 __all__ = [
     "PAD_COLORS",
     "STYLES",
@@ -61,10 +63,6 @@ MARGIN = 8
 TARGET_CELL = 80  # cells are enlarged to at least about this many display pixels
 MAX_SCALE = 32
 MAX_1D_ROWS = 64  # line plots per matplotlib figure
-
-
-class StyleError(ValueError):
-    """An unknown style name; the message lists the valid ones."""
 
 
 # --------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from featurelens.atlas import Atlas, AtlasError, atomic_write
+from featurelens.errors import ReportError
 from featurelens.figures import (
     check_method,
     figure_from_batch,
@@ -46,10 +47,6 @@ from featurelens.render import get_style, render_cells, render_sheet_cells
 __all__ = ["ReportError", "write_report"]
 
 EXAMPLES_PER_CALL = 288  # hits projected per project() call (32 channels of top 9)
-
-
-class ReportError(ValueError):
-    """A report that cannot be written as asked (output inside the atlas, ...)."""
 
 
 def _safe(name: str) -> str:

@@ -45,6 +45,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from featurelens.errors import ActivationError
+
 __all__ = [
     "METHODS",
     "OTHER_ACTIVATIONS",
@@ -55,10 +57,6 @@ __all__ = [
     "method_names",
     "rule_mode",
 ]
-
-
-class ActivationError(ValueError):
-    """An activation without a rule for the chosen method (e.g. GELU under guided backprop)."""
 
 
 @dataclass(frozen=True)

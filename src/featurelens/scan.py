@@ -52,16 +52,14 @@ from featurelens.atlas import (
     hash_tensor,
     model_fingerprint,
 )
+from featurelens.data import split_example
+from featurelens.errors import DataError
 from featurelens.graph import capture, model_device, preserved, resolve_layers
-from featurelens.receptive_field import receptive_field
+from featurelens.receptive_field import try_receptive_field
 from featurelens.specs import DataSpec, ModelSpec, remembered_spec
 from featurelens.unit import first_argmax
 
 __all__ = ["SCORES", "DataError", "Score", "ScanInterrupted", "check_new_output", "scan"]
-
-
-class DataError(TypeError, ValueError):
-    """Data that cannot be scanned: items that are not tensors, shapes that do not stack."""
 
 
 class ScanInterrupted(KeyboardInterrupt):
@@ -287,16 +285,7 @@ def _stack(items: list[tuple[int, bool, Any]]) -> tuple[np.ndarray, torch.Tensor
         if not ok:
             skipped[index] = item
             continue
-        x = item[0] if isinstance(item, tuple | list) and item else item
-        if not isinstance(x, torch.Tensor):
-            what = type(item).__name__
-            if isinstance(item, tuple | list):
-                what = f"{what} whose first element is {type(x).__name__}"
-            hint = " (add a ToTensor/pil_to_tensor transform)" if "Image" in what else ""
-            raise DataError(
-                f"dataset item {index} is a {what}; scan needs a tensor (C, *spatial) or a "
-                f"(tensor, label) tuple{hint}"
-            )
+        x = split_example(item, index)[0]
         good.append(index)
         tensors.append(x)
     if not tensors:
@@ -379,11 +368,9 @@ def _check_channels_first(model: nn.Module, input_shape: tuple[int, ...], names:
     is (scans do not need receptive fields).
     """
     for name in names:
-        try:
-            rf = receptive_field(model, input_shape, name)
-        except Exception:  # untraceable model, unsupported op, ...: no check possible
-            continue
-        rf.check_channels_first(name)
+        rf, _ = try_receptive_field(model, input_shape, name)
+        if rf is not None:  # untraceable model, unsupported op, ...: no check possible
+            rf.check_channels_first(name)
 
 
 # --------------------------------------------------------------------------------------------

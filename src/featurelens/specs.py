@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from featurelens.errors import SpecError
+
 __all__ = [
     "DataSpec",
     "ImageFolder",
@@ -32,10 +34,6 @@ __all__ = [
     "load_factory",
     "load_model",
 ]
-
-
-class SpecError(ValueError):
-    """A model or data spec that cannot be resolved; the message says what would be valid."""
 
 
 #: The attribute under which ``ModelSpec.build`` / ``DataSpec.build`` leave their spec.

@@ -61,6 +61,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from torch import nn
 
+from featurelens.data import split_example
+from featurelens.errors import DataError
 from featurelens.figures import layer_field, model_dtype
 from featurelens.graph import LayerError, TraceError, capture, model_device, preserved
 from featurelens.receptive_field import NotAlignedError, ReceptiveField, UnsupportedOpError
@@ -298,9 +300,12 @@ class Explorer:
             raise ApiError(
                 422, f"dataset example {ref.key} cannot be loaded ({type(exc).__name__}: {exc})"
             ) from None
-        x = item[0] if isinstance(item, (tuple, list)) else item
-        if not isinstance(x, torch.Tensor) or tuple(x.shape) != self.input_shape:
-            what = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        try:
+            x = split_example(item, int(ref.key))[0]
+        except DataError as exc:
+            raise ApiError(422, str(exc)) from None
+        if tuple(x.shape) != self.input_shape:
+            what = tuple(x.shape)
             raise ApiError(
                 422, f"dataset example {ref.key} is {what}, not a tensor of the atlas's input "
                 f"shape {self.input_shape}"

@@ -1,0 +1,121 @@
+"""Every error and warning featurelens raises, in one hierarchy.
+
+Catch :class:`FeaturelensError` to handle any library error in one place (the explorer turns
+them into 4xx answers, the CLI into one-line messages); each class also derives from the
+built-in exception a caller would expect (``ValueError`` for a bad value, ``KeyError`` for an
+unknown name), so existing ``except ValueError`` code keeps working.
+
+::
+
+    FeaturelensError (Exception)
+    ├── UsageError (ValueError)             an argument that is not valid
+    │   ├── ChannelError (IndexError)        a channel the layer does not have
+    │   ├── StyleError                       an unknown picture style
+    │   └── ReportError                      a report that cannot be written as asked
+    ├── LayerError (KeyError)                a layer name the model does not have
+    ├── ActivationError (ValueError)         an activation without a rule for the method
+    ├── ReceptiveFieldError                  no analytic receptive field here
+    │   ├── TraceError (RuntimeError)        the model cannot be traced
+    │   ├── UnsupportedOpError (NotImplementedError)
+    │   └── NotAlignedError (ValueError)     branches with different strides merge
+    ├── DataError (TypeError, ValueError)    data that cannot be scanned
+    ├── SpecError (ValueError)               a model or data spec that does not resolve
+    └── AtlasError (ValueError)              an atlas that cannot be used as asked
+
+    FeaturelensWarning (UserWarning)
+    └── CropWarning                          a projection ran on the whole input
+
+:class:`featurelens.scan.ScanInterrupted` is a ``KeyboardInterrupt`` on purpose (code that
+stops on Ctrl-C still stops) and so stands outside this hierarchy.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ActivationError",
+    "AtlasError",
+    "ChannelError",
+    "CropWarning",
+    "DataError",
+    "FeaturelensError",
+    "FeaturelensWarning",
+    "LayerError",
+    "NotAlignedError",
+    "ReceptiveFieldError",
+    "ReportError",
+    "SpecError",
+    "StyleError",
+    "TraceError",
+    "UnsupportedOpError",
+    "UsageError",
+]
+
+
+class FeaturelensError(Exception):
+    """Base of every error featurelens raises; the message says what to do."""
+
+
+class FeaturelensWarning(UserWarning):
+    """Base of every warning featurelens emits."""
+
+
+class UsageError(FeaturelensError, ValueError):
+    """An argument that is not valid; the message names the value and what would be."""
+
+
+class ChannelError(UsageError, IndexError):
+    """A channel index that the layer does not have; the message gives the valid range."""
+
+
+class StyleError(UsageError):
+    """An unknown picture style; the message lists the valid ones."""
+
+
+class ReportError(UsageError):
+    """A report that cannot be written as asked (for example ``--out`` inside the atlas)."""
+
+
+class LayerError(FeaturelensError, KeyError):
+    """A layer name that the model does not have (or cannot address).
+
+    The message names the bad value and lists valid names, close matches first.
+    """
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class ActivationError(FeaturelensError, ValueError):
+    """An activation without a rule for the chosen method (e.g. GELU under guided backprop)."""
+
+
+class ReceptiveFieldError(FeaturelensError):
+    """The analytic receptive field of a layer cannot be computed; the message says why."""
+
+
+class TraceError(ReceptiveFieldError, RuntimeError):
+    """The model could not be traced symbolically (data-dependent control flow, ...)."""
+
+
+class UnsupportedOpError(ReceptiveFieldError, NotImplementedError):
+    """An operation whose effect on the receptive field featurelens does not know."""
+
+
+class NotAlignedError(ReceptiveFieldError, ValueError):
+    """Branches merge with different effective strides: no single receptive-field geometry."""
+
+
+class DataError(FeaturelensError, TypeError, ValueError):
+    """Data that cannot be scanned: items that are not tensors, shapes that do not stack."""
+
+
+class SpecError(FeaturelensError, ValueError):
+    """A model or data spec that cannot be resolved; the message says what would be valid."""
+
+
+class AtlasError(FeaturelensError, ValueError):
+    """An atlas directory that cannot be used as asked (incomplete, other version, ...)."""
+
+
+class CropWarning(FeaturelensWarning):
+    """The receptive-field crop was turned off for a call (the result is still exact)."""
