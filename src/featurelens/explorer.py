@@ -399,7 +399,7 @@ class Explorer:
             raise ChannelError(
                 f"channel {channel} out of range: layer {layer!r} has channels 0..{n - 1}"
             )
-        return channel
+        return int(channel)
 
     def check_method(self, name: str | None = None) -> str:
         """A projection method of :data:`featurelens.rules.METHODS`; None: the first."""
@@ -473,7 +473,7 @@ class Explorer:
         Parameters
         ----------
         ref, layer, channel
-            The input and the feature map (validated).
+            The input and the feature map (layer and channel are checked here).
         location
             One index per spatial axis of the layer's output; None: where the channel peaks on
             this input, by the scan's rule (first maximum in row-major order, NaN never wins).
@@ -729,20 +729,7 @@ class Explorer:
             A location the field does not have.
         """
         field = self.fields.get(layer)
-        if field is None:
-            return None
-        rf_loc = location if len(location) == field.ndim else (0,) * field.ndim
-        try:
-            interval = field.interval(rf_loc)
-            region = field.region(rf_loc)
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
-        return {
-            "location": list(rf_loc),
-            "interval": [list(v) for v in interval],
-            "region": [[s.start, s.stop - 1] for s in region],
-            "is_global": field.is_global,
-        }
+        return None if field is None else _box(field, location)
 
     def rf(self, layer: str, location: Sequence[int]) -> RFBox:
         """The receptive field of one location of ``layer`` (no input needed).
@@ -755,15 +742,13 @@ class Explorer:
             The wrong number of coordinates, or one outside the layer's output.
         """
         field = self.check_field(self.check_layer(layer))
-        loc = _check_location(location, field.output_shape, layer)
-        box = self.rf_box(layer, loc)
-        assert box is not None  # check_field made sure there is a field
-        return box
+        return _box(field, _check_location(location, field.output_shape, layer))
 
     def unit(
         self, ref: InputRef, layer: str, channel: int, location: Sequence[int] | None = None
     ) -> UnitAnswer:
         """A unit on an input: its location (default: the arg-max), value and receptive field."""
+        channel = self.check_channel(self.check_layer(layer), channel)
         loc = self.location(ref, layer, channel, location)
         act = self.activations(ref, layer)
         return {
@@ -789,7 +774,7 @@ class Explorer:
         Parameters
         ----------
         ref, layer, channel
-            The input and the feature map (validated).
+            The input and the feature map (layer and channel are checked here).
         location
             As for :meth:`location`; None: the channel's arg-max on this input.
         method, style
@@ -905,6 +890,22 @@ def _check_location(location: Sequence[int], shape: Sequence[int], layer: str) -
         if not 0 <= u < n:
             raise NotFoundError(f"location {loc} out of range on axis {axis}: valid 0..{n - 1}")
     return loc
+
+
+def _box(field: ReceptiveField, location: tuple[int, ...]) -> RFBox:
+    """The field of ``location``; a global field (no spatial axes at the layer) at its origin."""
+    rf_loc = location if len(location) == field.ndim else (0,) * field.ndim
+    try:
+        interval = field.interval(rf_loc)
+        region = field.region(rf_loc)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return {
+        "location": list(rf_loc),
+        "interval": [list(v) for v in interval],
+        "region": [[s.start, s.stop - 1] for s in region],
+        "is_global": field.is_global,
+    }
 
 
 def _argmax_locations(act: torch.Tensor) -> list[list[int]]:
