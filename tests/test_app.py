@@ -31,7 +31,6 @@ from PIL import Image
 import featurelens
 from conftest import Permute
 from featurelens.app import create_app, serve
-from featurelens.app.server import _LRU
 from featurelens.atlas import Atlas
 from featurelens.render import STYLES, render_projection
 from featurelens.rules import METHODS
@@ -767,19 +766,6 @@ def test_results_are_cached_per_input_and_unit(atlas_dir, atlas, data):
         assert tracked.calls == calls
         c.get("/api/activations", params={**params, "input": "dataset:2"})
         assert tracked.calls == calls + 1
-
-
-def test_lru_is_bounded_by_bytes():
-    cache = _LRU(max_bytes=1000)
-    for i in range(10):
-        cache.get_or_compute(i, lambda: bytes(300))
-    assert len(cache) == 3
-    computed = []
-    cache.get_or_compute(9, lambda: computed.append(1) or b"")
-    cache.get_or_compute(0, lambda: computed.append(1) or bytes(10))
-    assert computed == [1]  # 9 was cached, 0 had been evicted
-    cache.get_or_compute("huge", lambda: bytes(5000))  # bigger than the budget: not kept
-    assert "huge" not in cache._items
 
 
 def test_the_atlas_directory_is_never_written(tmp_path):

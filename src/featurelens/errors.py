@@ -10,6 +10,9 @@ unknown name), so existing ``except ValueError`` code keeps working.
     FeaturelensError (Exception)
     ├── UsageError (ValueError)             an argument that is not valid
     │   ├── ChannelError (IndexError)        a channel the layer does not have
+    │   ├── NotFoundError (LookupError)      an example, upload or location that is not there
+    │   ├── LimitError                       an input over a configured size limit
+    │   ├── FormatError                      bytes that are not an accepted file format
     │   ├── StyleError                       an unknown picture style
     │   └── ReportError                      a report that cannot be written as asked
     ├── LayerError (KeyError)                a layer name the model does not have
@@ -39,8 +42,11 @@ __all__ = [
     "DataError",
     "FeaturelensError",
     "FeaturelensWarning",
+    "FormatError",
     "LayerError",
+    "LimitError",
     "NotAlignedError",
+    "NotFoundError",
     "ReceptiveFieldError",
     "ReportError",
     "SpecError",
@@ -65,6 +71,22 @@ class UsageError(FeaturelensError, ValueError):
 
 class ChannelError(UsageError, IndexError):
     """A channel index that the layer does not have; the message gives the valid range."""
+
+
+class NotFoundError(UsageError, LookupError):
+    """A name or index with nothing behind it; the message says what exists.
+
+    A dataset example past the end, an upload that is not (or no longer) kept, a location
+    outside a layer's map.
+    """
+
+
+class LimitError(UsageError):
+    """An input over a configured size limit (upload bytes, pixels); the message gives both."""
+
+
+class FormatError(UsageError):
+    """Bytes that are not in an accepted file format; the message says what was found."""
 
 
 class StyleError(UsageError):

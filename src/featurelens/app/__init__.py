@@ -5,10 +5,14 @@ In the spirit of the Deep Visualization Toolbox (Yosinski et al., 2015): pick a 
 see its Zeiler-Fergus grid from the atlas and its projection on the current input, hover a map to
 see the receptive field of a location.
 
-:func:`create_app` returns the ASGI application; :func:`serve` runs it with uvicorn in a
-background thread (notebooks) and returns a handle with ``.url`` and ``.stop()``.
+The logic is :class:`featurelens.explorer.Explorer` (no web imports); this package is its web
+side. :func:`create_app` (:mod:`featurelens.app.http`) returns the ASGI application;
+:func:`serve` (:mod:`featurelens.app.server`) runs it with uvicorn in a background thread
+(notebooks) and returns a handle with ``.url`` and ``.stop()``.
 """
 
-from featurelens.app.server import ApiError, Explorer, ExplorerServer, create_app, serve
+from featurelens.app.http import create_app
+from featurelens.app.server import ExplorerServer, serve
+from featurelens.explorer import Explorer
 
-__all__ = ["ApiError", "Explorer", "ExplorerServer", "create_app", "serve"]
+__all__ = ["Explorer", "ExplorerServer", "create_app", "serve"]
