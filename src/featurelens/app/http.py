@@ -41,6 +41,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from featurelens._extras import require_extra
+
+require_extra("serve", "the explorer")
+
+# ruff: noqa: E402 - the web stack is imported once the extra is known to be there
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
