@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from featurelens.errors import SpecError
+from featurelens.fingerprint import model_fingerprint
 
 __all__ = [
     "DataSpec",
@@ -92,8 +93,6 @@ class ModelSpec:
         attribute is a plain Python attribute: no parameter, buffer or submodule, so
         ``state_dict`` and ``named_modules`` are unchanged.
         """
-        from featurelens.atlas import model_fingerprint
-
         model = load_model(self.spec, weights=self.weights, checkpoint=self.checkpoint)
         remember_spec(model, self, model_fingerprint(model))
         return model
