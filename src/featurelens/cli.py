@@ -152,12 +152,13 @@ def _add_scan(sub: argparse._SubParsersAction) -> None:
 def _run_scan(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from featurelens.scan import check_new_output, scan
+    from featurelens.atlas import Manifest
+    from featurelens.scan import scan
     from featurelens.specs import DataSpec, ModelSpec
 
     out = Path(args.out)
     if not args.resume:
-        check_new_output(out)
+        Manifest.check_new_output(out)
     model_spec = ModelSpec(args.model, weights=args.weights, checkpoint=args.checkpoint)
     data_spec = DataSpec(args.data, input_size=args.input_size, mean=args.mean, std=args.std)
     model = model_spec.build()
@@ -180,8 +181,8 @@ def _run_scan(args: argparse.Namespace) -> int:
     )
     m = atlas.manifest
     print(
-        f"atlas of {len(atlas.layers)} layer(s) over {m['examples_scanned']} examples "
-        f"({len(m['skipped'])} skipped) written to {out}"
+        f"atlas of {len(atlas.layers)} layer(s) over {m.examples_scanned} examples "
+        f"({len(m.skipped)} skipped) written to {out}"
     )
     return 0
 
