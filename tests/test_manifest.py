@@ -193,6 +193,7 @@ MALFORMED = [
      r"be channel numbers 0\.\.2"),
     (_set("layers/0/nan_counts", {"3": 1}), r"'layers\[0\]\.nan_counts' has key '3'"),
     (_set("layers/0/nan_counts", {"01": 1}), r"'layers\[0\]\.nan_counts' has key '01'"),
+    (_set("layers/0/nan_counts", {"\u00b2": 1}), r"'layers\[0\]\.nan_counts' has key '\u00b2'"),
     (_set("layers/0/nan_counts", {"1": 1.5}), r"'layers\[0\]\.nan_counts\.1' must be an integer"),
     (_set("layers/0/output_shape", [6, "5"]), r"'layers\[0\]\.output_shape\[1\]' must be an int"),
     (_set("input_shape", [1, 8.5, 7]), r"'input_shape\[1\]' must be an integer >= 0, got the "

@@ -466,7 +466,8 @@ class LayerRecord:
         counts = node.get("nan_counts")
         pairs = []
         for key, value in counts.fields().items():
-            if not (key.isdigit() and str(int(key)) == key and int(key) < channels):
+            canonical = key.isascii() and key.isdigit() and str(int(key)) == key
+            if not (canonical and int(key) < channels):
                 raise counts.error(
                     f"has key {key!r}; keys must be channel numbers 0..{channels - 1}"
                 )

@@ -374,6 +374,8 @@ class _ScanConfig:
     num_workers: int
     progress: bool
     resume: bool
+    rank: int  # torch.distributed rank and world size (0, 1 without it)
+    world: int
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -555,12 +557,12 @@ class _Resumption:
     error: Exception | None = None
 
 
-def _resume(config: _ScanConfig, rank: int, world: int) -> tuple[_State, _Resumption]:
+def _resume(config: _ScanConfig) -> tuple[_State, _Resumption]:
     """Where this rank starts: its state and the first index; ``done`` when the checkpoint
     holds the complete atlas. Only rank 0 carries the saved state (merged at the end)."""
     state, found = _State(), _Resumption()
     ckpt = config.checkpoint
-    if rank == 0 and ckpt is not None:
+    if config.rank == 0 and ckpt is not None:
         try:
             saved = _load_checkpoint(ckpt, config.identity)
         except (AtlasError, FileNotFoundError) as exc:
@@ -577,7 +579,7 @@ def _resume(config: _ScanConfig, rank: int, world: int) -> tuple[_State, _Resump
             elif saved is not None:
                 found = _Resumption(next_index=saved.manifest.progress.next_index)
                 state = _State.of_atlas(saved)
-    found = _broadcast(found, world)
+    found = _broadcast(found, config.world)
     if found.error is not None:
         raise found.error
     return state, found
@@ -710,6 +712,29 @@ def _interrupted(
 # The pass
 
 
+def _forward(
+    batch: Batch,
+    reducer: _BatchReducer,
+    run: Callable[[torch.Tensor], object],
+    device: torch.device,
+    state: _State,
+) -> dict[str, LayerCandidates] | None:
+    """Run one batch through the truncated forward ``run``; None when no item of it loaded.
+
+    Raises
+    ------
+    DataError
+        The batch could not be stacked (items that are not tensors, of different shapes).
+    """
+    if batch.error is not None:
+        raise DataError(batch.error)
+    if batch.x is None:
+        return None
+    if state.input_shape is None:
+        state.input_shape = tuple(batch.x.shape[1:])
+    return reducer.run(run, batch.x.to(device, non_blocking=True))
+
+
 def _record(
     state: _State,
     batch: Batch,
@@ -743,7 +768,7 @@ def _scan_pass(
     """
     from tqdm.auto import tqdm
 
-    rank, world = _dist()
+    rank, world = config.rank, config.world
     size, step, ckpt = config.size, config.batch_size, config.checkpoint
     spans = [(s, min(s + step, size)) for s in range(start, size, step)]
     rounds = math.ceil(len(spans) / world)
@@ -771,15 +796,8 @@ def _scan_pass(
         ):
             batches = iter_batches(data, mine, config.num_workers, pin_memory=dev.type == "cuda")
             for t in range(rounds):
-                batch = next(batches) if t < len(mine) else None
-                candidates = None
-                if batch is not None:
-                    if batch.error is not None:
-                        raise DataError(batch.error)
-                    if batch.x is not None:
-                        if state.input_shape is None:
-                            state.input_shape = tuple(batch.x.shape[1:])
-                        candidates = reducer.run(run, batch.x.to(dev, non_blocking=True))
+                batch = next(batches) if t < len(mine) else None  # None: others' last round
+                candidates = None if batch is None else _forward(batch, reducer, run, dev, state)
                 with stop.recording():
                     if batch is not None:
                         skips.warn(batch.skipped)
@@ -908,6 +926,7 @@ def scan(
         model_spec=model_spec,
         data_spec=data_spec,
     )
+    rank, world = _dist()
     config = _ScanConfig(
         identity=identity,
         score=SCORES[score],
@@ -918,9 +937,10 @@ def scan(
         num_workers=num_workers,
         progress=progress,
         resume=resume,
+        rank=rank,
+        world=world,
     )
-    rank, world = _dist()
-    state, found = _resume(config, rank, world)
+    state, found = _resume(config)
     if found.done is not None:
         return found.done
     skips = _SkipWarnings()
@@ -933,8 +953,8 @@ def scan(
             + "; ".join(f"{i}: {e}" for i, e in first)
         )
     atlas = _atlas(config, merged, size)
-    if config.checkpoint is not None and rank == 0:
+    if config.checkpoint is not None and config.rank == 0:
         atlas.save(config.checkpoint)
-    if world > 1:
+    if config.world > 1:
         torch.distributed.barrier()
     return atlas
