@@ -276,7 +276,7 @@ class ModelRecord:
 
     @classmethod
     def from_node(cls, node: _Node) -> ModelRecord:
-        """Read and check ``node`` (the ``model`` object)."""
+        """Read and check ``node``; an :class:`AtlasError` names the key that is wrong."""
         spec_node = node.get("spec")
         spec = None
         if not spec_node.is_null():
@@ -328,6 +328,7 @@ class DataSpecRecord:
         return DataSpec(self.spec, input_size=self.input_size, mean=self.mean, std=self.std)
 
     def to_json_value(self) -> JsonObject:
+        """The JSON object, keys in the order of the format."""
         return {
             "spec": self.spec,
             "input_size": self.input_size,
@@ -337,6 +338,7 @@ class DataSpecRecord:
 
     @classmethod
     def from_node(cls, node: _Node) -> DataSpecRecord:
+        """Read and check ``node``; an :class:`AtlasError` names the key that is wrong."""
         return cls(
             spec=node.get("spec").as_str(),
             input_size=node.get("input_size").as_optional_int(minimum=1),
@@ -368,6 +370,7 @@ class DataRecord:
     fingerprint: str | None = None
 
     def to_json_value(self) -> JsonObject:
+        """The JSON object, keys in the order of the format."""
         out: JsonObject = {
             "spec": None if self.spec is None else self.spec.to_json_value(),
             "class": self.class_name,
@@ -379,6 +382,7 @@ class DataRecord:
 
     @classmethod
     def from_node(cls, node: _Node) -> DataRecord:
+        """Read and check ``node``; an :class:`AtlasError` names the key that is wrong."""
         spec = node.get("spec")
         fingerprint = node.get_optional("fingerprint")
         return cls(
@@ -408,6 +412,7 @@ class Preprocessing:
     std: tuple[float, ...] | None
 
     def to_json_value(self) -> JsonObject:
+        """The JSON object, keys in the order of the format."""
         return {
             "input_size": self.input_size,
             "mean": None if self.mean is None else list(self.mean),
@@ -416,6 +421,7 @@ class Preprocessing:
 
     @classmethod
     def from_node(cls, node: _Node) -> Preprocessing:
+        """Read and check ``node``; an :class:`AtlasError` names the key that is wrong."""
         return cls(
             input_size=node.get("input_size").as_optional_int(minimum=1),
             mean=node.get("mean").as_numbers(),
@@ -452,6 +458,7 @@ class LayerRecord:
         return cls(name, top.channels, tuple(int(v) for v in top.output_shape), sparse)
 
     def to_json_value(self) -> JsonObject:
+        """The JSON object, keys in the order of the format."""
         return {
             "name": self.name,
             "channels": self.channels,
@@ -462,6 +469,7 @@ class LayerRecord:
 
     @classmethod
     def from_node(cls, node: _Node) -> LayerRecord:
+        """Read and check ``node``; an :class:`AtlasError` names the key that is wrong."""
         channels = node.get("channels").as_int()
         counts = node.get("nan_counts")
         pairs = []
@@ -496,10 +504,12 @@ class SkippedExample:
     error: str
 
     def to_json_value(self) -> JsonObject:
+        """The JSON object, keys in the order of the format."""
         return {"index": self.index, "error": self.error}
 
     @classmethod
     def from_node(cls, node: _Node) -> SkippedExample:
+        """Read and check ``node``; an :class:`AtlasError` names the key that is wrong."""
         return cls(node.get("index").as_int(), node.get("error").as_str())
 
 
@@ -519,10 +529,12 @@ class Progress:
     batch_size: int
 
     def to_json_value(self) -> JsonObject:
+        """The JSON object, keys in the order of the format."""
         return {"next_index": self.next_index, "batch_size": self.batch_size}
 
     @classmethod
     def from_node(cls, node: _Node) -> Progress:
+        """Read and check ``node``; an :class:`AtlasError` names the key that is wrong."""
         return cls(node.get("next_index").as_int(), node.get("batch_size").as_int(minimum=1))
 
 
@@ -542,10 +554,12 @@ class ArraysRecord:
     sha256: str
 
     def to_json_value(self) -> JsonObject:
+        """The JSON object, keys in the order of the format."""
         return {"file": self.file, "sha256": self.sha256}
 
     @classmethod
     def from_node(cls, node: _Node) -> ArraysRecord:
+        """Read and check ``node``; an :class:`AtlasError` names the key that is wrong."""
         return cls(node.get("file").as_str(), node.get("sha256").as_str())
 
 

@@ -38,7 +38,7 @@ def hash_tensor(h: Hasher, t: torch.Tensor) -> None:
     t = t.detach().cpu().contiguous()
     h.update(f"{t.dtype}{tuple(t.shape)}".encode())
     if t.numel():
-        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)  # a memoryview: no copy
 
 
 def model_fingerprint(model: nn.Module) -> str:
