@@ -893,7 +893,7 @@ def _permuting(channels_last: bool) -> torch.nn.Module:
 
 def test_a_channels_last_layer_is_refused_with_the_library_message(tmp_path):
     images = torch.rand(4, 1, 9, 8)
-    featurelens.scan(_permuting(False), images, ["permute", "relu"], 2, progress=False).save(
+    featurelens.scan(_permuting(False), images, ["permute", "relu"], top_k=2, progress=False).save(
         tmp_path / "atlas"
     )
     with TestClient(create_app(tmp_path / "atlas", model=_permuting(True), data=images)) as c:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -13,8 +14,9 @@ import torch
 from torch import nn
 
 import featurelens as fl
-from featurelens.atlas import FORMAT_VERSION, AtlasError, ChannelError, model_fingerprint
+from featurelens.atlas import FORMAT_VERSION, AtlasError, ChannelError, Preprocessing
 from featurelens.cli import main
+from featurelens.fingerprint import model_fingerprint
 from featurelens.graph import LayerError
 from featurelens.specs import DataSpec, ModelSpec, load_model
 
@@ -75,7 +77,7 @@ def test_save_load_round_trip(tmp_path: Path):
     assert isinstance(hits[0], fl.Hit) and isinstance(hits[0].location, tuple)
     assert loaded.output_shape("0") == (8, 6) and loaded.top("3", 0)[0].location == ()
     assert loaded.input_shape == (2, 10, 8)
-    m = loaded.manifest
+    m = json.loads((tmp_path / "a" / "manifest.json").read_text())  # the file as written
     assert m["format_version"] == FORMAT_VERSION and m["library_version"] == fl.__version__
     assert m["model"]["spec"] is None and m["model"]["fingerprint"].startswith("sha256:")
     assert m["data"].pop("fingerprint").startswith("sha256:")
@@ -103,7 +105,9 @@ def test_a_write_killed_midway_leaves_the_old_atlas(tmp_path: Path, monkeypatch)
             raise KeyboardInterrupt  # the process dies between the arrays and the manifest
         return real_replace(src, dst)
 
-    changed = fl.Atlas(atlas.manifest | {"top_k": 99}, {n: atlas.layer(n) for n in atlas.layers})
+    changed = fl.Atlas(
+        dataclasses.replace(atlas.manifest, top_k=99), {n: atlas.layer(n) for n in atlas.layers}
+    )
     monkeypatch.setattr(os, "replace", crash_on_manifest)
     with pytest.raises(KeyboardInterrupt):
         changed.save(tmp_path / "a")
@@ -125,7 +129,7 @@ def test_load_errors_are_clear(tmp_path: Path):
     with pytest.raises(AtlasError, match="format version 99; .* reads version 1"):
         fl.Atlas.load(tmp_path / "a")
     manifest_path.write_text(
-        json.dumps(manifest | {"complete": False, "progress": {"next_index": 12}})
+        json.dumps(manifest | {"complete": False, "progress": {"next_index": 12, "batch_size": 6}})
     )
     with pytest.raises(AtlasError, match=r"incomplete scan \(12 of 20 examples\): resume it"):
         fl.Atlas.load(tmp_path / "a")
@@ -190,13 +194,11 @@ def test_cli_scan_records_specs_that_rebuild_model_and_data(model_py: Path, tmp_
     atlas = fl.Atlas.load(out)
     assert atlas.model_spec == ModelSpec(f"{model_py}:net")
     assert atlas.data_spec == DataSpec("mnist")
-    assert atlas.manifest["preprocessing"] == {
-        "input_size": None,
-        "mean": [0.1307],
-        "std": [0.3081],
-    }
+    assert atlas.manifest.preprocessing == Preprocessing(
+        input_size=None, mean=(0.1307,), std=(0.3081,)
+    )
     model = atlas.build_model()  # random init, seeded: the very model that was scanned
-    assert model_fingerprint(model) == atlas.manifest["model"]["fingerprint"]
+    assert model_fingerprint(model) == atlas.manifest.model.fingerprint
     data = atlas.build_data()
     assert len(data) == 5000
     # the atlas's hits are reproducible from what it rebuilds
@@ -236,7 +238,7 @@ def test_rebuilt_data_of_another_size_is_refused(model_py: Path):
     atlas = fl.scan(model, data, ["0"], top_k=2, data_spec=spec, progress=False)
     assert len(atlas.build_data()) == 64
     manifest = atlas.manifest
-    manifest["data"]["size"] = 65
+    manifest = dataclasses.replace(manifest, data=dataclasses.replace(manifest.data, size=65))
     shrunk = fl.Atlas(manifest, {"0": atlas.layer("0")})
     with pytest.raises(AtlasError, match="has 64 examples, the scanned one had 65"):
         shrunk.build_data()
@@ -301,7 +303,7 @@ def test_scan_records_the_specs_of_objects_built_from_specs(model_py: Path, tmp_
     fl.scan(model, data, ["0", "3"], top_k=2, checkpoint=tmp_path / "atlas", progress=False)
     atlas = fl.Atlas.load(tmp_path / "atlas")
     assert atlas.model_spec == model_spec and atlas.data_spec == data_spec
-    assert model_fingerprint(atlas.build_model()) == atlas.manifest["model"]["fingerprint"]
+    assert model_fingerprint(atlas.build_model()) == atlas.manifest.model.fingerprint
     assert len(atlas.build_data()) == 64
     # an explicit spec wins over the remembered one
     other = ModelSpec(f"{model_py}:net", weights=None, checkpoint=None)

@@ -54,7 +54,7 @@ def test_demo_atlas_rebuilds_the_trained_model(quick_demo):
     spec = atlas.model_spec
     assert spec.spec == "featurelens.demo:mnist_cnn" and Path(spec.checkpoint).is_file()
     model = atlas.build_model()  # strict: the fingerprint must match the scanned weights
-    assert model_fingerprint(model) == atlas.manifest["model"]["fingerprint"]
+    assert model_fingerprint(model) == atlas.manifest.model.fingerprint
     assert model_fingerprint(model) != model_fingerprint(mnist_cnn())  # trained, not random
 
 
@@ -138,7 +138,7 @@ def test_demo_output_can_be_moved(quick_demo, tmp_path):
     atlas = featurelens.Atlas.load(moved / "atlas")
     assert Path(atlas.model_spec.checkpoint).is_relative_to(moved.resolve())
     model = atlas.build_model()  # strict: the fingerprint must match
-    assert model_fingerprint(model) == atlas.manifest["model"]["fingerprint"]
+    assert model_fingerprint(model) == atlas.manifest.model.fingerprint
 
 
 def test_demo_on_fewer_images_than_top_k_shows_them_all(tmp_path, capsys):

@@ -327,7 +327,7 @@ def test_a_model_without_a_layer_of_the_atlas(atlas_dir, atlas, data):
 
 def test_refused_and_fieldless_layers(tmp_path):
     images = torch.rand(4, 1, 9, 8)
-    atlas = featurelens.scan(_permuting(False), images, ["permute", "relu"], 2, progress=False)
+    atlas = featurelens.scan(_permuting(False), images, ["permute", "relu"], top_k=2, progress=False)
     ex = Explorer(atlas, _permuting(True), images)
     with pytest.raises(AtlasError, match="'permute' outputs its channels at dim 3"):
         ex.check_layer("permute")
@@ -336,7 +336,7 @@ def test_refused_and_fieldless_layers(tmp_path):
     assert ex.unit(InputRef("dataset", 0), "relu", 2)["rf"] is not None
     net = _Untraceable().eval()
     images = torch.rand(3, 1, 9, 9)
-    ex = Explorer(featurelens.scan(net, images, ["conv"], 2, progress=False), net, images)
+    ex = Explorer(featurelens.scan(net, images, ["conv"], top_k=2, progress=False), net, images)
     with pytest.raises(ReceptiveFieldError, match="no receptive field for 'conv'"):
         ex.rf("conv", (0, 0))
     assert ex.unit(InputRef("dataset", 1), "conv", 1)["rf"] is None

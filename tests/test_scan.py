@@ -4,8 +4,10 @@ bad data, bad input, hygiene and truncation."""
 from __future__ import annotations
 
 import functools
+import json
 import math
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -187,7 +189,9 @@ def test_dataset_items_and_tensor_give_the_same_atlas():
     from_pairs = fl.scan(model, pairs, LAYERS, top_k=4, batch_size=32, progress=False)
     bare = [x[i] for i in range(90)]  # items: bare tensors
     from_list = fl.scan(model, bare, LAYERS, top_k=4, batch_size=32, progress=False)
-    in_workers = fl.scan(model, pairs, LAYERS, 4, batch_size=32, progress=False, num_workers=2)
+    in_workers = fl.scan(
+        model, pairs, LAYERS, top_k=4, batch_size=32, progress=False, num_workers=2
+    )
     for other in (from_pairs, from_list, in_workers):
         for layer in LAYERS:
             for c in range(from_tensor.channels(layer)):
@@ -223,15 +227,17 @@ def test_broken_items_are_skipped_counted_and_listed():
     for layer in LAYERS:
         assert_matches(atlas, layer, brute_force_top(acts[layer], "max", 6, valid))
     m = atlas.manifest
-    assert [s["index"] for s in m["skipped"]] == sorted(broken)
-    assert m["skipped"][1]["error"] == "OSError: cannot read example 3"
-    assert m["examples_scanned"] == 115 and m["data"]["size"] == 120
+    assert [s.index for s in m.skipped] == sorted(broken)
+    assert m.skipped[1].error == "OSError: cannot read example 3"
+    assert m.examples_scanned == 115 and m.data.size == 120
 
 
 @pytest.mark.filterwarnings("ignore:skipping example")
 def test_nothing_loadable_is_an_error():
     with pytest.raises(DataError, match="no example of the 5 could be loaded.*OSError"):
-        fl.scan(make_net(), Broken(digits(5), set(range(5))), ["features.0"], 2, progress=False)
+        fl.scan(
+            make_net(), Broken(digits(5), set(range(5))), ["features.0"], top_k=2, progress=False
+        )
 
 
 def test_truncated_forward_never_runs_later_layers():
@@ -285,7 +291,7 @@ def test_a_submodule_that_raises_leaves_no_hook_and_checkpoint_is_kept(tmp_path)
     assert_unchanged(model, before)
     # what was checkpointed before the failure is kept: the two batches that ran
     saved = fl.Atlas.load(tmp_path, allow_incomplete=True).manifest
-    assert saved["progress"]["next_index"] == 16 and not saved["complete"]
+    assert saved.progress.next_index == 16 and not saved.complete
 
 
 def test_bad_input_errors_name_the_value_and_what_is_valid():
@@ -312,7 +318,7 @@ def test_bad_input_errors_name_the_value_and_what_is_valid():
     with pytest.raises(DataError, match="must be a torch Dataset .* got int"):
         fl.scan(model, 42, ["features.0"], top_k=2, progress=False)
     with pytest.raises(DataError, match=r"different shapes \[\(1, 28, 28\), \(1, 30, 30\)\]"):
-        fl.scan(model, [x[0], torch.zeros(1, 30, 30)], ["features.0"], 1, progress=False)
+        fl.scan(model, [x[0], torch.zeros(1, 30, 30)], ["features.0"], top_k=1, progress=False)
     with pytest.raises(DataError, match="empty"):
         fl.scan(model, x[:0], ["features.0"], top_k=1, progress=False)
 
@@ -342,16 +348,16 @@ def test_resuming_with_other_data_of_the_same_size_is_refused(tmp_path):
     x = digits(40)
     fl.scan(model, x, ["features.0"], top_k=2, batch_size=16, checkpoint=tmp_path / "t",
             progress=False)  # fmt: skip
-    saved = fl.Atlas.load(tmp_path / "t").manifest["data"]["fingerprint"]
+    saved = fl.Atlas.load(tmp_path / "t").manifest.data.fingerprint
     assert saved.startswith("sha256:")
     other = x.flip(0)
     with pytest.raises(AtlasError, match=r"cannot resume .*the data differs \(fingerprint"):
         fl.scan(model, other, ["features.0"], top_k=2, batch_size=16,
                 checkpoint=tmp_path / "t", progress=False)  # fmt: skip
     # the same data resumes (here: returns the complete atlas)
-    again = fl.scan(model, x.clone(), ["features.0"], 2, batch_size=16,
+    again = fl.scan(model, x.clone(), ["features.0"], top_k=2, batch_size=16,
                     checkpoint=tmp_path / "t", progress=False)  # fmt: skip
-    assert again.manifest["data"]["fingerprint"] == saved
+    assert again.manifest.data.fingerprint == saved
 
     # a Dataset: len and a few fixed items (first, middle, last), loaded the safe way
     broken = Broken(x, {0})
@@ -373,9 +379,10 @@ def test_a_checkpoint_without_data_fingerprint_still_resumes(tmp_path):
     x = digits(20)
     atlas = fl.scan(model, x, ["features.0"], top_k=2, checkpoint=tmp_path, progress=False)
     manifest = atlas.manifest
-    del manifest["data"]["fingerprint"]
+    manifest = replace(manifest, data=replace(manifest.data, fingerprint=None))
     fl.Atlas(manifest, {"features.0": atlas.layer("features.0")}).save(tmp_path)
-    assert fl.scan(model, x, ["features.0"], 2, checkpoint=tmp_path, progress=False)
+    assert "fingerprint" not in json.loads((tmp_path / "manifest.json").read_text())["data"]
+    assert fl.scan(model, x, ["features.0"], top_k=2, checkpoint=tmp_path, progress=False)
 
 
 class ChannelsLast(nn.Module):

@@ -13,8 +13,10 @@ import torch
 from torch import nn
 
 import featurelens as fl
-from featurelens.atlas import AtlasError
-from featurelens.scan import ScanInterrupted, _State, check_new_output
+from featurelens.atlas import AtlasError, Manifest
+from featurelens.scan import ScanInterrupted, _State
+
+check_new_output = Manifest.check_new_output
 
 N, BATCH = 120, 16
 
@@ -69,8 +71,8 @@ def assert_interrupted_then_resumes(ckpt: Path, info, done: int) -> None:
     )
     assert (info.value.scanned, info.value.size, info.value.directory) == (done, N, ckpt)
     saved = fl.Atlas.load(ckpt, allow_incomplete=True)
-    assert not saved.complete and saved.manifest["progress"]["next_index"] == done
-    assert saved.manifest["examples_scanned"] == done
+    assert not saved.complete and saved.manifest.progress.next_index == done
+    assert saved.manifest.examples_scanned == done
     # the saved state is exactly a scan of the first `done` examples
     head = run(images()[:done], None)
     for layer in ("1", "3"):
@@ -78,7 +80,7 @@ def assert_interrupted_then_resumes(ckpt: Path, info, done: int) -> None:
             assert saved.top(layer, c) == head.top(layer, c)
     resumed = run(StopsOnce(images(), -1, None), ckpt)
     full = run(images(), None)
-    assert resumed.complete and resumed.manifest["examples_scanned"] == N
+    assert resumed.complete and resumed.manifest.examples_scanned == N
     for layer in ("1", "3"):
         for c in range(full.channels(layer)):
             assert resumed.top(layer, c) == full.top(layer, c)

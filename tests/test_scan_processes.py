@@ -179,11 +179,13 @@ def test_resume_after_sigkill_gives_the_identical_atlas(work: Path, tmp_path: Pa
     )
     assert resumed.manifest == full.manifest
     assert atlas_files(ckpt) == atlas_files(fresh)  # byte-identical directories
-    assert [s["index"] for s in full.manifest["skipped"]] == [12, 101]
+    assert [s.index for s in full.manifest.skipped] == [12, 101]
     # a complete checkpoint is returned as is, without scanning again (only the fingerprint
     # reads its three items)
     data = make_data()
-    again = fl.scan(make_model(), data, LAYERS, 5, batch_size=8, checkpoint=ckpt, progress=False)
+    again = fl.scan(
+        make_model(), data, LAYERS, top_k=5, batch_size=8, checkpoint=ckpt, progress=False
+    )
     assert data.loaded == 3 and again.top("0", 2) == full.top("0", 2)
 
 
@@ -233,7 +235,13 @@ def test_two_gloo_ranks_equal_one_process(work: Path, tmp_path: Path):
     try:
         single = tmp_path / "one"
         one = fl.scan(
-            make_model(), make_data(), LAYERS, 5, batch_size=8, checkpoint=single, progress=False
+            make_model(),
+            make_data(),
+            LAYERS,
+            top_k=5,
+            batch_size=8,
+            checkpoint=single,
+            progress=False,
         )
     finally:
         torch.set_num_threads(threads)
@@ -241,7 +249,7 @@ def test_two_gloo_ranks_equal_one_process(work: Path, tmp_path: Path):
     assert two.manifest == one.manifest
     assert atlas_files(out) == atlas_files(single)
     assert rank0 == repr([(h.index, h.location) for h in one.top("3", 1)])
-    assert [s["index"] for s in two.manifest["skipped"]] == [12, 101]
+    assert [s.index for s in two.manifest.skipped] == [12, 101]
     assert two.nan_counts("0").sum() > 0
     # and both are right: the duplicate (7 and 90) ties, the lower index comes first
     for layer in LAYERS:

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import featurelens as fl
+from featurelens.atlas import Preprocessing
 from featurelens.specs import DataSpec, SpecError
 
 
@@ -70,7 +71,7 @@ def test_unreadable_image_is_skipped_by_scan(tmp_path: Path):
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3))
     with pytest.warns(RuntimeWarning, match=f"skipping example {broken}"):
         atlas = fl.scan(model, data, ["0"], top_k=3, batch_size=2, progress=False)
-    assert [s["index"] for s in atlas.manifest["skipped"]] == [broken]
+    assert [s.index for s in atlas.manifest.skipped] == [broken]
     assert all(h.index != broken for c in range(2) for h in atlas.top("0", c))
 
 
@@ -125,11 +126,9 @@ def test_cli_scans_an_image_folder_with_its_preprocessing(tmp_path: Path, capsys
     assert main(argv) == 0
     atlas = fl.Atlas.load(out)
     assert atlas.data_spec == DataSpec(str(images), 12, (0.5,) * 3, (0.2,) * 3)
-    assert atlas.manifest["preprocessing"] == {
-        "input_size": 12,
-        "mean": [0.5] * 3,
-        "std": [0.2] * 3,
-    }
+    assert atlas.manifest.preprocessing == Preprocessing(
+        input_size=12, mean=(0.5,) * 3, std=(0.2,) * 3
+    )
     assert atlas.input_shape == (3, 12, 12) and atlas.output_shape("1") == (10, 10)
     assert len(atlas.build_data()) == 4
     assert main([*argv[:-5], "--mean", "0.5", "--quiet", "--resume"]) == 2

@@ -155,12 +155,13 @@ def _add_scan(p: argparse.ArgumentParser) -> None:
 def _run_scan(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from featurelens.scan import check_new_output, scan
+    from featurelens.atlas import Manifest
+    from featurelens.scan import scan
     from featurelens.specs import DataSpec, ModelSpec
 
     out = Path(args.out)
     if not args.resume:
-        check_new_output(out)
+        Manifest.check_new_output(out)
     model_spec = ModelSpec(args.model, weights=args.weights, checkpoint=args.checkpoint)
     data_spec = DataSpec(args.data, input_size=args.input_size, mean=args.mean, std=args.std)
     model = model_spec.build()
@@ -183,8 +184,8 @@ def _run_scan(args: argparse.Namespace) -> int:
     )
     m = atlas.manifest
     print(
-        f"atlas of {len(atlas.layers)} layer(s) over {m['examples_scanned']} examples "
-        f"({len(m['skipped'])} skipped) written to {out}"
+        f"atlas of {len(atlas.layers)} layer(s) over {m.examples_scanned} examples "
+        f"({len(m.skipped)} skipped) written to {out}"
     )
     return 0
 
@@ -479,7 +480,7 @@ def build_parser(*, lazy: bool = False) -> argparse.ArgumentParser:
     MissingExtraError
         ``lazy=False`` and a command needs an extra that is not installed.
     """
-    from featurelens import __version__
+    from featurelens._version import __version__
 
     parser = argparse.ArgumentParser(
         prog="featurelens",

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from featurelens.atlas import Atlas, AtlasError, atomic_write
+from featurelens.atlas import Atlas, AtlasError
 from featurelens.errors import ReportError
 from featurelens.figures import (
     check_method,
@@ -41,6 +41,7 @@ from featurelens.figures import (
     top_hits,
     zf_title,
 )
+from featurelens.files import atomic_write
 from featurelens.receptive_field import ReceptiveField
 from featurelens.render import get_style, render_cells, render_sheet_cells
 
@@ -329,10 +330,9 @@ def _page(title: str, body: str) -> str:
 
 
 def _model_text(atlas: Atlas) -> tuple[str, str]:
-    m = atlas.manifest
     spec = atlas.model_spec
     if spec is None:
-        name = f"{m['model'].get('class', 'model')} (Python object, no spec)"
+        name = f"{atlas.manifest.model.class_name} (Python object, no spec)"
     else:
         name = spec.spec
         if spec.weights:
@@ -343,9 +343,8 @@ def _model_text(atlas: Atlas) -> tuple[str, str]:
 
 def _data_text(atlas: Atlas) -> str:
     spec = atlas.data_spec
-    m = atlas.manifest
     if spec is None:
-        return f"{m['data'].get('class', 'data')} (Python object, no spec)"
+        return f"{atlas.manifest.data.class_name} (Python object, no spec)"
     text = spec.spec
     if spec.mean is not None:
         mean = ", ".join(f"{v:g}" for v in spec.mean)
@@ -386,19 +385,19 @@ def _index_page(
             f"<td>{_e(count)}</td><td>{_e(_shape(info.output_shape))}</td>"
             f"{_rf_cells(info)}<td>{thumb}</td></tr>"
         )
-    fingerprint = str(m["model"].get("fingerprint", ""))
+    fingerprint = m.model.fingerprint
     facts = [
         ("model", f"<code>{_e(model_name)}</code>"),
         ("checkpoint", f"<code>{_e(ckpt)}</code>"),
         ("parameters", f"<code>{_e(fingerprint[:23])}…</code>" if fingerprint else "-"),
         ("data", f"<code>{_e(_data_text(atlas))}</code>"),
-        ("examples", f"{_e(m['examples_scanned'])} of {_e(atlas.data_size)} scanned, "
+        ("examples", f"{_e(m.examples_scanned)} of {_e(atlas.data_size)} scanned, "
                      f"{len(atlas.skipped)} skipped"),
         ("input", _e(_shape(atlas.input_shape))),
         ("score", f"{_e(atlas.score)}, top {_e(atlas.top_k)} per channel"),
         ("projections", f"{_e(method)}, style {_e(style)}, {k} hits per channel"),
         ("atlas", f"<code>{_e(atlas_dir)}</code>" if atlas_dir else "-"),
-        ("made by", f"featurelens {_e(m.get('library_version', '?'))}"),
+        ("made by", f"featurelens {_e(m.library_version)}"),
     ]  # fmt: skip
     dl = "".join(f"<dt>{a}</dt><dd>{b}</dd>" for a, b in facts)
     body = (

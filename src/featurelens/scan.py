@@ -6,15 +6,18 @@ examples are kept with the location of their maximum: ``MaxAct(l, k) = [i_1, ...
 
 How the pass is organised:
 
+* the arguments are checked and frozen into one :class:`_ScanConfig` (with the
+  :class:`~featurelens.atlas.ScanIdentity` a checkpoint must match to be resumed);
 * one forward per batch serves every requested layer, and stops after the deepest one
   (:func:`featurelens.graph.capture`);
-* each layer's output is reduced to per-channel scores and locations inside the forward hook,
-  right when it is produced (a later in-place ReLU would overwrite it), so memory stays
-  O(layers x channels x top_k) whatever the dataset size;
-* batches are sequential index ranges, so a scan checkpointed with ``checkpoint=DIR`` resumes
-  exactly where it stopped, and under ``torch.distributed`` rank ``r`` takes batches
-  ``r, r + W, r + 2W, ...``: the very batches of a single-process scan, whose top-k states
-  merge into the same atlas;
+* each layer's output is reduced to per-channel candidates (:class:`LayerCandidates`) by a
+  :class:`_BatchReducer` inside the forward hook, right when it is produced (a later in-place
+  ReLU would overwrite it), so memory stays O(layers x channels x top_k) whatever the dataset
+  size;
+* batches are sequential index ranges (:func:`featurelens.data.iter_batches`), so a scan
+  checkpointed with ``checkpoint=DIR`` resumes exactly where it stopped, and under
+  ``torch.distributed`` rank ``r`` takes batches ``r, r + W, r + 2W, ...``: the very batches of
+  a single-process scan, whose top-k states merge into the same atlas;
 * an example that fails to load is skipped, counted, listed in the manifest, and warned about.
 
 Order of hits: higher score first; ties go to the lower dataset index; within one example the
@@ -25,41 +28,47 @@ least one NaN are counted per layer and channel.
 
 from __future__ import annotations
 
-import hashlib
-import json
+import contextlib
 import math
 import os
 import signal
 import threading
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from torch import nn
 
 from featurelens.atlas import (
-    FORMAT_NAME,
-    FORMAT_VERSION,
     MANIFEST,
     Atlas,
     AtlasError,
+    DataRecord,
+    DataSpecRecord,
     LayerTop,
-    _library_version,
-    hash_tensor,
-    model_fingerprint,
+    Manifest,
+    ModelRecord,
+    Progress,
+    ScanIdentity,
 )
-from featurelens.data import split_example
-from featurelens.errors import DataError
+from featurelens.data import Batch, SizedDataset, data_size, iter_batches
+from featurelens.errors import DataError, UsageError
+from featurelens.fingerprint import data_fingerprint, model_fingerprint
 from featurelens.graph import capture, model_device, preserved, resolve_layers
 from featurelens.receptive_field import try_receptive_field
 from featurelens.specs import DataSpec, ModelSpec, remembered_spec
 from featurelens.unit import first_argmax
 
-__all__ = ["SCORES", "DataError", "Score", "ScanInterrupted", "check_new_output", "scan"]
+__all__ = ["SCORES", "DataError", "LayerCandidates", "Score", "ScanInterrupted", "scan"]
+
+#: ``stacklevel`` of a warning issued in :func:`scan` itself, so that it points at the user's
+#: call; a helper ``n`` calls below ``scan`` warns with ``_USER_FRAME + n``.
+_USER_FRAME = 2
 
 
 class ScanInterrupted(KeyboardInterrupt):
@@ -193,6 +202,32 @@ def _empty_top(channels: int, k: int, output_shape: tuple[int, ...]) -> LayerTop
     )
 
 
+@dataclass(frozen=True)
+class LayerCandidates:
+    """One layer's candidates for the top-k from one batch: the batch's own best per channel.
+
+    Attributes
+    ----------
+    rows
+        (M, C) int64: rows of the batch, M = min(top_k, batch size); per channel, the rows
+        whose score can enter the running top-k, best first.
+    scores
+        (M, C) float64: their scores (exact copies of the network's values).
+    locations
+        (M, C) int64: where each map peaks, flat index into the spatial output (row-major).
+    nan_counts
+        (C,) int64: examples of the batch whose map for the channel held a NaN.
+    output_shape
+        Spatial shape of the layer's output.
+    """
+
+    rows: np.ndarray
+    scores: np.ndarray
+    locations: np.ndarray
+    nan_counts: np.ndarray
+    output_shape: tuple[int, ...]
+
+
 @dataclass
 class _State:
     """Everything a scan accumulates; small, picklable, mergeable."""
@@ -202,18 +237,24 @@ class _State:
     scanned: int = 0
     input_shape: tuple[int, ...] | None = None
 
+    @classmethod
+    def of_atlas(cls, atlas: Atlas) -> _State:
+        """The state saved in a checkpoint."""
+        m = atlas.manifest
+        return cls(
+            tops={name: atlas.layer(name) for name in atlas.layers},
+            skipped={s.index: s.error for s in m.skipped},
+            scanned=m.examples_scanned,
+            input_shape=m.input_shape or None,
+        )
+
     def add_batch(
-        self,
-        layer: str,
-        indices: np.ndarray,
-        scores: np.ndarray,
-        locations: np.ndarray,
-        nan_counts: np.ndarray,
-        output_shape: tuple[int, ...],
-        k: int,
+        self, layer: str, indices: np.ndarray, candidates: LayerCandidates, k: int
     ) -> None:
-        """Merge one batch's candidates: indices, scores, flat locations (M, C); nan_counts (C,)."""
-        m, channels = scores.shape
+        """Merge one batch's candidates of ``layer``; ``indices`` (B,): the batch's dataset
+        indices, which ``candidates.rows`` index."""
+        m, channels = candidates.scores.shape
+        output_shape = candidates.output_shape
         current = self.tops.get(layer)
         if current is None:
             current = _empty_top(channels, k, output_shape)
@@ -224,19 +265,21 @@ class _State:
                 "every example must have the same shape"
             )
         if output_shape:
-            unravelled = np.stack(np.unravel_index(locations.T, output_shape), axis=-1)
+            flat = candidates.locations.T  # (C, M)
+            unravelled = np.stack(np.unravel_index(flat, output_shape), axis=-1)
         else:  # no spatial axes: the location is ()
             unravelled = np.zeros((channels, m, 0), dtype=np.int64)
         batch = LayerTop(
-            indices=indices.T,
-            scores=scores.T,
+            indices=indices[candidates.rows].T,
+            scores=candidates.scores.T,
             locations=unravelled.reshape(channels, m, len(output_shape)),
-            nan_counts=nan_counts.astype(np.int64),
+            nan_counts=candidates.nan_counts.astype(np.int64),
             output_shape=output_shape,
         )
         self.tops[layer] = _merge(current, batch, k)
 
     def merge(self, other: _State, k: int) -> _State:
+        """The state of both (``other``'s examples are disjoint from this one's)."""
         tops = dict(self.tops)
         for name, top in other.tops.items():
             tops[name] = _merge(tops[name], top, k) if name in tops else top
@@ -249,119 +292,136 @@ class _State:
 
 
 # --------------------------------------------------------------------------------------------
-# Data sources: batches of sequential indices, broken items skipped
+# One batch: layer outputs -> candidates, inside the forward hooks
 
 
-class _Guarded(torch.utils.data.Dataset):
-    """Wraps a dataset so that an item that raises comes back as an error, not an exception."""
+class _BatchReducer:
+    """Reduces each layer's output to :class:`LayerCandidates` right when it is produced.
 
-    def __init__(self, dataset: Any) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> tuple[int, bool, Any]:
-        try:
-            return index, True, self.dataset[index]
-        except Exception as exc:  # any failure to load/transform one example skips it
-            return index, False, f"{type(exc).__name__}: {exc}"
-
-
-def _collate(items: list[tuple[int, bool, Any]]) -> tuple[Any, ...]:
-    # In DataLoader workers an exception would come back wrapped in a worker traceback, so
-    # the error travels as a value and is raised in the scanning process.
-    try:
-        return (*_stack(items), None)
-    except DataError as exc:
-        return np.zeros(0, dtype=np.int64), None, {}, str(exc)
-
-
-def _stack(items: list[tuple[int, bool, Any]]) -> tuple[np.ndarray, torch.Tensor | None, dict]:
-    good: list[int] = []
-    tensors: list[torch.Tensor] = []
-    skipped: dict[int, str] = {}
-    for index, ok, item in items:
-        if not ok:
-            skipped[index] = item
-            continue
-        x = split_example(item, index)[0]
-        good.append(index)
-        tensors.append(x)
-    if not tensors:
-        return np.zeros(0, dtype=np.int64), None, skipped
-    shapes = {tuple(t.shape) for t in tensors}
-    if len(shapes) > 1:
-        raise DataError(
-            f"dataset items {good[0]}..{good[-1]} have different shapes {sorted(shapes)}; "
-            "resize or crop them to one size"
-        )
-    return np.asarray(good, dtype=np.int64), torch.stack(tensors), skipped
-
-
-def _batches(
-    data: Any, spans: list[tuple[int, int]], num_workers: int, pin_memory: bool = False
-) -> Iterator[tuple[np.ndarray, torch.Tensor | None, dict, str | None]]:
-    if isinstance(data, torch.Tensor):
-        for start, stop in spans:
-            yield np.arange(start, stop, dtype=np.int64), data[start:stop], {}, None
-        return
-    loader = torch.utils.data.DataLoader(
-        _Guarded(data),
-        batch_sampler=[list(range(start, stop)) for start, stop in spans],
-        collate_fn=_collate,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-    )
-    yield from loader
-
-
-def _check_data(data: Any) -> int:
-    if isinstance(data, torch.Tensor):
-        if data.dim() < 2:
-            raise DataError(
-                f"a data tensor must be (N, C, *spatial), got shape {tuple(data.shape)}"
-            )
-        return int(data.shape[0])
-    if not (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
-        raise DataError(
-            f"data must be a torch Dataset (items: tensor or (tensor, label)) or a tensor "
-            f"(N, C, *spatial), got {type(data).__name__}"
-        )
-    return len(data)
-
-
-def _data_fingerprint(data: Any, size: int) -> tuple[str, tuple[int, ...] | None]:
-    """``sha256:<hex>`` identifying the data, and the shape of one example (None if unknown).
-
-    A tensor is hashed whole. A dataset is hashed by its length and the items at a few fixed
-    indices (first, middle, last), loaded through the same guarded path as the scan: an item
-    that fails to load is hashed as skipped. Cheap, and enough to tell a resumed scan that it
-    was handed other data of the same size.
+    :meth:`on_output` is the ``capture`` hook; :meth:`run` runs one batch and returns every
+    layer's candidates. Only the batch's own ``top_k`` per channel can enter the running
+    top-k, so they are selected where the activations live (little crosses to the CPU, and
+    the merge stays small), and locations are found only for them.
     """
-    h = hashlib.sha256()
-    if isinstance(data, torch.Tensor):
-        h.update(b"tensor")
-        hash_tensor(h, data)
-        return "sha256:" + h.hexdigest(), tuple(int(v) for v in data.shape[1:])
-    h.update(f"dataset of {size}".encode())
-    guarded = _Guarded(data)
-    shape = None
-    for index in sorted({0, size // 2, size - 1}):
-        _, ok, item = guarded[index]
-        h.update(f"|{index}:".encode())
-        x = item[0] if ok and isinstance(item, tuple | list) and item else item
-        if not ok:
-            h.update(b"skipped")
-        elif isinstance(x, torch.Tensor):
-            hash_tensor(h, x)
-            shape = shape or tuple(int(v) for v in x.shape)
-        else:  # the scan reports non-tensor items with a clear DataError
-            h.update(type(x).__name__.encode())
-    return "sha256:" + h.hexdigest(), shape
+
+    def __init__(self, score: Score, top_k: int) -> None:
+        self.score = score
+        self.top_k = top_k
+        self._batch_size = 0
+        self._candidates: dict[str, LayerCandidates] = {}
+
+    def reduce(self, name: str, y: torch.Tensor) -> LayerCandidates:
+        """The candidates of one layer's output ``y`` (N, C, *spatial).
+
+        Raises
+        ------
+        DataError
+            ``y`` is not ``(N, C, *spatial)`` for the batch being run.
+        """
+        if y.dim() < 2 or y.shape[0] != self._batch_size:
+            raise DataError(
+                f"layer {name!r} returned shape {tuple(y.shape)} for a batch of "
+                f"{self._batch_size}: scan needs outputs (N, C, *spatial)"
+            )
+        flat = y.detach().reshape(y.shape[0], y.shape[1], -1)  # (N, C, S)
+        values, has_nan = self.score.values(flat)  # (N, C) each
+        n, channels = values.shape
+        if n > self.top_k:
+            # Ascending stable sort of -score: NaN last, ties keep batch order.
+            rows = torch.sort(-values, dim=0, stable=True).indices[: self.top_k]  # (K, C)
+            values = values.gather(0, rows)
+        else:
+            rows = torch.arange(n, device=values.device)[:, None].expand(n, channels)
+        columns = torch.arange(channels, device=values.device).expand_as(rows)
+        locations = first_argmax(self.score.peak(flat[rows, columns]))  # (K, C)
+        return LayerCandidates(
+            rows=rows.cpu().numpy(),
+            scores=values.cpu().double().numpy(),
+            locations=locations.cpu().numpy().astype(np.int64),
+            nan_counts=has_nan.sum(dim=0).cpu().numpy(),
+            output_shape=tuple(y.shape[2:]),
+        )
+
+    def on_output(self, name: str, y: torch.Tensor) -> None:
+        """The forward hook: reduce ``y`` now, before a later in-place op overwrites it."""
+        self._candidates[name] = self.reduce(name, y)
+
+    def run(
+        self, forward: Callable[[torch.Tensor], object], x: torch.Tensor
+    ) -> dict[str, LayerCandidates]:
+        """Run ``forward(x)`` (the truncated pass of ``capture``) on a batch ``x`` (B, C, ...)
+        and return every captured layer's candidates."""
+        self._batch_size = int(x.shape[0])
+        self._candidates = {}
+        forward(x)
+        return self._candidates
 
 
-def _check_channels_first(model: nn.Module, input_shape: tuple[int, ...], names: list[str]) -> None:
+# --------------------------------------------------------------------------------------------
+# Arguments and configuration
+
+
+@dataclass(frozen=True)
+class _ScanConfig:
+    """Everything a scan was asked, checked; fixed for the whole scan."""
+
+    identity: ScanIdentity
+    score: Score
+    batch_size: int
+    device: str | torch.device | None
+    checkpoint: Path | None
+    checkpoint_every: int
+    num_workers: int
+    progress: bool
+    resume: bool
+    rank: int  # torch.distributed rank and world size (0, 1 without it)
+    world: int
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.identity.layers
+
+    @property
+    def top_k(self) -> int:
+        return self.identity.top_k
+
+    @property
+    def size(self) -> int:
+        return self.identity.data.size
+
+
+def _check_arguments(
+    model: nn.Module,
+    data: SizedDataset | torch.Tensor,
+    layers: str | Sequence[str],
+    *,
+    score: str,
+    top_k: int,
+    batch_size: int,
+    checkpoint_every: int,
+) -> tuple[tuple[str, ...], int]:
+    """The layer names (duplicates dropped) and the data size, once every argument is valid."""
+    if score not in SCORES:
+        raise UsageError(f"unknown score {score!r}; valid scores: {', '.join(SCORES)}")
+    names = tuple(dict.fromkeys(resolve_layers(model, layers)))
+    size = data_size(data)
+    if size == 0:
+        raise DataError("the dataset is empty")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= size:
+        raise UsageError(
+            f"top_k must be an int between 1 and the dataset size {size}, got {top_k!r} "
+            "(use --top-k N with N <= the dataset size)"
+        )
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UsageError(f"batch_size must be a positive int, got {batch_size!r}")
+    if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+        raise UsageError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
+    return names, size
+
+
+def _check_channels_first(
+    model: nn.Module, input_shape: tuple[int, ...], names: Sequence[str]
+) -> None:
     """Refuse channels-last layers, whose dim 1 is not channels (when the model traces).
 
     The check needs the receptive-field analysis; a model it cannot analyse is scanned as
@@ -371,39 +431,6 @@ def _check_channels_first(model: nn.Module, input_shape: tuple[int, ...], names:
         rf, _ = try_receptive_field(model, input_shape, name)
         if rf is not None:  # untraceable model, unsupported op, ...: no check possible
             rf.check_channels_first(name)
-
-
-# --------------------------------------------------------------------------------------------
-# torch.distributed
-
-
-def _dist() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _broadcast(obj: Any, world: int) -> Any:
-    if world == 1:
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _gather_merge(state: _State, world: int, k: int) -> _State:
-    if world == 1:
-        return state
-    states: list[Any] = [None] * world
-    torch.distributed.all_gather_object(states, state)
-    merged = _State()
-    for s in states:  # rank order: deterministic, and _merge is order-free anyway
-        merged = merged.merge(s, k)
-    return merged
-
-
-# --------------------------------------------------------------------------------------------
-# Checkpoints and manifests
 
 
 def _remembered_model_spec(model: nn.Module, fingerprint: str) -> ModelSpec | None:
@@ -416,142 +443,146 @@ def _remembered_model_spec(model: nn.Module, fingerprint: str) -> ModelSpec | No
         "load_state_dict): that spec would rebuild another model, so the atlas records none; "
         "pass model_spec= (e.g. with checkpoint= a saved state_dict) to record one",
         RuntimeWarning,
-        stacklevel=3,
+        stacklevel=_USER_FRAME + 2,
     )
     return None
 
 
-def _config(
+def _identity(
     model: nn.Module,
-    model_fp: str,
-    model_spec: ModelSpec | None,
-    data: Any,
-    data_spec: DataSpec | None,
+    data: SizedDataset | torch.Tensor,
+    names: tuple[str, ...],
     size: int,
-    data_fingerprint: str,
-    layers: list[str],
+    *,
     score: str,
     top_k: int,
-) -> dict[str, Any]:
-    return {
-        "model": {
-            "spec": None if model_spec is None else model_spec.to_dict(),
-            "class": type(model).__name__,
-            "fingerprint": model_fp,
-        },
-        "data": {
-            "spec": None if data_spec is None else data_spec.to_dict(),
-            "class": type(data).__name__,
-            "size": size,
-            "fingerprint": data_fingerprint,
-        },
-        "layers": layers,
-        "score": score,
-        "top_k": top_k,
-    }
+    model_spec: ModelSpec | None,
+    data_spec: DataSpec | None,
+) -> ScanIdentity:
+    """Fingerprint model and data (refusing channels-last layers) and fill in the specs that
+    ``ModelSpec.build()`` / ``DataSpec.build()`` left on them."""
+    data_fp, example_shape = data_fingerprint(data, size)
+    if example_shape is not None:
+        _check_channels_first(model, example_shape, names)
+    model_fp = model_fingerprint(model)
+    if model_spec is None:
+        model_spec = _remembered_model_spec(model, model_fp)
+    if data_spec is None:
+        data_spec = remembered_spec(data, DataSpec)[0]
+    return ScanIdentity(
+        model=ModelRecord(model_spec, type(model).__name__, model_fp),
+        data=DataRecord(
+            None if data_spec is None else DataSpecRecord.from_spec(data_spec),
+            type(data).__name__,
+            size,
+            data_fp,
+        ),
+        layers=names,
+        score=score,
+        top_k=top_k,
+    )
 
 
-def _differences(manifest: dict[str, Any], config: dict[str, Any]) -> list[str]:
-    out = []
-    old_fp, new_fp = manifest["model"]["fingerprint"], config["model"]["fingerprint"]
-    if old_fp != new_fp:
-        out.append(
-            f"the model differs (parameter fingerprint {new_fp[:19]}... vs {old_fp[:19]}...)"
-        )
-    if manifest["model"]["spec"] != config["model"]["spec"]:
-        out.append(
-            f"the model spec differs ({config['model']['spec']} vs {manifest['model']['spec']})"
-        )
-    if manifest["data"]["spec"] != config["data"]["spec"]:
-        out.append(
-            f"the data spec differs ({config['data']['spec']} vs {manifest['data']['spec']})"
-        )
-    if manifest["data"]["size"] != config["data"]["size"]:
-        out.append(
-            f"the data size differs ({config['data']['size']} vs {manifest['data']['size']} examples)"
-        )
-    old_data = manifest["data"].get("fingerprint")  # absent in checkpoints of older versions
-    new_data = config["data"]["fingerprint"]
-    if old_data is not None and old_data != new_data:
-        out.append(
-            f"the data differs (fingerprint {new_data[:19]}... vs {old_data[:19]}...: other "
-            "examples at the same indices)"
-        )
-    old_layers = [entry["name"] for entry in manifest["layers"]]
-    if old_layers != config["layers"]:
-        out.append(f"the layers differ ({config['layers']} vs {old_layers})")
-    for key in ("score", "top_k"):
-        if manifest[key] != config[key]:
-            out.append(f"{key} differs ({config[key]!r} vs {manifest[key]!r})")
-    return out
+# --------------------------------------------------------------------------------------------
+# torch.distributed
+
+_T = TypeVar("_T")
 
 
-def _load_checkpoint(directory: Path, config: dict[str, Any]) -> tuple[_State, int, Atlas] | None:
-    """The saved state of a scan in ``directory`` (None when there is none)."""
+def _dist() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _broadcast(obj: _T, world: int) -> _T:
+    if world == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _gather_merge(state: _State, world: int, k: int) -> _State:
+    if world == 1:
+        return state
+    states: list[_State | None] = [None] * world
+    torch.distributed.all_gather_object(states, state)
+    merged = _State()
+    for s in states:  # rank order: deterministic, and _merge is order-free anyway
+        assert s is not None  # all_gather_object filled every slot
+        merged = merged.merge(s, k)
+    return merged
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints: the scan writes and resumes through atlas.Manifest
+
+
+def _atlas(config: _ScanConfig, state: _State, next_index: int) -> Atlas:
+    """The atlas of ``state`` after the examples below ``next_index``."""
+    manifest = Manifest.of_scan(
+        config.identity,
+        state.tops,
+        input_shape=state.input_shape,
+        examples_scanned=state.scanned,
+        skipped=state.skipped,
+        progress=Progress(next_index, config.batch_size),
+    )
+    return Atlas(manifest, state.tops)
+
+
+def _load_checkpoint(directory: Path, identity: ScanIdentity) -> Atlas | None:
+    """The scan saved in ``directory`` (None when there is none); refused when it is of
+    another scan."""
     if not (directory / MANIFEST).is_file():
         return None
     atlas = Atlas.load(directory, allow_incomplete=True)
-    manifest = atlas.manifest
-    diffs = _differences(manifest, config)
+    diffs = identity.differences(atlas.manifest.identity)
     if diffs:
         raise AtlasError(
             f"cannot resume the scan in {str(directory)!r}: "
             + "; ".join(diffs)
             + " (new vs saved). Use another checkpoint directory, or delete this one to start over"
         )
-    state = _State(
-        tops={name: atlas.layer(name) for name in atlas.layers},
-        skipped={int(s["index"]): s["error"] for s in manifest["skipped"]},
-        scanned=int(manifest["examples_scanned"]),
-        input_shape=tuple(manifest["input_shape"]) if manifest["input_shape"] else None,
-    )
-    return state, int(manifest["progress"]["next_index"]), atlas
+    return atlas
 
 
-def _atlas(
-    config: dict[str, Any],
-    state: _State,
-    data_spec: DataSpec | None,
-    batch_size: int,
-    next_index: int,
-) -> Atlas:
-    complete = next_index >= config["data"]["size"]
-    layer_entries = []
-    for name in config["layers"]:
-        top = state.tops[name]
-        layer_entries.append(
-            {
-                "name": name,
-                "channels": top.channels,
-                "output_shape": list(top.output_shape),
-                # sparse: {channel: examples whose map held a NaN}, channels without NaN left out
-                "nan_counts": {str(c): int(v) for c, v in enumerate(top.nan_counts) if v},
-            }
-        )
-    preprocessing = None
-    if data_spec is not None:
-        preprocessing = {
-            "input_size": data_spec.input_size,
-            "mean": None if data_spec.mean is None else list(data_spec.mean),
-            "std": None if data_spec.std is None else list(data_spec.std),
-        }
-    manifest = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "library_version": _library_version(),
-        "model": config["model"],
-        "data": config["data"],
-        "preprocessing": preprocessing,
-        "input_shape": None if state.input_shape is None else list(state.input_shape),
-        "layers": layer_entries,
-        "score": config["score"],
-        "top_k": config["top_k"],
-        "examples_scanned": state.scanned,
-        "skipped": [{"index": i, "error": state.skipped[i]} for i in sorted(state.skipped)],
-        "complete": complete,
-        "progress": {"next_index": next_index, "batch_size": batch_size},
-    }
-    return Atlas(manifest, dict(state.tops))
+@dataclass(frozen=True)
+class _Resumption:
+    """What rank 0 found in the checkpoint, told to every rank (they may not share a disk)."""
+
+    next_index: int = 0
+    done: Atlas | None = None
+    error: Exception | None = None
+
+
+def _resume(config: _ScanConfig) -> tuple[_State, _Resumption]:
+    """Where this rank starts: its state and the first index; ``done`` when the checkpoint
+    holds the complete atlas. Only rank 0 carries the saved state (merged at the end)."""
+    state, found = _State(), _Resumption()
+    ckpt = config.checkpoint
+    if config.rank == 0 and ckpt is not None:
+        try:
+            saved = _load_checkpoint(ckpt, config.identity)
+        except (AtlasError, FileNotFoundError) as exc:
+            found = _Resumption(error=exc)
+        else:
+            if saved is None and config.resume:
+                warnings.warn(
+                    f"nothing to resume in {str(ckpt)!r} (no scan saved there): starting afresh",
+                    RuntimeWarning,
+                    stacklevel=_USER_FRAME + 1,
+                )
+            elif saved is not None and saved.complete:
+                found = _Resumption(done=saved)
+            elif saved is not None:
+                found = _Resumption(next_index=saved.manifest.progress.next_index)
+                state = _State.of_atlas(saved)
+    found = _broadcast(found, config.world)
+    if found.error is not None:
+        raise found.error
+    return state, found
 
 
 # --------------------------------------------------------------------------------------------
@@ -576,66 +607,39 @@ class _on_device:  # noqa: N801 - used as a context manager
             self.model.to(self.original)
 
 
-def check_new_output(directory: str | os.PathLike) -> None:
-    """Refuse ``directory`` as the output of a new scan when it already holds one.
-
-    Raises
-    ------
-    AtlasError
-        Saying whether it holds a complete atlas (choose another output or delete it) or an
-        interrupted scan (resume it), with its size and layers.
-    """
-    directory = Path(directory)
-    path = directory / MANIFEST
-    if not path.is_file():
-        return
-    where = str(directory)
-    try:
-        manifest = json.loads(path.read_text())
-        size = int(manifest["data"]["size"])
-        layers = [entry["name"] for entry in manifest["layers"]]
-        complete = bool(manifest["complete"])
-        next_index = int(manifest["progress"]["next_index"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise AtlasError(
-            f"{where!r} already holds an unreadable atlas manifest ({type(exc).__name__}: {exc}); "
-            "choose another --out or delete it"
-        ) from exc
-    if complete:
-        raise AtlasError(
-            f"{where!r} already holds a complete atlas ({size} examples, layers "
-            f"{', '.join(layers)}); choose another --out or delete it"
-        )
-    raise AtlasError(
-        f"{where!r} holds an interrupted scan at {next_index} of {size} examples (layers "
-        f"{', '.join(layers)}); pass --resume to continue it, or choose another --out"
-    )
-
-
 # --------------------------------------------------------------------------------------------
-# Interrupts
+# Interrupts and skipped examples
 
 
 class _Stop:
     """While a checkpointed scan runs: SIGINT and SIGTERM raise ``KeyboardInterrupt``, deferred
-    to :meth:`check` while ``recording[0]`` (a batch half recorded); a second signal raises at
-    once. The previous handlers come back on exit. Only in the main thread (where Python runs
-    signal handlers), and only when ``enabled``."""
+    to :meth:`check` while a batch is being recorded (:meth:`recording`); a second signal
+    raises at once. The previous handlers come back on exit. Only in the main thread (where
+    Python runs signal handlers), and only when ``enabled``."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, recording: list[bool], enabled: bool) -> None:
-        self.recording = recording
+    def __init__(self, enabled: bool) -> None:
         self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.busy = False  # a batch is half recorded: the state is not consistent
         self.pending: list[int] = []
-        self.previous: dict[int, Any] = {}
+        self.previous: dict[int, Any] = {}  # signal.getsignal's handlers (callables, ints, None)
 
-    def _handle(self, signum: int, frame: object) -> None:
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.pending.append(signum)
-        if not self.recording[0] or len(self.pending) > 1:
+        if not self.busy or len(self.pending) > 1:
             raise KeyboardInterrupt
 
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[None]:
+        """Defer signals while the block runs; the state is consistent again only when the
+        block ends normally (an exception leaves it marked as half recorded)."""
+        self.busy = True
+        yield
+        self.busy = False
+
     def check(self) -> None:
+        """Raise the ``KeyboardInterrupt`` of a signal deferred while recording."""
         if self.pending:
             raise KeyboardInterrupt
 
@@ -654,17 +658,39 @@ class _Stop:
         self.previous.clear()
 
 
+class _SkipWarnings:
+    """Warns about the first :attr:`LIMIT` skipped examples, then only counts them."""
+
+    LIMIT = 10
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def warn(self, skipped: Mapping[int, str]) -> None:
+        for index, error in skipped.items():
+            if self.count < self.LIMIT:
+                warnings.warn(
+                    f"skipping example {index} ({error}); it is listed in the atlas manifest",
+                    RuntimeWarning,
+                    stacklevel=_USER_FRAME + 2,
+                )
+            self.count += 1
+
+    def summarize(self) -> None:
+        if self.count > self.LIMIT:
+            warnings.warn(
+                f"{self.count} examples skipped in all (listed in the atlas manifest)",
+                RuntimeWarning,
+                stacklevel=_USER_FRAME + 1,
+            )
+
+
 def _interrupted(
-    config: dict[str, Any],
-    state: _State,
-    data_spec: DataSpec | None,
-    batch_size: int,
-    completed: int,
-    ckpt: Path,
-    consistent: bool,
+    config: _ScanConfig, state: _State, completed: int, consistent: bool
 ) -> ScanInterrupted:
-    """Save the state of the batches done to ``ckpt`` (when it is whole) and say so."""
-    size = config["data"]["size"]
+    """Save the state of the batches done to the checkpoint (when it is whole) and say so."""
+    assert config.checkpoint is not None  # only checkpointed scans catch interrupts
+    ckpt, size = config.checkpoint, config.size
     head = f"scan interrupted after {completed} of {size} examples"
     again = "run the same scan again (CLI: --resume) to continue"
     if not consistent:
@@ -676,10 +702,121 @@ def _interrupted(
             size,
             saved,
         )
-    if set(state.tops) != set(config["layers"]):  # no example loaded yet
+    if set(state.tops) != set(config.names):  # no example loaded yet
         return ScanInterrupted(f"{head}; nothing to save yet", completed, size, None)
-    _atlas(config, state, data_spec, batch_size, completed).save(ckpt)
+    _atlas(config, state, completed).save(ckpt)
     return ScanInterrupted(f"{head}; state saved in {str(ckpt)!r}: {again}", completed, size, ckpt)
+
+
+# --------------------------------------------------------------------------------------------
+# The pass
+
+
+def _forward(
+    batch: Batch,
+    reducer: _BatchReducer,
+    run: Callable[[torch.Tensor], object],
+    device: torch.device,
+    state: _State,
+) -> dict[str, LayerCandidates] | None:
+    """Run one batch through the truncated forward ``run``; None when no item of it loaded.
+
+    Raises
+    ------
+    DataError
+        The batch could not be stacked (items that are not tensors, of different shapes).
+    """
+    if batch.error is not None:
+        raise DataError(batch.error)
+    if batch.x is None:
+        return None
+    if state.input_shape is None:
+        state.input_shape = tuple(batch.x.shape[1:])
+    return reducer.run(run, batch.x.to(device, non_blocking=True))
+
+
+def _record(
+    state: _State,
+    batch: Batch,
+    candidates: Mapping[str, LayerCandidates] | None,
+    names: Sequence[str],
+    k: int,
+) -> None:
+    """Add one batch to ``state``: its skipped items and every layer's candidates."""
+    state.skipped.update(batch.skipped)
+    if candidates is not None:
+        for name in names:
+            state.add_batch(name, batch.indices, candidates[name], k)
+        state.scanned += len(batch.indices)
+
+
+def _scan_pass(
+    model: nn.Module,
+    data: SizedDataset | torch.Tensor,
+    config: _ScanConfig,
+    state: _State,
+    start: int,
+    skips: _SkipWarnings,
+) -> _State:
+    """Scan the examples from ``start`` on (this rank's batches) into ``state``; checkpoint
+    every ``checkpoint_every`` rounds. Returns the merged state of every rank.
+
+    Raises
+    ------
+    ScanInterrupted
+        Ctrl-C / SIGTERM in a checkpointed single-process scan, after saving what was done.
+    """
+    from tqdm.auto import tqdm
+
+    rank, world = config.rank, config.world
+    size, step, ckpt = config.size, config.batch_size, config.checkpoint
+    spans = [(s, min(s + step, size)) for s in range(start, size, step)]
+    rounds = math.ceil(len(spans) / world)
+    mine = spans[rank::world]
+    reducer = _BatchReducer(config.score, config.top_k)
+    bar = tqdm(
+        total=size - start,
+        unit="img",
+        desc="scan",
+        disable=not config.progress or rank != 0,
+        dynamic_ncols=True,
+    )
+    # Interrupts (one process with a checkpoint): the state is consistent except while a batch
+    # is being recorded; a Ctrl-C / SIGTERM arriving then is deferred to the batch's end, so
+    # that what is saved is exactly the batches done ("completed" examples).
+    stop = _Stop(enabled=ckpt is not None and world == 1)
+    completed = start
+    try:
+        with (
+            stop,
+            preserved(model),
+            _on_device(model, config.device) as dev,
+            torch.inference_mode(),
+            capture(model, config.names, on_output=reducer.on_output) as run,
+        ):
+            batches = iter_batches(data, mine, config.num_workers, pin_memory=dev.type == "cuda")
+            for t in range(rounds):
+                batch = next(batches) if t < len(mine) else None  # None: others' last round
+                candidates = None if batch is None else _forward(batch, reducer, run, dev, state)
+                with stop.recording():
+                    if batch is not None:
+                        skips.warn(batch.skipped)
+                        _record(state, batch, candidates, config.names, config.top_k)
+                    completed = spans[min((t + 1) * world, len(spans)) - 1][1]
+                bar.update(completed - bar.n - start)
+                stop.check()
+                if ckpt is not None and (t + 1) % config.checkpoint_every == 0 and t + 1 < rounds:
+                    merged = _gather_merge(state, world, config.top_k)
+                    if rank == 0 and set(merged.tops) == set(config.names):
+                        _atlas(config, merged, completed).save(ckpt)
+    except KeyboardInterrupt:
+        if ckpt is None or world > 1:
+            raise
+        bar.close()
+        raise _interrupted(config, state, completed, consistent=not stop.busy) from None
+    finally:
+        bar.close()
+    return _gather_merge(state, world, config.top_k)
 
 
 # --------------------------------------------------------------------------------------------
@@ -688,15 +825,15 @@ def _interrupted(
 
 def scan(
     model: nn.Module,
-    data: torch.utils.data.Dataset | torch.Tensor,
+    data: SizedDataset | torch.Tensor,
     layers: str | Sequence[str],
+    *,
     top_k: int = 9,
     score: str = "max",
     batch_size: int = 64,
     device: str | torch.device | None = None,
-    checkpoint: str | os.PathLike | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
     progress: bool = True,
-    *,
     model_spec: ModelSpec | None = None,
     data_spec: DataSpec | None = None,
     num_workers: int = 0,
@@ -715,7 +852,8 @@ def scan(
     layers
         Dotted layer names (see :func:`featurelens.layer_names`), scanned in one pass.
     top_k
-        Hits kept per channel, 1 <= top_k <= len(data).
+        Hits kept per channel, 1 <= top_k <= len(data). This and every later option are
+        keyword-only.
     score
         A key of :data:`SCORES`: ``"max"``, ``"absmax"`` or ``"mean"``.
     batch_size
@@ -758,198 +896,65 @@ def scan(
     ------
     LayerError
         Unknown layer (listing valid names).
-    ValueError
-        Bad ``top_k``, ``score`` or ``batch_size``; a channels-last layer (output
-        ``(N, *spatial, C)``, found when the model traces); :class:`DataError` for data that is not
-        tensors; :class:`~featurelens.atlas.AtlasError` when ``checkpoint`` holds a different
-        scan.
+    UsageError
+        Bad ``top_k``, ``score``, ``batch_size`` or ``checkpoint_every`` (a ``ValueError``); a
+        channels-last layer (output ``(N, *spatial, C)``, found when the model traces).
+    DataError
+        Data that is not tensors (a dataset item, named by index), items of different shapes,
+        an empty dataset, or no example that loads.
+    AtlasError
+        ``checkpoint`` holds a different scan (the message says what differs).
     ScanInterrupted
         Ctrl-C or SIGTERM during a checkpointed scan, after saving what was done.
     """
-    if score not in SCORES:
-        raise ValueError(f"unknown score {score!r}; valid scores: {', '.join(SCORES)}")
-    names = list(dict.fromkeys(resolve_layers(model, layers)))
-    size = _check_data(data)
-    if size == 0:
-        raise DataError("the dataset is empty")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= size:
-        raise ValueError(
-            f"top_k must be an int between 1 and the dataset size {size}, got {top_k!r} "
-            "(use --top-k N with N <= the dataset size)"
-        )
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
-        raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
+    names, size = _check_arguments(
+        model,
+        data,
+        layers,
+        score=score,
+        top_k=top_k,
+        batch_size=batch_size,
+        checkpoint_every=checkpoint_every,
+    )
+    identity = _identity(
+        model,
+        data,
+        names,
+        size,
+        score=score,
+        top_k=top_k,
+        model_spec=model_spec,
+        data_spec=data_spec,
+    )
     rank, world = _dist()
-    data_fp, example_shape = _data_fingerprint(data, size)
-    if example_shape is not None:
-        _check_channels_first(model, example_shape, names)
-    model_fp = model_fingerprint(model)
-    if model_spec is None:
-        model_spec = _remembered_model_spec(model, model_fp)
-    if data_spec is None:
-        data_spec = remembered_spec(data, DataSpec)[0]
-    config = _config(
-        model, model_fp, model_spec, data, data_spec, size, data_fp, names, score, top_k
+    config = _ScanConfig(
+        identity=identity,
+        score=SCORES[score],
+        batch_size=batch_size,
+        device=device,
+        checkpoint=None if checkpoint is None else Path(checkpoint),
+        checkpoint_every=checkpoint_every,
+        num_workers=num_workers,
+        progress=progress,
+        resume=resume,
+        rank=rank,
+        world=world,
     )
-    ckpt = None if checkpoint is None else Path(checkpoint)
-
-    # Rank 0 reads the checkpoint and tells the others (they may not share a filesystem).
-    state, start = _State(), 0
-    payload: tuple[str, Any] = ("start", None)
-    if rank == 0 and ckpt is not None:
-        try:
-            found = _load_checkpoint(ckpt, config)
-        except (AtlasError, FileNotFoundError) as exc:
-            payload = ("error", exc)
-        else:
-            if found is None and resume:
-                warnings.warn(
-                    f"nothing to resume in {str(ckpt)!r} (no scan saved there): starting afresh",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-            if found is not None:
-                saved_state, saved_start, saved_atlas = found
-                if saved_atlas.complete:
-                    payload = ("done", saved_atlas)
-                else:
-                    payload = ("resume", saved_start)
-                    state, start = saved_state, saved_start
-    kind, value = _broadcast(payload, world)
-    if kind == "error":
-        raise value
-    if kind == "done":
-        return value
-    if kind == "resume":
-        start = value
-
-    spans = [(s, min(s + batch_size, size)) for s in range(start, size, batch_size)]
-    rounds = math.ceil(len(spans) / world)
-    mine = spans[rank::world]
-    score_of = SCORES[score]
-    # per layer, this batch's candidates: rows in the batch, scores, flat locations (M, C),
-    # NaN counts (C,), spatial output shape
-    reduced: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[int, ...]]]
-    reduced = {}
-    batch_n = [0]
-
-    def on_output(name: str, y: torch.Tensor) -> None:
-        if y.dim() < 2 or y.shape[0] != batch_n[0]:
-            raise DataError(
-                f"layer {name!r} returned shape {tuple(y.shape)} for a batch of {batch_n[0]}: "
-                "scan needs outputs (N, C, *spatial)"
-            )
-        flat = y.detach().reshape(y.shape[0], y.shape[1], -1)  # (N, C, S)
-        values, has_nan = score_of.values(flat)  # (N, C) each
-        n, channels = values.shape
-        if n > top_k:
-            # Only the batch's own top_k per channel can enter the running top_k: select them
-            # where the activations live, so that little crosses to the CPU and the merge
-            # stays small. Ascending stable sort of -score: NaN last, ties keep batch order.
-            rows = torch.sort(-values, dim=0, stable=True).indices[:top_k]  # (K, C)
-            values = values.gather(0, rows)
-        else:
-            rows = torch.arange(n, device=values.device)[:, None].expand(n, channels)
-        columns = torch.arange(channels, device=values.device).expand_as(rows)
-        locations = first_argmax(score_of.peak(flat[rows, columns]))  # (K, C)
-        reduced[name] = (
-            rows.cpu().numpy(),
-            values.cpu().double().numpy(),
-            locations.cpu().numpy().astype(np.int64),
-            has_nan.sum(dim=0).cpu().numpy(),
-            tuple(y.shape[2:]),
-        )
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(
-        total=size - start,
-        unit="img",
-        desc="scan",
-        disable=not progress or rank != 0,
-        dynamic_ncols=True,
-    )
-    warned = 0
-    # Interrupt handling (one process with a checkpoint): the state is consistent except while
-    # a batch is being recorded; a Ctrl-C / SIGTERM arriving then is deferred to the batch's
-    # end, so that what is saved is exactly the batches done ("completed" examples).
-    recording = [False]
-    completed = start
-    stop = _Stop(recording, enabled=ckpt is not None and world == 1)
-    try:
-        with (
-            stop,
-            preserved(model),
-            _on_device(model, device) as dev,
-            torch.inference_mode(),
-            capture(model, names, on_output=on_output) as run,
-        ):
-            batches = _batches(data, mine, num_workers, pin_memory=dev.type == "cuda")
-            for t in range(rounds):
-                if t < len(mine):
-                    indices, x, skipped, error = next(batches)
-                    if error is not None:
-                        raise DataError(error)
-                    if x is not None:
-                        if state.input_shape is None:
-                            state.input_shape = tuple(x.shape[1:])
-                        reduced.clear()
-                        batch_n[0] = x.shape[0]
-                        run(x.to(dev, non_blocking=True))
-                    recording[0] = True
-                    for index, error in skipped.items():
-                        if warned < 10:
-                            warnings.warn(
-                                f"skipping example {index} ({error}); it is listed in the "
-                                "atlas manifest",
-                                RuntimeWarning,
-                                stacklevel=2,
-                            )
-                        warned += 1
-                    state.skipped.update(skipped)
-                    if x is not None:
-                        for name in names:
-                            rows, values, locations, nan_counts, shape = reduced[name]
-                            state.add_batch(
-                                name, indices[rows], values, locations, nan_counts, shape, top_k
-                            )
-                        state.scanned += len(indices)
-                done = spans[min((t + 1) * world, len(spans)) - 1][1]
-                completed = done
-                recording[0] = False
-                bar.update(done - bar.n - start)
-                stop.check()
-                if ckpt is not None and (t + 1) % checkpoint_every == 0 and t + 1 < rounds:
-                    merged = _gather_merge(state, world, top_k)
-                    if rank == 0 and set(merged.tops) == set(names):
-                        _atlas(config, merged, data_spec, batch_size, done).save(ckpt)
-    except KeyboardInterrupt:
-        if ckpt is None or world > 1:
-            raise
-        bar.close()
-        raise _interrupted(
-            config, state, data_spec, batch_size, completed, ckpt, consistent=not recording[0]
-        ) from None
-    finally:
-        bar.close()
-    merged = _gather_merge(state, world, top_k)
-    if warned > 10:
-        warnings.warn(
-            f"{warned} examples skipped in all (listed in the atlas manifest)",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+    state, found = _resume(config)
+    if found.done is not None:
+        return found.done
+    skips = _SkipWarnings()
+    merged = _scan_pass(model, data, config, state, found.next_index, skips)
+    skips.summarize()
     if set(merged.tops) != set(names):
         first = list(merged.skipped.items())[:3]
         raise DataError(
             f"no example of the {size} could be loaded; first errors: "
             + "; ".join(f"{i}: {e}" for i, e in first)
         )
-    atlas = _atlas(config, merged, data_spec, batch_size, size)
-    if ckpt is not None and rank == 0:
-        atlas.save(ckpt)
-    if world > 1:
+    atlas = _atlas(config, merged, size)
+    if config.checkpoint is not None and config.rank == 0:
+        atlas.save(config.checkpoint)
+    if config.world > 1:
         torch.distributed.barrier()
     return atlas

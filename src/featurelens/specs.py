@@ -25,6 +25,7 @@ from torch import nn
 
 from featurelens._extras import require_extra
 from featurelens.errors import SpecError
+from featurelens.fingerprint import model_fingerprint
 
 __all__ = [
     "DataSpec",
@@ -93,8 +94,6 @@ class ModelSpec:
         attribute is a plain Python attribute: no parameter, buffer or submodule, so
         ``state_dict`` and ``named_modules`` are unchanged.
         """
-        from featurelens.atlas import model_fingerprint
-
         model = load_model(self.spec, weights=self.weights, checkpoint=self.checkpoint)
         remember_spec(model, self, model_fingerprint(model))
         return model
@@ -317,10 +316,17 @@ class DataSpec:
         attributes), which :func:`featurelens.scan` records when given no ``data_spec``.
         """
         kind = self.kind
+        # __post_init__ filled in the defaults of mnist and folders: the fallbacks never apply
+        mean, std, size = self.mean, self.std, self.input_size
         if kind == "mnist":
-            return remember_spec(MnistDigits(self.mean, self.std), self)
+            mean = MNIST_MEAN if mean is None else mean
+            std = MNIST_STD if std is None else std
+            return remember_spec(MnistDigits(mean, std), self)
         if kind == "folder":
-            return remember_spec(ImageFolder(self.spec, self.input_size, self.mean, self.std), self)
+            mean = IMAGENET_MEAN if mean is None else mean
+            std = IMAGENET_STD if std is None else std
+            size = 224 if size is None else size
+            return remember_spec(ImageFolder(self.spec, size, mean, std), self)
         dataset = load_factory(self.spec, "data")()
         if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
             raise SpecError(
@@ -410,8 +416,8 @@ class ImageFolder(torch.utils.data.Dataset):
         from PIL import Image
         from torchvision.transforms import functional as F
 
-        with Image.open(self.paths[index]) as img:
-            img = img.convert("RGB")
+        with Image.open(self.paths[index]) as file:
+            img = file.convert("RGB")
             img = F.resize(img, self.input_size)
             img = F.center_crop(img, [self.input_size, self.input_size])
             x = F.pil_to_tensor(img).float() / 255.0  # (3, S, S)
