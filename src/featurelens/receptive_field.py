@@ -170,6 +170,7 @@ class ReceptiveField:
         return tuple(out)
 
     def __repr__(self) -> str:
+        """Geometry, output shape and flags (the bounds are left out)."""
         flags = [f for f, on in (("global", self.is_global), ("unaligned", not self.aligned)) if on]
         extra = f", flags={flags}" if flags else ""
         return (
@@ -352,9 +353,12 @@ class _Field:
         return [ax for ax in range(len(self.lengths)) if (self.last[ax] < self.first[ax]).any()]
 
     def _check_separable(self, other: _Field, out: _Field) -> None:
-        """Per-axis bounds stay exact through a union unless a branch sees only padding at some
+        """Refuse a union whose per-axis bounds would not be exact.
+
+        Per-axis bounds stay exact through a union unless a branch sees only padding at some
         locations where the other branch reaches further on another axis: then the union's
-        bounding box differs between locations in a way one table per axis cannot hold."""
+        bounding box differs between locations in a way one table per axis cannot hold.
+        """
         empty = {id(self): self._empty_axes(), id(other): other._empty_axes()}
         ok = True
         for x, y in ((self, other), (other, self)):
@@ -722,8 +726,11 @@ def _constant_pad_module(call: _Call) -> _Out:
 
 
 def _reshape(call: _Call) -> _Out:
-    """view/reshape/flatten/squeeze/unsqueeze: keep spatial dims that survive one-to-one,
-    collapse the ones merged into other dims."""
+    """view/reshape/flatten/squeeze/unsqueeze.
+
+    Spatial dims that survive one-to-one keep their axis; the ones merged into other dims are
+    collapsed.
+    """
     f = call.field
     in_shape, out_shape = list(call.x.shape), list(call.output.shape)
     groups = _reshape_groups(in_shape, out_shape)
@@ -1185,9 +1192,11 @@ _MODULE_RULES: dict[type[nn.Module], _Rule] = {
 def _each_dim(
     name: str, rule: Callable[[int], _Rule], dims: Sequence[int] = (1, 2, 3), in_torch: bool = True
 ) -> dict[Any, _Rule]:
-    """``{fn: rule(d)}`` for the function ``name.format(d)`` (``"max_pool{}d"``) of every
-    ``d`` in ``dims``, from ``torch.nn.functional`` and (``in_torch``) ``torch`` where this
-    PyTorch has it."""
+    """``{fn: rule(d)}`` for the function ``name.format(d)`` of every ``d`` in ``dims``.
+
+    ``name`` is like ``"max_pool{}d"``; the functions come from ``torch.nn.functional`` and
+    (``in_torch``) ``torch``, where this PyTorch has them.
+    """
     modules = (F, torch) if in_torch else (F,)
     return {
         fn: rule(d)
