@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import featurelens as fl
-from featurelens.receptive_field import receptive_field_table
+from featurelens.receptive_field import receptive_field_table, try_receptive_field
 
 
 def assert_matches_empirical(model: nn.Module, shape: tuple[int, ...], layer: str) -> None:
@@ -451,3 +451,79 @@ def test_model_left_unchanged_also_after_errors(small_cnn):
     with pytest.raises(fl.LayerError):
         fl.empirical_receptive_field(small_cnn, (1, 28, 28), "nope", (0, 0))
     assert_unchanged(small_cnn, before)
+
+
+# --- errors: what "no field here" is, and what is the caller's mistake -------------------------
+
+
+class WithIndices(nn.Module):
+    """A layer that returns a tuple (pooled values, indices) and one that ignores the input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+        self.pool = nn.MaxPool2d(2, return_indices=True)
+        self.const = nn.Identity()
+        self.out = nn.Identity()
+        self.register_buffer("bias", torch.ones(1, 2, 1, 1))
+
+    def forward(self, x):
+        values, _ = self.pool(self.conv(x))
+        return self.out(values + self.const(self.bias))
+
+
+def test_layers_without_a_field_raise_a_receptive_field_error():
+    m = WithIndices()
+    with pytest.raises(fl.ReceptiveFieldError, match=r"layer 'pool' outputs a tuple of tensors"):
+        fl.receptive_field(m, (1, 9, 9), "pool")
+    with pytest.raises(fl.ReceptiveFieldError, match="'const' .* does not depend on the input"):
+        fl.receptive_field(m, (1, 9, 9), "const")
+    assert list(fl.receptive_fields(m, (1, 9, 9))) == ["conv", "out"]
+    assert (fl.receptive_field(m, (1, 9, 9), "out").size) == (4, 4)
+    assert_matches_empirical(m, (1, 9, 9), "out")
+
+
+def test_input_shape_errors_are_usage_errors(small_cnn):
+    with pytest.raises(fl.UsageError, match=r"not \(C, \*spatial\)"):
+        fl.receptive_fields(small_cnn, (1, 1, 1, 28, 28))
+    with pytest.raises(fl.UsageError, match=r"rejects inputs of shape \(N, 3, 28, 28\)") as info:
+        fl.receptive_fields(small_cnn, (3, 28, 28))
+    assert isinstance(info.value.__cause__, RuntimeError)  # the model's own error, chained
+
+
+class StrideMismatchNamed(StrideMismatch):
+    """The unaligned merge as a layer of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.merged = nn.Identity()
+
+    def forward(self, x):
+        return self.merged(super().forward(x))
+
+
+def test_try_receptive_field_decides_no_field_here(small_cnn):
+    """``(field, "")``, or ``(None, "TypeName: message")`` for the engine's own errors and input
+    shapes it or the model cannot take; an unknown layer is the caller's mistake."""
+    rf, why = try_receptive_field(small_cnn, (1, 28, 28), "features.3")
+    assert why == "" and rf == fl.receptive_field(small_cnn, (1, 28, 28), "features.3")
+    cases = [
+        (Upsampling(), (1, 8, 8), "up", "UnsupportedOpError: ConvTranspose2d module 'up'"),
+        (StrideMismatchNamed(), (1, 9, 9), "merged", "NotAlignedError: "),
+        (Untraceable(), (1, 8, 8), "conv", "TraceError: cannot trace Untraceable"),
+        (WithIndices(), (1, 9, 9), "pool", "ReceptiveFieldError: layer 'pool' outputs a tuple"),
+        (small_cnn, (3, 28, 28), "features.3", "UsageError: the model rejects inputs"),
+        (nn.Sequential(nn.Linear(4, 2)), (4,), "0", "UsageError: input_shape (4,) is not"),
+    ]
+    for model, shape, layer, reason in cases:
+        rf, why = try_receptive_field(model, shape, layer)
+        assert rf is None and why.startswith(reason), (why, reason)
+    with pytest.raises(fl.LayerError):
+        try_receptive_field(small_cnn, (1, 28, 28), "nope")
+
+
+def test_lenient_table_warns_at_the_callers_line():
+    m = nn.Sequential(nn.Conv2d(1, 1, 3), nn.Upsample(scale_factor=2), nn.Conv2d(1, 1, 3))
+    with pytest.warns(UserWarning, match=r"receptive fields stop at Upsample module '1'") as w:
+        fields = fl.receptive_fields(m, (1, 8, 8), strict=False)
+    assert list(fields) == ["0"] and w[0].filename == __file__

@@ -16,15 +16,24 @@ strides raise :class:`NotAlignedError`. Normalisation statistics do not count as
 
 An operation the engine does not know raises :class:`UnsupportedOpError` naming it; the engine
 never guesses.
+
+How it runs: the model is traced once with torch.fx, and :class:`_Propagator` (an
+``fx.Interpreter``) runs the graph on a zero input, computing each node's field (:class:`_Field`)
+beside its value. It only dispatches: three tables map an op to its :class:`_Rule`, module
+classes in ``_MODULE_RULES`` (along the MRO), functions in ``_FUNCTION_RULES`` (by identity) and
+tensor methods in ``_METHOD_RULES`` (by name). A rule holds a typed handler ``(call: _Call) ->
+field``, the number of spatial dims the op works on, and the :class:`_Params` that bind the op's
+arguments to names once per op kind, so that ``x.chunk(2, 1)``, ``x.chunk(2, dim=1)`` and
+``torch.chunk(x, 2, 1)`` read the same ``dim``.
 """
 
 from __future__ import annotations
 
 import operator
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeAlias, TypeVar
 
 import numpy as np
 import torch
@@ -33,10 +42,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from featurelens.errors import (
-    LayerError,
     NotAlignedError,
     ReceptiveFieldError,
     UnsupportedOpError,
+    UsageError,
 )
 from featurelens.graph import model_device, preserved, trace
 from featurelens.unit import check_location
@@ -106,13 +115,18 @@ class ReceptiveField:
     statistics: tuple[str, ...] = field(default=(), compare=False)
 
     def check_channels_first(self, layer: str) -> None:
-        """Raise a ValueError when the layer's output is not ``(N, C, *spatial)``.
+        """Refuse a layer whose output is not ``(N, C, *spatial)``.
 
         Scans and projections read channels at dim 1; a channels-last layer (``(N, H, W, C)``
         inside ConvNeXt blocks) would be misread silently.
+
+        Raises
+        ------
+        UsageError
+            The layer's channels are not at dim 1 (a ``ValueError``).
         """
         if self.channel_dim != 1:
-            raise ValueError(
+            raise UsageError(
                 f"layer {layer!r} outputs its channels at dim {self.channel_dim} (channels-last, "
                 "e.g. after permute(0, 2, 3, 1)); featurelens reads channels at dim 1: address "
                 "the layer after the permute back to (N, C, *spatial), such as the block's output"
@@ -123,7 +137,7 @@ class ReceptiveField:
         """Number of spatial axes."""
         return len(self.size)
 
-    def _check_location(self, location: Sequence[int] | torch.Tensor | int) -> tuple[int, ...]:
+    def _check_location(self, location: Sequence[int] | int) -> tuple[int, ...]:
         return check_location(location, self.output_shape)
 
     def interval(self, location: Sequence[int] | int) -> tuple[tuple[int, int], ...]:
@@ -156,6 +170,7 @@ class ReceptiveField:
         return tuple(out)
 
     def __repr__(self) -> str:
+        """Geometry, output shape and flags (the bounds are left out)."""
         flags = [f for f, on in (("global", self.is_global), ("unaligned", not self.aligned)) if on]
         extra = f", flags={flags}" if flags else ""
         return (
@@ -194,9 +209,10 @@ class _Field:
     ``dims[i]`` is the input spatial axis held by tensor dim ``i`` (None for batch, channel
     and other dims). Everything else is per input axis: the Distill geometry (``size``,
     ``stride``, ``padding``), the number of locations (``lengths``; an axis that no tensor dim
-    holds any more has length 1: it has been pooled or flattened away), and the exact clipped
+    holds any more has length 1: it has been pooled or flattened away), the exact clipped
     bounds of every location (``first[axis][u]``, ``last[axis][u]``, inclusive; ``first`` is
-    ``_EMPTY`` and ``last`` is -1 for a location that sees only padding).
+    ``_EMPTY`` and ``last`` is -1 for a location that sees only padding) and the input's
+    spatial shape (``extent``).
 
     The geometry is what the layer does away from the borders; the bounds are exact everywhere,
     including border locations whose windows reach into padding, explicit pads and crops, and
@@ -210,11 +226,13 @@ class _Field:
     lengths: tuple[int, ...]
     first: tuple[np.ndarray, ...]
     last: tuple[np.ndarray, ...]
+    extent: tuple[int, ...]
     aligned: bool = True
     statistics: tuple[str, ...] = ()  # ops before it that normalise over positions
 
     @classmethod
     def identity(cls, spatial: tuple[int, ...]) -> _Field:
+        """The field of the input itself: every location sees exactly its own position."""
         d = len(spatial)
         return cls(
             dims=(None, None) + tuple(range(d)),
@@ -224,6 +242,7 @@ class _Field:
             lengths=tuple(spatial),
             first=tuple(np.arange(n, dtype=np.int64) for n in spatial),
             last=tuple(np.arange(n, dtype=np.int64) for n in spatial),
+            extent=tuple(spatial),
         )
 
     def _put(self, axis: int, **values: Any) -> _Field:
@@ -262,521 +281,51 @@ class _Field:
         # one output location: its stride is never used; keep the map's, not a surprising n*j
         return self.window(axis, n, 1, 0, 1, 1)
 
-    def covers(self, input_shape: tuple[int, ...]) -> bool:
+    def covers(self) -> bool:
         """Every location sees the whole input on every axis."""
         return all(
             bool((f == 0).all() and (lst == n - 1).all())
-            for f, lst, n in zip(self.first, self.last, input_shape)
+            for f, lst, n in zip(self.first, self.last, self.extent)
         )
 
+    def noting(self, label: str) -> _Field:
+        """The same field, recording an op that normalises over positions (``statistics``)."""
+        return replace(self, statistics=tuple(dict.fromkeys((*self.statistics, label))))
 
-# --------------------------------------------------------------------------------------------
-# Op tables
+    def union(self, other: _Field) -> _Field:
+        """Union of two fields over the same locations; a length-1 axis is broadcast.
 
-_ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
-    nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus,
-    nn.Softsign, nn.Tanhshrink, nn.LogSigmoid, nn.Threshold, nn.RReLU, nn.GLU,
-    nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-    nn.FeatureAlphaDropout,
-    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm,
-    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LayerNorm,
-    nn.LocalResponseNorm, nn.ChannelShuffle,
-)  # fmt: skip
+        The tensor layout (``dims``) is the caller's business: this combines the geometry and
+        the bounds per input axis.
 
-_ELEMENTWISE_FUNCTIONS: set[Any] = {
-    operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv,
-    operator.neg, operator.pos, operator.abs, operator.iadd, operator.imul, operator.isub,
-    operator.itruediv, operator.pow,
-    torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.abs, torch.exp, torch.sqrt,
-    torch.pow, torch.relu, torch.relu_, torch.sigmoid, torch.tanh, torch.clamp, torch.clip,
-    torch.clamp_min, torch.maximum, torch.minimum, torch.where, torch.square, torch.rsqrt,
-    torch.channel_shuffle, torch.native_channel_shuffle,
-    F.relu, F.relu_, F.relu6, F.hardtanh, F.gelu, F.silu, F.mish, F.elu, F.selu, F.celu,
-    F.leaky_relu, F.prelu, F.hardswish, F.hardsigmoid, F.sigmoid, F.tanh, F.softplus,
-    F.logsigmoid, F.threshold, F.glu, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
-    F.alpha_dropout, F.feature_alpha_dropout, F.batch_norm, F.instance_norm, F.group_norm,
-    F.layer_norm, F.local_response_norm,
-}  # fmt: skip
-
-_ELEMENTWISE_METHODS = {
-    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "neg", "abs", "exp", "sqrt",
-    "pow", "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_",
-    "clamp_min", "clamp_min_", "clip", "contiguous", "clone", "float", "double", "half",
-    "bfloat16", "to", "type_as", "detach", "square", "rsqrt", "masked_fill", "expand_as",
-    "requires_grad_", "__add__", "__mul__", "__radd__", "__rmul__", "__sub__", "__truediv__",
-}  # fmt: skip
-
-_SHAPE_METHODS = {"size", "dim", "numel", "stride", "ndimension", "element_size", "get_device"}
-
-_UNSUPPORTED_HINT = (
-    "not supported yet: its receptive field is not a single interval per location. "
-    "Use featurelens.empirical_receptive_field for this model."
-)
-
-_UNSUPPORTED_MODULES: tuple[type[nn.Module], ...] = (
-    nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Upsample,
-    nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.PixelShuffle, nn.PixelUnshuffle,
-    nn.Unfold, nn.Fold, nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d,
-    nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d, nn.CircularPad1d,
-    nn.CircularPad2d, nn.CircularPad3d, nn.FractionalMaxPool2d, nn.FractionalMaxPool3d,
-    nn.MaxUnpool1d, nn.MaxUnpool2d, nn.MaxUnpool3d, nn.MultiheadAttention,
-)  # fmt: skip
-
-
-def _ntuple(v: Any, n: int) -> tuple[int, ...]:
-    if isinstance(v, (list, tuple)):
-        if len(v) == 1:
-            return tuple(int(v[0]) for _ in range(n))
-        return tuple(int(x) for x in v)
-    return tuple(int(v) for _ in range(n))
-
-
-def _bind(args: tuple, kwargs: dict, names: Sequence[str], defaults: dict) -> dict:
-    out = dict(defaults)
-    out.update(zip(names, args))
-    out.update(kwargs)
-    return out
-
-
-_POOL_NAMES = {
-    "max": ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode"),
-    "avg": ("input", "kernel_size", "stride", "padding", "ceil_mode"),
-    "lp": ("input", "norm_type", "kernel_size", "stride", "ceil_mode"),
-    "conv": ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
-}
-_POOL_FUNCTIONS: dict[Any, tuple[str, int]] = {}
-for _d in (1, 2, 3):
-    for _f in (getattr(F, f"max_pool{_d}d"), getattr(F, f"max_pool{_d}d_with_indices", None),
-               getattr(torch, f"max_pool{_d}d", None)):  # fmt: skip
-        if _f is not None:
-            _POOL_FUNCTIONS[_f] = ("max", _d)
-    for _f in (getattr(F, f"avg_pool{_d}d"), getattr(torch, f"avg_pool{_d}d", None)):
-        if _f is not None:
-            _POOL_FUNCTIONS[_f] = ("avg", _d)
-    for _f in (getattr(F, f"conv{_d}d"), getattr(torch, f"conv{_d}d", None)):
-        if _f is not None:
-            _POOL_FUNCTIONS[_f] = ("conv", _d)
-    if _d < 3:
-        _POOL_FUNCTIONS[getattr(F, f"lp_pool{_d}d")] = ("lp", _d)
-_ADAPTIVE_FUNCTIONS = {
-    getattr(F, f"adaptive_{kind}_pool{d}d"): d for kind in ("max", "avg") for d in (1, 2, 3)
-}
-_ADAPTIVE_FUNCTIONS.update(
-    {getattr(F, f"adaptive_max_pool{d}d_with_indices"): d for d in (1, 2, 3)}
-)
-
-
-# --------------------------------------------------------------------------------------------
-# The propagation
-
-
-class _Propagator(fx.Interpreter):
-    """Runs the traced graph on a real (zero) input and propagates fields beside the values."""
-
-    def __init__(
-        self, gm: fx.GraphModule, input_shape: tuple[int, ...], stop_at: fx.Node | None = None
-    ):
-        super().__init__(gm)
-        self.stop_at = stop_at
-        self.input_shape = input_shape
-        self.spatial = input_shape[1:]
-        self.fields: dict[fx.Node, Any] = {}
-        self.modules = dict(gm.named_modules())
-        self._placeholder_seen = False
-
-    # -- helpers ------------------------------------------------------------------------------
-    def _where(self, node: fx.Node) -> str:
-        what = (
-            node.target
-            if node.op != "call_function"
-            else getattr(node.target, "__name__", node.target)
-        )
-        if node.op == "call_module":
-            what = f"{type(self.modules[node.target]).__name__} module {node.target!r}"
-        elif node.op == "call_method":
-            what = f"Tensor.{node.target}()"
-        else:
-            mod = getattr(node.target, "__module__", "") or ""
-            what = f"{mod + '.' if mod else ''}{what}()"
-        line = ""
-        if node.stack_trace:
-            last = [ln.strip() for ln in node.stack_trace.strip().splitlines() if ln.strip()]
-            if len(last) >= 2:
-                line = f" at {last[-2]}: {last[-1]}"
-        return f"{what} (graph node {node.name!r}{line})"
-
-    def _unsupported(self, node: fx.Node, why: str = _UNSUPPORTED_HINT) -> UnsupportedOpError:
-        return UnsupportedOpError(f"{self._where(node)}: {why}")
-
-    def _field_of(self, a: Any) -> Any:
-        if isinstance(a, fx.Node):
-            return self.fields.get(a)
-        if isinstance(a, (list, tuple)):
-            return [self._field_of(x) for x in a]
-        return None
-
-    def _arg_fields(self, node: fx.Node) -> list[tuple[_Field, torch.Tensor]]:
-        found: list[tuple[_Field, torch.Tensor]] = []
-
-        def visit(a: Any) -> None:
-            if isinstance(a, fx.Node):
-                f = self.fields.get(a)
-                if isinstance(f, _Field):
-                    found.append((f, self.env[a]))
-                elif isinstance(f, (list, tuple)) and any(f):
-                    raise self._unsupported(node, "takes a tuple of tensors it cannot follow")
-            elif isinstance(a, (list, tuple)):
-                for x in a:
-                    visit(x)
-            elif isinstance(a, dict):
-                for x in a.values():
-                    visit(x)
-
-        visit(node.args)
-        visit(node.kwargs)
-        return found
-
-    # -- fx hooks -----------------------------------------------------------------------------
-    def run_node(self, n: fx.Node) -> Any:
-        result = super().run_node(n)
-        if n.op == "placeholder":
-            if self._placeholder_seen:
-                self.fields[n] = None
-            else:
-                self.fields[n] = _Field.identity(tuple(self.spatial))
-                self._placeholder_seen = True
-            return result
-        if n.op in ("get_attr", "output"):
-            self.fields[n] = None
-            return result
-        self.fields[n] = self._propagate(n, result)
-        if n is self.stop_at:
-            raise _Done
-        return result
-
-    # -- dispatch -----------------------------------------------------------------------------
-    def _propagate(self, node: fx.Node, result: Any) -> Any:
-        if node.op == "call_method" and node.target in _SHAPE_METHODS:
-            return None
-        if node.op == "call_function" and node.target is getattr:
-            return None  # x.shape, x.dtype, ...
-        if node.op == "call_function" and node.target is operator.getitem:
-            return self._getitem(node, result)
-        inputs = self._arg_fields(node)
-        if not inputs:
-            return None  # constant w.r.t. the input
-        if node.op == "call_module":
-            return self._module(node, self.modules[node.target], inputs, result)
-        if node.op == "call_function":
-            return self._function(node, node.target, inputs, result)
-        if node.op == "call_method":
-            return self._method(node, node.target, inputs, result)
-        raise self._unsupported(node)
-
-    def _module(self, node, m, inputs, result):  # noqa: ANN001
-        f, x = inputs[0]
-        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            if m.padding_mode != "zeros":
-                raise self._unsupported(
-                    node, f"padding_mode={m.padding_mode!r} is not supported yet (only 'zeros')"
-                )
-            d = len(m.kernel_size)
-            return self._conv(node, f, x, result, m.kernel_size, m.stride, m.padding, m.dilation, d)
-        if isinstance(m, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)):
-            d = int(type(m).__name__[-2])
-            return self._conv(node, f, x, result, m.kernel_size, m.stride, m.padding, m.dilation, d)
-        if isinstance(m, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.LPPool1d, nn.LPPool2d)):
-            d = int(type(m).__name__[-2])
-            return self._conv(
-                node, f, x, result, m.kernel_size, m.stride, getattr(m, "padding", 0), 1, d
-            )
-        if isinstance(
-            m,
-            (
-                nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-                nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-            ),
-        ):  # fmt: skip
-            return self._adaptive(node, f, x, result, int(type(m).__name__[-2]))
-        if isinstance(m, (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d,
-                          nn.ConstantPad2d, nn.ConstantPad3d)):  # fmt: skip
-            return self._pad(node, f, x, result, m.padding)
-        if isinstance(m, nn.Flatten):
-            return self._reshape(node, f, x, result)
-        if isinstance(m, nn.Linear | nn.Bilinear | nn.Softmax | nn.LogSoftmax):
-            dim = -1 if isinstance(m, nn.Linear | nn.Bilinear) else m.dim
-            return self._along(node, f, x, result, dim if dim is not None else 1)
-        if isinstance(m, _ELEMENTWISE_MODULES):
-            return self._noting_statistics(node, self._merge(node, inputs, result), x, m)
-        if isinstance(m, _UNSUPPORTED_MODULES):
-            raise self._unsupported(node)
-        raise self._unsupported(
-            node,
-            "unknown layer type for receptive fields. featurelens knows convolutions, pooling, "
-            "padding, flatten, linear and an allow-list of layers that keep the field "
-            "(activations, norms, dropout); use featurelens.empirical_receptive_field here.",
-        )
-
-    def _function(self, node, fn, inputs, result):  # noqa: ANN001
-        f, x = inputs[0]
-        if fn in _POOL_FUNCTIONS:
-            kind, d = _POOL_FUNCTIONS[fn]
-            a = _bind(node.args, node.kwargs, _POOL_NAMES[kind], {})
-            a = {k: self._value(v) for k, v in a.items()}
-            if kind == "conv":
-                weight = a["weight"]
-                k = tuple(weight.shape[2:])
-                padding = a.get("padding", 0)
-                return self._conv(node, f, x, result, k, a.get("stride", 1), padding,
-                                  a.get("dilation", 1), d)  # fmt: skip
-            stride = a.get("stride") or a["kernel_size"]
-            return self._conv(node, f, x, result, a["kernel_size"], stride,
-                              a.get("padding", 0), a.get("dilation", 1), d)  # fmt: skip
-        if fn in _ADAPTIVE_FUNCTIONS:
-            out = self._adaptive(node, f, x, result[0] if isinstance(result, tuple) else result,
-                                 _ADAPTIVE_FUNCTIONS[fn])  # fmt: skip
-            return (out, None) if isinstance(result, tuple) else out
-        if fn is F.pad or fn is torch.constant_pad_nd:
-            a = _bind(
-                node.args, node.kwargs, ("input", "pad", "mode", "value"), {"mode": "constant"}
-            )
-            if a["mode"] != "constant":
-                raise self._unsupported(node, f"padding mode {a['mode']!r} is not supported yet")
-            return self._pad(node, f, x, result, self._value(a["pad"]))
-        if fn in (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze):
-            return self._reshape(node, f, x, result)
-        if fn in (torch.permute, torch.transpose, torch.swapaxes, torch.movedim, torch.t):
-            return self._permute(node, f, x, result)
-        if fn in (torch.cat, torch.concat, torch.concatenate, torch.stack):
-            return self._cat(node, inputs, result, stack=fn is torch.stack)
-        if fn in (
-            torch.mean,
-            torch.sum,
-            torch.amax,
-            torch.amin,
-            torch.logsumexp,
-            torch.std,
-            torch.var,
-        ):
-            return self._reduce(node, f, x, result)
-        if fn in (torch.chunk, torch.split, torch.unbind, torch.tensor_split):
-            return self._split(node, f, x, result)
-        if fn in (F.linear, F.softmax, F.log_softmax):
-            return self._along(node, f, x, result, -1 if fn is F.linear else self._dim_arg(node, 1))
-        if fn is F.normalize:  # divides by a norm over `dim` (default 1, the channels)
-            dim = _bind(node.args, node.kwargs, ("input", "p", "dim"), {"dim": 1})["dim"]
-            return self._along(node, f, x, result, self._value(dim))
-        if fn in _ELEMENTWISE_FUNCTIONS or getattr(fn, "__name__", "") == "stochastic_depth":
-            return self._noting_statistics(node, self._merge(node, inputs, result), x, fn)
-        if fn in (F.interpolate, F.upsample, F.conv_transpose1d, F.conv_transpose2d,
-                  F.conv_transpose3d, F.pixel_shuffle, F.pixel_unshuffle, F.unfold, F.fold,
-                  F.grid_sample, torch.roll, F.scaled_dot_product_attention):  # fmt: skip
-            raise self._unsupported(node)
-        raise self._unsupported(
-            node,
-            "unknown operation for receptive fields; use featurelens.empirical_receptive_field "
-            "for this model.",
-        )
-
-    def _method(self, node, name, inputs, result):  # noqa: ANN001
-        f, x = inputs[0]
-        if name in ("view", "reshape", "flatten", "squeeze", "unsqueeze", "view_as", "reshape_as"):
-            return self._reshape(node, f, x, result)
-        if name in ("permute", "transpose", "movedim", "swapaxes", "t"):
-            return self._permute(node, f, x, result)
-        if name in ("mean", "sum", "amax", "amin", "logsumexp", "std", "var"):
-            return self._reduce(node, f, x, result)
-        if name in ("chunk", "split", "unbind", "tensor_split"):
-            return self._split(node, f, x, result)
-        if name in ("softmax", "log_softmax"):
-            return self._along(node, f, x, result, self._dim_arg(node, 1))
-        if name in ("expand",):
-            return self._merge(node, inputs, result)
-        if name in _ELEMENTWISE_METHODS:
-            return self._merge(node, inputs, result)
-        raise self._unsupported(
-            node, "unknown tensor method for receptive fields; use empirical_receptive_field."
-        )
-
-    def _value(self, a: Any) -> Any:
-        if isinstance(a, fx.Node):
-            return self.env[a]
-        if isinstance(a, (list, tuple)):
-            return type(a)(self._value(v) for v in a)
-        return a
-
-    def _dim_arg(self, node: fx.Node, pos: int) -> int | None:
-        if "dim" in node.kwargs:
-            return self._value(node.kwargs["dim"])
-        if len(node.args) > pos:
-            return self._value(node.args[pos])
-        return None
-
-    # -- rules --------------------------------------------------------------------------------
-    def _noting_statistics(self, node: fx.Node, out: _Field, x: torch.Tensor, op: Any) -> _Field:
-        """Record a normalisation whose statistics run over positions (GroupNorm, InstanceNorm,
-        LayerNorm over spatial dims, BatchNorm with batch statistics). By convention they keep
-        the field (as in the empirical verifier), but a unit computed on a crop of the input
-        would see other statistics: projections read this to decide whether to crop."""
-        spatial = [i for i, a in enumerate(out.dims[: x.dim()]) if a is not None and x.shape[i] > 1]
-        if not spatial:
-            return out
-        over_space = batch = False
-        if isinstance(op, nn.GroupNorm) or op is F.group_norm:
-            over_space = True
-        elif isinstance(op, nn.modules.instancenorm._InstanceNorm):
-            over_space = not op.track_running_stats
-        elif op is F.instance_norm:
-            over_space = bool(self._value(node.kwargs.get("use_input_stats", True)))
-        elif isinstance(op, nn.LayerNorm) or op is F.layer_norm:
-            shape = op.normalized_shape if isinstance(op, nn.Module) else self._value(
-                _bind(node.args, node.kwargs, ("input", "normalized_shape"), {})["normalized_shape"]
-            )  # fmt: skip
-            k = len(shape) if isinstance(shape, (list, tuple, torch.Size)) else 1
-            over_space = any(i >= x.dim() - k for i in spatial)
-        elif isinstance(op, nn.modules.batchnorm._BatchNorm):
-            over_space = batch = op.training or op.running_mean is None
-        elif op is F.batch_norm:
-            training = _bind(node.args, node.kwargs, ("input", "running_mean", "running_var",
-                             "weight", "bias", "training"), {"training": False})["training"]  # fmt: skip
-            over_space = batch = bool(self._value(training))
-        if not over_space:
-            return out
-        label = self._where(node).split(" (graph node")[0]
-        if batch:
-            label += " with batch statistics"
-        return replace(out, statistics=tuple(dict.fromkeys((*out.statistics, label))))
-
-    def _spatial_tail(self, node: fx.Node, f: _Field, x: torch.Tensor, d: int) -> list[int]:
-        """Input axes held by the last ``d`` tensor dims (the dims a d-D kernel slides over)."""
-        if x.dim() != d + 2:
-            raise ValueError(
-                f"{self._where(node)} works on (N, C, {d} spatial dims) but gets a tensor of shape "
-                f"{tuple(x.shape)}: input_shape {tuple(self.input_shape)} must be (C, *spatial) with "
-                "the spatial dims this layer expects"
-            )
-        axes = list(f.dims[-d:]) if x.dim() >= d else []
-        if len(axes) != d:
-            raise self._unsupported(
-                node, f"expects {d} spatial dims, tensor has shape {tuple(x.shape)}"
-            )
-        for i, a in enumerate(axes):
-            if a is None:
-                size = x.shape[x.dim() - d + i]
-                if size != 1:
-                    raise self._unsupported(
-                        node,
-                        f"slides a window over tensor dim {x.dim() - d + i} (size {size}), which is "
-                        "not a spatial axis of the input (channels or a flattened dim)",
-                    )
-        return axes
-
-    def _conv(self, node, f, x, result, kernel, stride, padding, dilation, d):  # noqa: ANN001
-        k = _ntuple(kernel, d)
-        s = _ntuple(stride if stride is not None else kernel, d)
-        dil = _ntuple(dilation, d)
-        if isinstance(padding, str):
-            if padding == "valid":
-                q = (0,) * d
-            elif padding == "same":
-                q = tuple(di * (ki - 1) // 2 for ki, di in zip(k, dil))
-            else:
-                raise self._unsupported(node, f"padding {padding!r}")
-        else:
-            q = _ntuple(padding, d)
-        axes = self._spatial_tail(node, f, x, d)
-        out = f
-        for i, axis in enumerate(axes):
-            n_out = result.shape[result.dim() - d + i]
-            if axis is None:
-                continue
-            out = out.window(axis, k[i], s[i], q[i], dil[i], n_out)
-        return out
-
-    def _adaptive(self, node, f, x, result, d):  # noqa: ANN001
-        axes = self._spatial_tail(node, f, x, d)
-        out = f
-        for i, axis in enumerate(axes):
-            if axis is None:
-                continue
-            n_in = x.shape[x.dim() - d + i]
-            n_out = result.shape[result.dim() - d + i]
-            if n_out == 1:
-                out = out.collapse(axis)
-            elif n_in == 1:
-                out = out.window(axis, 1, 0, 0, 1, n_out)  # one location, repeated
-            elif n_in % n_out == 0:
-                k = n_in // n_out
-                out = out.window(axis, k, k, 0, 1, n_out)
-            else:
-                raise self._unsupported(
-                    node,
-                    f"adaptive pooling from {n_in} to {n_out} positions uses windows of unequal "
-                    "size (not supported yet); choose an input size that makes the layer's input a "
-                    "multiple of its output, or use empirical_receptive_field",
-                )
-        return out
-
-    def _pad(self, node, f, x, result, pad):  # noqa: ANN001
-        pad = list(pad)
-        if len(pad) % 2:
-            raise self._unsupported(node, f"odd pad list {pad}")
-        out = f
-        for i in range(len(pad) // 2):
-            dim = x.dim() - 1 - i
-            left = int(pad[2 * i])
-            axis = f.dims[dim]
-            if axis is None:
-                if left or pad[2 * i + 1]:
-                    raise self._unsupported(node, f"pads tensor dim {dim}, which is not spatial")
-                continue
-            out = out.window(axis, 1, 1, left, 1, result.shape[dim])
-        return out
-
-    def _merge(self, node, inputs, result):  # noqa: ANN001
-        """Elementwise op (with broadcasting) over one or more fields: union of dependencies."""
-        if not isinstance(result, torch.Tensor):
-            raise self._unsupported(node, "returns a non-tensor")
-        nd = result.dim()
-        dims: list[int | None] = [None] * nd
-        merged: _Field | None = None
-        for f, x in inputs:
-            offset = nd - x.dim()
-            if offset < 0:
-                raise self._unsupported(node, "output has fewer dims than an input")
-            for i, axis in enumerate(f.dims):
-                if axis is None or (x.shape[i] == 1 and result.shape[offset + i] != 1):
-                    continue  # broadcast dims carry no location
-                if dims[offset + i] is not None and dims[offset + i] != axis:
-                    raise self._unsupported(node, "combines different spatial axes in one dim")
-                dims[offset + i] = axis
-            merged = f if merged is None else self._union(node, merged, f)
-        return replace(merged, dims=tuple(dims))
-
-    def _union(self, node: fx.Node, a: _Field, b: _Field) -> _Field:
-        """Union of two fields over the same locations; a length-1 axis is broadcast."""
-        out = a
-        aligned = a.aligned and b.aligned
-        for axis in range(len(a.lengths)):
-            # per axis, ``big`` has the locations and ``other`` is either alike or broadcast
-            big, other = (b, a) if a.lengths[axis] == 1 < b.lengths[axis] else (a, b)
-            n, n_other = big.lengths[axis], other.lengths[axis]
-            if n_other not in (n, 1):
-                raise self._unsupported(node, f"merges maps of lengths {n} and {n_other}")
+        Raises
+        ------
+        NotAlignedError
+            The fields have different strides on an axis with several locations.
+        UnsupportedOpError
+            The maps have different lengths, or the union is not one box per axis (see
+            :meth:`_check_separable`). Messages name no op: the caller prefixes it.
+        """
+        out = self
+        aligned = self.aligned and other.aligned
+        for axis in range(len(self.lengths)):
+            # per axis, ``big`` has the locations and ``small`` is either alike or broadcast
+            big, small = (other, self) if self.lengths[axis] == 1 < other.lengths[axis] else (
+                self, other)  # fmt: skip
+            n, n_small = big.lengths[axis], small.lengths[axis]
+            if n_small not in (n, 1):
+                raise UnsupportedOpError(f"merges maps of lengths {n} and {n_small}")
             r, j, p = big.size[axis], big.stride[axis], big.padding[axis]
-            ro, jo, po = other.size[axis], other.stride[axis], other.padding[axis]
-            first = np.minimum(big.first[axis], other.first[axis])
-            last = np.maximum(big.last[axis], other.last[axis])
-            if n_other == 1 and n > 1:
+            ro, jo, po = small.size[axis], small.stride[axis], small.padding[axis]
+            first = np.minimum(big.first[axis], small.first[axis])
+            last = np.maximum(big.last[axis], small.last[axis])
+            if n_small == 1 and n > 1:
                 # One location reaches every location of the map (squeeze-and-excitation
                 # gating, strip pooling): the smallest geometry whose interval holds, at every
                 # location, both the map's interval and that location's fixed one.
                 pad = max(p, (n - 1) * j + po)
                 size = pad + max(r - p, ro - po)
-                if not (
-                    other.first[axis][0] == 0 and other.last[axis][0] == self.spatial[axis] - 1
-                ):
+                if not (small.first[axis][0] == 0 and small.last[axis][0] == self.extent[axis] - 1):
                     aligned = False
                 out = out._put(
                     axis, size=size, stride=j, padding=pad, lengths=n, first=first, last=last
@@ -784,8 +333,8 @@ class _Propagator(fx.Interpreter):
                 continue
             if j != jo and n > 1:
                 raise NotAlignedError(
-                    f"{self._where(node)}: branches merge with different effective strides on "
-                    f"axis {axis} ({j} and {jo}); no single receptive-field geometry. Use "
+                    f"branches merge with different effective strides on axis {axis} ({j} and "
+                    f"{jo}); no single receptive-field geometry. Use "
                     "featurelens.empirical_receptive_field for these layers."
                 )
             pad = max(p, po)
@@ -795,21 +344,24 @@ class _Propagator(fx.Interpreter):
             )
             if (r - 1) - 2 * p != (ro - 1) - 2 * po:
                 aligned = False
-        self._check_separable(node, a, b, out)
-        statistics = tuple(dict.fromkeys(a.statistics + b.statistics))
+        self._check_separable(other, out)
+        statistics = tuple(dict.fromkeys(self.statistics + other.statistics))
         return replace(out, aligned=aligned, statistics=statistics)
 
-    def _check_separable(self, node: fx.Node, a: _Field, b: _Field, out: _Field) -> None:
-        """Per-axis bounds stay exact through a union unless a branch sees only padding at some
+    def _empty_axes(self) -> list[int]:
+        """Axes with a location that sees only padding."""
+        return [ax for ax in range(len(self.lengths)) if (self.last[ax] < self.first[ax]).any()]
+
+    def _check_separable(self, other: _Field, out: _Field) -> None:
+        """Refuse a union whose per-axis bounds would not be exact.
+
+        Per-axis bounds stay exact through a union unless a branch sees only padding at some
         locations where the other branch reaches further on another axis: then the union's
-        bounding box differs between locations in a way one table per axis cannot hold."""
-
-        def empty_axes(f: _Field) -> list[int]:
-            return [ax for ax in range(len(f.lengths)) if (f.last[ax] < f.first[ax]).any()]
-
-        empty = {id(a): empty_axes(a), id(b): empty_axes(b)}
+        bounding box differs between locations in a way one table per axis cannot hold.
+        """
+        empty = {id(self): self._empty_axes(), id(other): other._empty_axes()}
         ok = True
-        for x, y in ((a, b), (b, a)):
+        for x, y in ((self, other), (other, self)):
             for e in empty[id(x)]:
                 n_e = out.lengths[e]
                 x_empty = np.broadcast_to(x.last[e] < x.first[e], (n_e,))
@@ -829,170 +381,1052 @@ class _Propagator(fx.Interpreter):
                         )
         if not ok:
             raise UnsupportedOpError(
-                f"{self._where(node)}: merges a branch whose border locations see only padding "
-                "with a branch that reaches further; the union is not one box per axis there "
-                "(not supported yet). Use featurelens.empirical_receptive_field for this layer."
+                "merges a branch whose border locations see only padding with a branch that "
+                "reaches further; the union is not one box per axis there (not supported yet). "
+                "Use featurelens.empirical_receptive_field for this layer."
             )
 
-    def _reshape(self, node, f, x, result):  # noqa: ANN001
-        """view/reshape/flatten/squeeze/unsqueeze: keep spatial dims that survive one-to-one,
-        collapse the ones merged into other dims."""
-        in_shape, out_shape = list(x.shape), list(result.shape)
-        groups = _reshape_groups(in_shape, out_shape)
-        if groups is None:
-            raise self._unsupported(node, f"reshape {tuple(in_shape)} -> {tuple(out_shape)}")
-        out = f
-        dims: list[int | None] = [None] * len(out_shape)
-        for in_dims, out_dims in groups:
-            in_big = [i for i in in_dims if in_shape[i] != 1]
-            out_big = [o for o in out_dims if out_shape[o] != 1]
-            spatial = [f.dims[i] for i in in_dims if f.dims[i] is not None]
-            if len(in_big) == 1 and len(out_big) == 1 and f.dims[in_big[0]] is not None:
-                dims[out_big[0]] = f.dims[in_big[0]]
-                continue
-            if len(in_big) == 1 and len(out_big) == 1 and f.dims[in_big[0]] is None:
-                # a non-spatial dim kept; spatial size-1 dims squeezed away stay length 1
-                continue
-            if not in_big and out_dims and spatial:
-                # size-1 spatial dims: keep the label on a size-1 output dim when possible
-                if len(out_dims) == len(in_dims):
-                    for i, o in zip(in_dims, out_dims):
-                        dims[o] = f.dims[i]
-                continue
-            for axis in spatial:
-                out = out.collapse(axis)
-        if all(d is None for d in dims) and any(n > 1 for n in out.lengths):
-            for axis, n in enumerate(out.lengths):
-                if n > 1:
-                    out = out.collapse(axis)
-        return replace(out, dims=tuple(dims))
 
-    def _permute(self, node, f, x, result):  # noqa: ANN001
-        nd = x.dim()
-        args = [self._value(a) for a in node.args[1:]]
-        kw = {k: self._value(v) for k, v in node.kwargs.items()}
-        target = node.target
-        name = target if isinstance(target, str) else target.__name__
-        order = list(range(nd))
-        if name == "permute":
-            perm = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
-            perm = perm or kw.get("dims")
-            order = [int(p) % nd for p in perm]
-        elif name in ("transpose", "swapaxes"):
-            a, b = (args + [kw.get("dim0"), kw.get("dim1")])[:2]
-            a, b = int(a) % nd, int(b) % nd
-            order[a], order[b] = order[b], order[a]
-        elif name == "t":
-            order = order[::-1]
-        elif name == "movedim":
-            src, dst = args[0], args[1]
-            src = [src] if isinstance(src, int) else list(src)
-            dst = [dst] if isinstance(dst, int) else list(dst)
-            moved = dict(zip([d % nd for d in dst], [s % nd for s in src]))
-            rest = iter(i for i in range(nd) if i not in moved.values())
-            order = [moved[i] if i in moved else next(rest) for i in range(nd)]
-        return replace(f, dims=tuple(f.dims[i] for i in order))
+# What a rule returns: the field of the op's output; a tuple of them for an op that returns
+# several tensors (split, max pooling with indices: None for the indices); None when the
+# output does not depend on the input's positions at all (shape queries).
+_Out: TypeAlias = _Field | tuple[_Field | None, ...] | None
 
-    def _cat(self, node, inputs, result, stack):  # noqa: ANN001
-        dim = self._dim_arg(node, 1) or 0
-        if not stack:
-            for f, x in inputs:
-                if f.dims[dim % x.dim()] is not None:
-                    raise self._unsupported(node, "concatenates along a spatial axis")
-            return self._merge(node, inputs, result)
-        nd = result.dim()
-        dim %= nd
-        shifted = [(replace(f, dims=f.dims[:dim] + (None,) + f.dims[dim:]), x.unsqueeze(dim))
-                   for f, x in inputs]  # fmt: skip
-        return self._merge(node, shifted, result)
 
-    def _reduce(self, node, f, x, result):  # noqa: ANN001
-        dim = self._dim_arg(node, 1)
-        nd = x.dim()
-        if dim is None:
-            reduced = list(range(nd))
-        else:
-            reduced = [int(d) % nd for d in ([dim] if isinstance(dim, int) else dim)]
-        keepdim = bool(
-            self._value(node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False))
+# --------------------------------------------------------------------------------------------
+# One operation of the graph, as a rule sees it
+
+
+_M = TypeVar("_M", bound=nn.Module)
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One call in the traced graph, handed to the rule of its op.
+
+    Attributes
+    ----------
+    node
+        The fx node (for messages).
+    op
+        The ``nn.Module`` instance, the function, or the tensor method's name.
+    args
+        The call's arguments by name (bound once per op kind by the rule's :class:`_Params`,
+        so positional and keyword forms agree; fx nodes replaced by their values). Empty for
+        modules: their rules read the module's attributes (:meth:`module`).
+    inputs
+        ``(field, value)`` of every argument that carries a field, in argument order; the
+        first is the op's main input (:attr:`field`, :attr:`x`).
+    result
+        What the op returned: a tensor, or a tuple (split, pooling with indices).
+    ndim
+        The number of trailing spatial dims the op works on, from its table entry (``conv2d``:
+        2); None for ops that are not tied to one.
+    input_shape
+        The model's ``(C, *spatial)`` input shape (for messages).
+    """
+
+    node: fx.Node
+    op: Any
+    args: Mapping[str, Any]
+    inputs: tuple[tuple[_Field, torch.Tensor], ...]
+    result: Any
+    ndim: int | None
+    input_shape: tuple[int, ...]
+
+    @property
+    def field(self) -> _Field:
+        """The field of the main input."""
+        return self.inputs[0][0]
+
+    @property
+    def x(self) -> torch.Tensor:
+        """The value of the main input."""
+        return self.inputs[0][1]
+
+    @property
+    def output(self) -> torch.Tensor:
+        """The output tensor (the first element when the op returns a tuple)."""
+        out = self.result[0] if isinstance(self.result, tuple) else self.result
+        if not isinstance(out, torch.Tensor):
+            raise self.unsupported("returns a non-tensor")
+        return out
+
+    def module(self, kind: type[_M]) -> _M:
+        """The called module, checked to be a ``kind`` (the rule's table entry says so)."""
+        if not isinstance(self.op, kind):
+            raise TypeError(f"{self.where()}: the rule for {kind.__name__} got another op")
+        return self.op
+
+    def kernel_dims(self) -> int:
+        """The number of spatial dims the op slides over (from its table entry)."""
+        if self.ndim is None:
+            raise TypeError(f"{self.where()}: its rule has no ndim in the op table")
+        return self.ndim
+
+    def where(self) -> str:
+        """The op, its graph node and its source line, for messages."""
+        return _describe(self.node, self.op)
+
+    def unsupported(self, why: str = "") -> UnsupportedOpError:
+        """The error for this call: ``where: why`` (``why`` defaults to "not supported yet")."""
+        return UnsupportedOpError(f"{self.where()}: {why or _UNSUPPORTED_HINT}")
+
+
+# A rule's handler: the field of the call's output. It raises UnsupportedOpError (through
+# ``call.unsupported``) or NotAlignedError where there is no exact field, and UsageError where the
+# input shape does not fit the op.
+_Handler: TypeAlias = Callable[[_Call], _Out]
+
+# PyTorch accepts NumPy's keyword spellings on its builtins (x.sum(axis=1, keepdims=True)).
+_KEYWORD_ALIASES = {"axis": "dim", "keepdims": "keepdim"}
+
+
+@dataclass(frozen=True)
+class _Params:
+    """How the arguments of one op kind bind to names, shared by its function and method forms.
+
+    For a tensor method fx records the tensor as the first positional argument, so
+    ``torch.chunk(x, 2, 1)`` and ``x.chunk(2, 1)`` bind alike with ``("input", "chunks",
+    "dim")``.
+
+    Attributes
+    ----------
+    names
+        Positional parameters in order, the tensor first.
+    defaults
+        Values of parameters the call may leave out.
+    rest
+        Name under which positional arguments after ``names`` are gathered, as a tuple
+        (``x.permute(0, 2, 3, 1)``, also ``x.permute((0, 2, 3, 1))``).
+    aliases
+        Other keyword spellings of a parameter (``axis0`` for ``dim0``).
+    """
+
+    names: tuple[str, ...]
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    rest: str | None = None
+    aliases: Mapping[str, str] = field(default_factory=dict)
+
+    def bind(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """``{name: value}`` for one call's positional ``args`` and keyword ``kwargs``."""
+        bound = dict(self.defaults)
+        bound.update(zip(self.names, args))
+        extra = tuple(args[len(self.names) :])
+        if self.rest is not None and extra:
+            whole = len(extra) == 1 and isinstance(extra[0], (list, tuple))
+            bound[self.rest] = tuple(extra[0]) if whole else extra
+        for key, value in kwargs.items():
+            key = self.aliases.get(key, key)
+            bound[_KEYWORD_ALIASES.get(key, key)] = value
+        return bound
+
+
+@dataclass(frozen=True)
+class _Rule:
+    """The receptive-field rule of one op: a table entry.
+
+    Attributes
+    ----------
+    handler
+        Computes the output's field from a :class:`_Call`.
+    ndim
+        Spatial dims the op works on (``nn.Conv3d``: 3), for ops tied to one.
+    params
+        How a function's or method's arguments bind to names (None: the rule reads none, or
+        reads a module's attributes).
+    """
+
+    handler: _Handler
+    ndim: int | None = None
+    params: _Params | None = None
+
+
+def _describe(node: fx.Node, op: Any) -> str:
+    """``"<op> (graph node 'name' at <file, line>: <code>)"``, for messages."""
+    line = ""
+    if node.stack_trace:
+        last = [ln.strip() for ln in node.stack_trace.strip().splitlines() if ln.strip()]
+        if len(last) >= 2:
+            line = f" at {last[-2]}: {last[-1]}"
+    return f"{_name_of(node, op)} (graph node {node.name!r}{line})"
+
+
+def _name_of(node: fx.Node, op: Any) -> str:
+    """``"Conv2d module 'features.0'"``, ``"Tensor.chunk()"``, ``"torch.nn.functional.pad()"``."""
+    if node.op == "call_module":
+        return f"{type(op).__name__} module {node.target!r}"
+    if node.op == "call_method":
+        return f"Tensor.{node.target}()"
+    mod = getattr(op, "__module__", "") or ""
+    return f"{mod + '.' if mod else ''}{getattr(op, '__name__', op)}()"
+
+
+def _ntuple(v: Any, n: int) -> tuple[int, ...]:
+    if isinstance(v, (list, tuple)):
+        if len(v) == 1:
+            return tuple(int(v[0]) for _ in range(n))
+        return tuple(int(x) for x in v)
+    return tuple(int(v) for _ in range(n))
+
+
+def _with_indices(call: _Call, out: _Field) -> _Out:
+    """``out`` as the op's result: ``(out, None)`` where the op also returns indices."""
+    return (out, None) if isinstance(call.result, tuple) else out
+
+
+# --------------------------------------------------------------------------------------------
+# Rules: sliding windows (convolution, pooling) and padding
+
+
+def _kernel_axes(call: _Call) -> list[int | None]:
+    """Input axes held by the last ``ndim`` tensor dims (the dims a kernel slides over)."""
+    d, f, x = call.kernel_dims(), call.field, call.x
+    if x.dim() != d + 2:
+        raise UsageError(
+            f"{call.where()} works on (N, C, {d} spatial dims) but gets a tensor of shape "
+            f"{tuple(x.shape)}: input_shape {tuple(call.input_shape)} must be (C, *spatial) with "
+            "the spatial dims this layer expects"
         )
-        out = f
-        for i in reduced:
-            if f.dims[i] is not None:
-                out = out.collapse(f.dims[i])
-        dims = [None if i in reduced else a for i, a in enumerate(f.dims)]
-        if not keepdim:
-            dims = [a for i, a in enumerate(dims) if i not in reduced]
-        return replace(out, dims=tuple(dims))
+    axes = list(f.dims[-d:])
+    for i, a in enumerate(axes):
+        if a is None:
+            size = x.shape[x.dim() - d + i]
+            if size != 1:
+                raise call.unsupported(
+                    f"slides a window over tensor dim {x.dim() - d + i} (size {size}), which is "
+                    "not a spatial axis of the input (channels or a flattened dim)"
+                )
+    return axes
 
-    def _split(self, node, f, x, result):  # noqa: ANN001
-        dim = self._dim_arg(node, 2 if node.target in ("split", torch.split) or
-                            getattr(node.target, "__name__", "") in ("split", "chunk", "tensor_split") else 1)  # fmt: skip
-        if node.target in ("unbind", torch.unbind):
-            dim = self._dim_arg(node, 1) or 0
-            if f.dims[dim % x.dim()] is not None:
-                raise self._unsupported(node, "unbinds a spatial axis")
-            dims = f.dims[: dim % x.dim()] + f.dims[dim % x.dim() + 1 :]
-            return tuple(replace(f, dims=dims) for _ in result)
-        dim = 0 if dim is None else dim
-        if f.dims[dim % x.dim()] is not None:
-            raise self._unsupported(node, "splits along a spatial axis")
-        return tuple(f for _ in result)
 
-    def _along(self, node, f, x, result, dim):  # noqa: ANN001
-        """An op that mixes one dim (linear: the last; softmax: ``dim``)."""
+def _slide(call: _Call, kernel: Any, stride: Any, padding: Any, dilation: Any) -> _Out:
+    """A window of ``kernel`` (stride, padding, dilation) over the last ``ndim`` dims."""
+    d = call.kernel_dims()
+    k = _ntuple(kernel, d)
+    s = _ntuple(stride if stride is not None else kernel, d)
+    dil = _ntuple(dilation, d)
+    if isinstance(padding, str):
+        if padding == "valid":
+            q = (0,) * d
+        elif padding == "same":
+            q = tuple(di * (ki - 1) // 2 for ki, di in zip(k, dil))
+        else:
+            raise call.unsupported(f"padding {padding!r}")
+    else:
+        q = _ntuple(padding, d)
+    axes = _kernel_axes(call)
+    result = call.output
+    out = call.field
+    for i, axis in enumerate(axes):
+        if axis is not None:
+            out = out.window(axis, k[i], s[i], q[i], dil[i], result.shape[result.dim() - d + i])
+    return _with_indices(call, out)
+
+
+def _conv_module(call: _Call) -> _Out:
+    m = call.module(nn.modules.conv._ConvNd)
+    if m.padding_mode != "zeros":
+        raise call.unsupported(
+            f"padding_mode={m.padding_mode!r} is not supported yet (only 'zeros')"
+        )
+    return _slide(call, m.kernel_size, m.stride, m.padding, m.dilation)
+
+
+def _conv_function(call: _Call) -> _Out:
+    a = call.args
+    return _slide(call, tuple(a["weight"].shape[2:]), a["stride"], a["padding"], a["dilation"])
+
+
+def _max_pool_module(call: _Call) -> _Out:
+    m = call.module(nn.modules.pooling._MaxPoolNd)
+    return _slide(call, m.kernel_size, m.stride, m.padding, m.dilation)
+
+
+def _avg_pool_module(call: _Call) -> _Out:
+    m = call.module(nn.modules.pooling._AvgPoolNd)
+    return _slide(call, m.kernel_size, m.stride, m.padding, 1)
+
+
+def _lp_pool_module(call: _Call) -> _Out:
+    m = call.module(nn.modules.pooling._LPPoolNd)
+    return _slide(call, m.kernel_size, m.stride, 0, 1)
+
+
+def _pool_function(call: _Call) -> _Out:
+    a = call.args
+    stride = a["stride"] or a["kernel_size"]  # None, or [] from torch.max_pool2d
+    return _slide(call, a["kernel_size"], stride, a["padding"], a["dilation"])
+
+
+def _adaptive_pool(call: _Call) -> _Out:
+    """Adaptive pooling: windows of ``input // output`` (global when the output is 1)."""
+    d = call.kernel_dims()
+    axes = _kernel_axes(call)
+    x, result = call.x, call.output
+    out = call.field
+    for i, axis in enumerate(axes):
+        if axis is None:
+            continue
+        n_in = x.shape[x.dim() - d + i]
+        n_out = result.shape[result.dim() - d + i]
+        if n_out == 1:
+            out = out.collapse(axis)
+        elif n_in == 1:
+            out = out.window(axis, 1, 0, 0, 1, n_out)  # one location, repeated
+        elif n_in % n_out == 0:
+            k = n_in // n_out
+            out = out.window(axis, k, k, 0, 1, n_out)
+        else:
+            raise call.unsupported(
+                f"adaptive pooling from {n_in} to {n_out} positions uses windows of unequal "
+                "size (not supported yet); choose an input size that makes the layer's input a "
+                "multiple of its output, or use empirical_receptive_field"
+            )
+    return _with_indices(call, out)
+
+
+def _constant_pad(call: _Call, pad: Sequence[int]) -> _Field:
+    """Constant (zero) padding, ``pad`` in ``F.pad`` order (last dim first, left then right)."""
+    pad = list(pad)
+    if len(pad) % 2:
+        raise call.unsupported(f"odd pad list {pad}")
+    f, x, result = call.field, call.x, call.output
+    out = f
+    for i in range(len(pad) // 2):
+        dim = x.dim() - 1 - i
+        left = int(pad[2 * i])
+        axis = f.dims[dim]
+        if axis is None:
+            if left or pad[2 * i + 1]:
+                raise call.unsupported(f"pads tensor dim {dim}, which is not spatial")
+            continue
+        out = out.window(axis, 1, 1, left, 1, result.shape[dim])
+    return out
+
+
+# F.pad's modes; a padding module's rule calls its mode's entry.
+_PAD_MODES: dict[str, Callable[[_Call, Sequence[int]], _Field]] = {"constant": _constant_pad}
+
+
+def _pad_function(call: _Call) -> _Out:
+    mode = call.args["mode"]
+    rule = _PAD_MODES.get(mode)
+    if rule is None:
+        raise call.unsupported(f"padding mode {mode!r} is not supported yet")
+    return rule(call, call.args["pad"])
+
+
+def _constant_pad_module(call: _Call) -> _Out:
+    return _constant_pad(call, call.module(nn.modules.padding._ConstantPadNd).padding)
+
+
+# --------------------------------------------------------------------------------------------
+# Rules: layout (reshape, permute), reductions, splits, ops over one dim
+
+
+def _reshape(call: _Call) -> _Out:
+    """view/reshape/flatten/squeeze/unsqueeze.
+
+    Spatial dims that survive one-to-one keep their axis; the ones merged into other dims are
+    collapsed.
+    """
+    f = call.field
+    in_shape, out_shape = list(call.x.shape), list(call.output.shape)
+    groups = _reshape_groups(in_shape, out_shape)
+    if groups is None:
+        raise call.unsupported(f"reshape {tuple(in_shape)} -> {tuple(out_shape)}")
+    out = f
+    dims: list[int | None] = [None] * len(out_shape)
+    for in_dims, out_dims in groups:
+        in_big = [i for i in in_dims if in_shape[i] != 1]
+        out_big = [o for o in out_dims if out_shape[o] != 1]
+        spatial = [a for a in (f.dims[i] for i in in_dims) if a is not None]
+        if len(in_big) == 1 and len(out_big) == 1 and f.dims[in_big[0]] is not None:
+            dims[out_big[0]] = f.dims[in_big[0]]
+            continue
+        if len(in_big) == 1 and len(out_big) == 1 and f.dims[in_big[0]] is None:
+            # a non-spatial dim kept; spatial size-1 dims squeezed away stay length 1
+            continue
+        if not in_big and out_dims and spatial:
+            # size-1 spatial dims: keep the label on a size-1 output dim when possible
+            if len(out_dims) == len(in_dims):
+                for i, o in zip(in_dims, out_dims):
+                    dims[o] = f.dims[i]
+            continue
+        for axis in spatial:
+            out = out.collapse(axis)
+    if all(d is None for d in dims) and any(n > 1 for n in out.lengths):
+        for axis, n in enumerate(out.lengths):
+            if n > 1:
+                out = out.collapse(axis)
+    return replace(out, dims=tuple(dims))
+
+
+def _reordered(call: _Call, order: Sequence[int]) -> _Out:
+    """The main input's field with its tensor dims taken in ``order``."""
+    return replace(call.field, dims=tuple(call.field.dims[i] for i in order))
+
+
+def _permute(call: _Call) -> _Out:
+    nd = call.x.dim()
+    return _reordered(call, [int(p) % nd for p in call.args["dims"]])
+
+
+def _transpose(call: _Call) -> _Out:
+    nd = call.x.dim()
+    a, b = int(call.args["dim0"]) % nd, int(call.args["dim1"]) % nd
+    order = list(range(nd))
+    order[a], order[b] = order[b], order[a]
+    return _reordered(call, order)
+
+
+def _movedim(call: _Call) -> _Out:
+    nd = call.x.dim()
+    src, dst = call.args["source"], call.args["destination"]
+    src = [src] if isinstance(src, int) else list(src)
+    dst = [dst] if isinstance(dst, int) else list(dst)
+    moved = dict(zip([d % nd for d in dst], [s % nd for s in src]))
+    rest = iter(i for i in range(nd) if i not in moved.values())
+    return _reordered(call, [moved[i] if i in moved else next(rest) for i in range(nd)])
+
+
+def _reverse_dims(call: _Call) -> _Out:
+    return _reordered(call, list(range(call.x.dim()))[::-1])
+
+
+def _reduce(call: _Call) -> _Out:
+    """mean/sum/amax/...: collapse the spatial axes of the reduced dims."""
+    f, x = call.field, call.x
+    nd = x.dim()
+    dim = call.args["dim"]
+    if dim is None or (isinstance(dim, (list, tuple)) and not dim):
+        reduced = list(range(nd))  # no dim, or dim=() (amax, sum): every dim
+    else:
+        reduced = sorted({int(d) % nd for d in (dim if isinstance(dim, (list, tuple)) else [dim])})
+    keepdim = bool(call.args["keepdim"])
+    result = call.result
+    expected = nd if keepdim else nd - len(reduced)
+    if not isinstance(result, torch.Tensor) or result.dim() != expected:
+        raise call.unsupported(
+            f"reduces dims {reduced} (keepdim={keepdim}) of a {nd}-dim tensor but returns "
+            f"{type(result).__name__} {getattr(result, 'shape', '')}: cannot tell which dims "
+            "it reduced"
+        )
+    out = f
+    for i in reduced:
+        axis = f.dims[i]
+        if axis is not None:
+            out = out.collapse(axis)
+    dims = [None if i in reduced else a for i, a in enumerate(f.dims)]
+    if not keepdim:
+        dims = [a for i, a in enumerate(dims) if i not in reduced]
+    return replace(out, dims=tuple(dims))
+
+
+def _variance(call: _Call) -> _Out:
+    """std/var: like :func:`_reduce`; ``x.std(False)`` is the ``unbiased`` overload (all dims)."""
+    if isinstance(call.args["dim"], bool):
+        call = replace(call, args={**call.args, "dim": None, "unbiased": call.args["dim"]})
+    return _reduce(call)
+
+
+def _split(call: _Call) -> _Out:
+    """chunk/split/tensor_split: each piece keeps the field (refused along a spatial axis)."""
+    f = call.field
+    if f.dims[int(call.args["dim"]) % call.x.dim()] is not None:
+        raise call.unsupported("splits along a spatial axis")
+    return tuple(f for _ in call.result)
+
+
+def _unbind(call: _Call) -> _Out:
+    f = call.field
+    dim = int(call.args["dim"]) % call.x.dim()
+    if f.dims[dim] is not None:
+        raise call.unsupported("unbinds a spatial axis")
+    dims = f.dims[:dim] + f.dims[dim + 1 :]
+    return tuple(replace(f, dims=dims) for _ in call.result)
+
+
+def _along(call: _Call, dim: int) -> _Out:
+    """An op that mixes one dim (linear: the last; softmax: ``dim``) and keeps the others."""
+    for f, x in call.inputs:
         d = dim % x.dim()
         if f.dims[d] is not None and x.shape[d] > 1:
-            raise self._unsupported(
-                node, f"mixes spatial tensor dim {d} (size {x.shape[d]}): not supported yet"
+            raise call.unsupported(
+                f"mixes spatial tensor dim {d} (size {x.shape[d]}): not supported yet"
             )
-        dims = list(f.dims)
-        if isinstance(result, torch.Tensor) and result.dim() == len(dims):
-            return replace(f, dims=tuple(dims))
-        raise self._unsupported(node, "changes the number of dims")
+    result = call.result
+    if not isinstance(result, torch.Tensor) or result.dim() != len(call.field.dims):
+        raise call.unsupported("changes the number of dims")
+    return call.field if len(call.inputs) == 1 else _elementwise(call)
 
-    def _getitem(self, node, result):  # noqa: ANN001
-        src, idx = node.args[0], node.args[1]
-        f = self.fields.get(src) if isinstance(src, fx.Node) else None
-        if f is None:
+
+def _last_dim(call: _Call) -> _Out:
+    """Linear, Bilinear, F.linear: mix the last dim."""
+    return _along(call, -1)
+
+
+def _softmax_dim(dim: int | None, ndim: int) -> int:
+    """Softmax's dim; None is PyTorch's legacy choice (0 for 0-, 1- and 3-dim inputs, else 1)."""
+    if dim is not None:
+        return int(dim)
+    return 0 if ndim in (0, 1, 3) else 1
+
+
+def _softmax_module(call: _Call) -> _Out:
+    dim = getattr(call.module(nn.Module), "dim", None)  # nn.Softmax, nn.LogSoftmax
+    return _along(call, _softmax_dim(dim, call.x.dim()))
+
+
+def _softmax_function(call: _Call) -> _Out:
+    return _along(call, _softmax_dim(call.args["dim"], call.x.dim()))
+
+
+def _normalize(call: _Call) -> _Out:
+    """F.normalize divides by a norm over ``dim`` (default 1, the channels)."""
+    return _along(call, int(call.args["dim"]))
+
+
+# --------------------------------------------------------------------------------------------
+# Rules: elementwise ops and merges, normalisation statistics, indexing
+
+
+def _elementwise(call: _Call) -> _Field:
+    """Elementwise op (with broadcasting) over one or more fields: union of dependencies."""
+    result = call.result
+    if not isinstance(result, torch.Tensor):
+        raise call.unsupported("returns a non-tensor")
+    nd = result.dim()
+    dims: list[int | None] = [None] * nd
+    merged = call.field
+    for k, (f, x) in enumerate(call.inputs):
+        offset = nd - x.dim()
+        if offset < 0:
+            raise call.unsupported("output has fewer dims than an input")
+        for i, axis in enumerate(f.dims):
+            if axis is None or (x.shape[i] == 1 and result.shape[offset + i] != 1):
+                continue  # broadcast dims carry no location
+            if dims[offset + i] is not None and dims[offset + i] != axis:
+                raise call.unsupported("combines different spatial axes in one dim")
+            dims[offset + i] = axis
+        if k:
+            try:
+                merged = merged.union(f)
+            except ReceptiveFieldError as exc:  # name the op that merges
+                raise type(exc)(f"{call.where()}: {exc}") from None
+    return replace(merged, dims=tuple(dims))
+
+
+def _concatenate(call: _Call) -> _Out:
+    dim = int(call.args["dim"])
+    for f, x in call.inputs:
+        if f.dims[dim % x.dim()] is not None:
+            raise call.unsupported("concatenates along a spatial axis")
+    return _elementwise(call)
+
+
+def _stack(call: _Call) -> _Out:
+    dim = int(call.args["dim"]) % call.output.dim()
+    shifted = tuple((replace(f, dims=f.dims[:dim] + (None,) + f.dims[dim:]), x.unsqueeze(dim))
+                    for f, x in call.inputs)  # fmt: skip
+    return _elementwise(replace(call, inputs=shifted))
+
+
+def _normalising(
+    call: _Call, over_positions: Callable[[list[int]], bool], batch: bool = False
+) -> _Out:
+    """An elementwise norm that records itself when its statistics run over positions.
+
+    ``over_positions(dims)`` says so given the output's tensor dims that hold a spatial axis
+    of more than one location. By convention the statistics keep the field (as in the
+    empirical verifier), but a unit computed on a crop of the input would see other
+    statistics: projections read ``statistics`` to decide whether to crop.
+    """
+    out = _elementwise(call)
+    x = call.x
+    spatial = [i for i, a in enumerate(out.dims[: x.dim()]) if a is not None and x.shape[i] > 1]
+    if not spatial or not over_positions(spatial):
+        return out
+    label = _name_of(call.node, call.op) + (" with batch statistics" if batch else "")
+    return out.noting(label)
+
+
+def _group_norm(call: _Call) -> _Out:
+    return _normalising(call, lambda spatial: True)
+
+
+def _instance_norm_module(call: _Call) -> _Out:
+    m = call.module(nn.modules.instancenorm._InstanceNorm)
+    return _normalising(call, lambda spatial: not m.track_running_stats)
+
+
+def _instance_norm_function(call: _Call) -> _Out:
+    return _normalising(call, lambda spatial: bool(call.args["use_input_stats"]))
+
+
+def _layer_norm(call: _Call, shape: Any) -> _Out:
+    k = len(shape) if isinstance(shape, (list, tuple, torch.Size)) else 1
+    nd = call.x.dim()
+    return _normalising(call, lambda spatial: any(i >= nd - k for i in spatial))
+
+
+def _layer_norm_module(call: _Call) -> _Out:
+    return _layer_norm(call, call.module(nn.LayerNorm).normalized_shape)
+
+
+def _layer_norm_function(call: _Call) -> _Out:
+    return _layer_norm(call, call.args["normalized_shape"])
+
+
+def _batch_norm_module(call: _Call) -> _Out:
+    m = call.module(nn.modules.batchnorm._BatchNorm)
+    batch = m.training or m.running_mean is None
+    return _normalising(call, lambda spatial: batch, batch=batch)
+
+
+def _batch_norm_function(call: _Call) -> _Out:
+    batch = bool(call.args["training"])
+    return _normalising(call, lambda spatial: batch, batch=batch)
+
+
+def _index(call: _Call) -> _Out:
+    """``x[...]`` with ints, slices (crops, strides), None and Ellipsis."""
+    f, x = call.field, call.x
+    idx = call.args["index"]
+    if not isinstance(idx, tuple):
+        idx = (idx,)
+    if any(isinstance(i, (torch.Tensor, list)) for i in idx):
+        raise call.unsupported("advanced (tensor) indexing")
+    n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
+    if Ellipsis in idx:
+        k = idx.index(Ellipsis)
+        idx = idx[:k] + (slice(None),) * (x.dim() - n_real) + idx[k + 1 :]
+    idx = idx + (slice(None),) * (x.dim() - sum(1 for i in idx if i is not None))
+    out, src_dim = f, 0
+    dims: list[int | None] = []
+    for i in idx:
+        if i is None:
+            dims.append(None)
+            continue
+        axis = f.dims[src_dim]
+        n = x.shape[src_dim]
+        if isinstance(i, int):
+            if axis is not None:
+                out = out.window(axis, 1, 1, -(i % n), 1, 1)
+        elif isinstance(i, slice):
+            start, stop, step = i.indices(n)
+            if axis is not None:
+                if step <= 0:
+                    raise call.unsupported("negative step on a spatial axis")
+                out = out.window(axis, 1, step, -start, 1, len(range(start, stop, step)))
+            dims.append(axis)
+        else:
+            raise call.unsupported(f"index {i!r}")
+        src_dim += 1
+    return replace(out, dims=tuple(dims))
+
+
+def _no_field(call: _Call) -> _Out:
+    """Shape queries (``x.size()``, ``x.shape``): not a tensor of the input's positions."""
+    return None
+
+
+def _not_supported_yet(call: _Call) -> _Out:
+    """Ops whose field is not one interval per location (upsampling, transposed convs, ...)."""
+    raise call.unsupported()
+
+
+# --------------------------------------------------------------------------------------------
+# Op tables: one rule per op. Anything not listed raises UnsupportedOpError naming the op.
+#
+# Adding an op:
+# 1. Write a handler ``def _my_op(call: _Call) -> _Out`` above. It reads ``call.field`` and
+#    ``call.x`` (the main input), ``call.inputs`` (every input with a field), ``call.output``,
+#    ``call.args`` (arguments by name) or ``call.module(nn.MyModule)`` (a module's attributes),
+#    ``call.kernel_dims()``; it builds the output's field with ``_Field.window`` / ``collapse``
+#    / ``union`` / ``replace(..., dims=...)``, and raises ``call.unsupported(why)`` where no
+#    exact field exists.
+# 2. Add one entry per form: ``nn.MyModule: _Rule(_my_op, ndim)`` in _MODULE_RULES,
+#    ``F.my_op: _Rule(_my_op, ndim, _MY_OP)`` in _FUNCTION_RULES and ``"my_op": _Rule(_my_op,
+#    params=_MY_OP)`` in _METHOD_RULES, where ``_MY_OP = _Params((...names...), defaults)`` is
+#    shared by the function and the method (an op refused so far: move it out of _NOT_YET_*).
+# 3. Test every form, positional and keyword, against empirical_receptive_field at every
+#    location (tests/test_rf_arguments.py).
+
+_UNSUPPORTED_HINT = (
+    "not supported yet: its receptive field is not a single interval per location. "
+    "Use featurelens.empirical_receptive_field for this model."
+)
+
+# Argument names, once per op kind: the function and the method forms share them.
+_CONV = _Params(
+    ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+    {"stride": 1, "padding": 0, "dilation": 1},
+)
+_POOL_DEFAULTS = {"stride": None, "padding": 0, "dilation": 1}
+_MAX_POOL = _Params(
+    ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode"), _POOL_DEFAULTS
+)
+_AVG_POOL = _Params(("input", "kernel_size", "stride", "padding", "ceil_mode"), _POOL_DEFAULTS)
+_LP_POOL = _Params(("input", "norm_type", "kernel_size", "stride", "ceil_mode"), _POOL_DEFAULTS)
+_PAD = _Params(("input", "pad", "mode", "value"), {"mode": "constant"})
+_CONSTANT_PAD_ND = _Params(("input", "pad", "value"), {"mode": "constant"})
+_PERMUTE = _Params(("input",), rest="dims")
+_TRANSPOSE = _Params(("input", "dim0", "dim1"), aliases={"axis0": "dim0", "axis1": "dim1"})
+_MOVEDIM = _Params(("input", "source", "destination"))
+_CAT = _Params(("tensors", "dim"), {"dim": 0})
+_REDUCE = _Params(("input", "dim", "keepdim"), {"dim": None, "keepdim": False})
+_VARIANCE = _Params(("input", "dim", "unbiased", "keepdim"), {"dim": None, "keepdim": False})
+_CHUNK = _Params(("input", "chunks", "dim"), {"dim": 0})
+_SPLIT = _Params(("input", "split_size", "dim"), {"dim": 0})
+_TENSOR_SPLIT = _Params(("input", "indices_or_sections", "dim"), {"dim": 0})
+_UNBIND = _Params(("input", "dim"), {"dim": 0})
+_SOFTMAX = _Params(("input", "dim"), {"dim": None})
+_NORMALIZE = _Params(("input", "p", "dim"), {"dim": 1})
+_LAYER_NORM = _Params(("input", "normalized_shape"))
+_BATCH_NORM = _Params(
+    ("input", "running_mean", "running_var", "weight", "bias", "training"), {"training": False}
+)
+_INSTANCE_NORM = _Params(
+    ("input", "running_mean", "running_var", "weight", "bias", "use_input_stats"),
+    {"use_input_stats": True},
+)
+_INDEX = _Params(("input", "index"))
+
+_KEEP = _Rule(_elementwise)
+_REFUSE = _Rule(_not_supported_yet)
+_NO_FIELD = _Rule(_no_field)
+
+# Allow-lists of ops that keep the field (activations, dropout, channel-only norms and
+# shuffles, arithmetic), and ops refused because their field is not one interval per location.
+_KEEP_MODULES: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
+    nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus,
+    nn.Softsign, nn.Tanhshrink, nn.LogSigmoid, nn.Threshold, nn.RReLU, nn.GLU,
+    nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+    nn.FeatureAlphaDropout, nn.LocalResponseNorm, nn.ChannelShuffle,
+)  # fmt: skip
+_NOT_YET_MODULES: tuple[type[nn.Module], ...] = (
+    nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Upsample,
+    nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.PixelShuffle, nn.PixelUnshuffle,
+    nn.Unfold, nn.Fold, nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d,
+    nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d, nn.CircularPad1d,
+    nn.CircularPad2d, nn.CircularPad3d, nn.FractionalMaxPool2d, nn.FractionalMaxPool3d,
+    nn.MaxUnpool1d, nn.MaxUnpool2d, nn.MaxUnpool3d, nn.MultiheadAttention,
+)  # fmt: skip
+_KEEP_FUNCTIONS: tuple[Any, ...] = (
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv,
+    operator.neg, operator.pos, operator.abs, operator.iadd, operator.imul, operator.isub,
+    operator.itruediv, operator.pow,
+    torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.abs, torch.exp, torch.sqrt,
+    torch.pow, torch.relu, torch.relu_, torch.sigmoid, torch.tanh, torch.clamp, torch.clip,
+    torch.clamp_min, torch.maximum, torch.minimum, torch.where, torch.square, torch.rsqrt,
+    torch.channel_shuffle, torch.native_channel_shuffle,
+    F.relu, F.relu_, F.relu6, F.hardtanh, F.gelu, F.silu, F.mish, F.elu, F.selu, F.celu,
+    F.leaky_relu, F.prelu, F.hardswish, F.hardsigmoid, F.sigmoid, F.tanh, F.softplus,
+    F.logsigmoid, F.threshold, F.glu, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
+    F.alpha_dropout, F.feature_alpha_dropout, F.local_response_norm,
+)  # fmt: skip
+_NOT_YET_FUNCTIONS: tuple[Any, ...] = (
+    F.interpolate, F.upsample, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+    F.pixel_shuffle, F.pixel_unshuffle, F.unfold, F.fold, F.grid_sample, torch.roll,
+    F.scaled_dot_product_attention,
+)  # fmt: skip
+_KEEP_METHODS: tuple[str, ...] = (
+    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "neg", "abs", "exp", "sqrt",
+    "pow", "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_",
+    "clamp_min", "clamp_min_", "clip", "contiguous", "clone", "float", "double", "half",
+    "bfloat16", "to", "type_as", "detach", "square", "rsqrt", "masked_fill", "expand_as",
+    "expand", "requires_grad_", "__add__", "__mul__", "__radd__", "__rmul__", "__sub__",
+    "__truediv__",
+)  # fmt: skip
+_SHAPE_METHODS = ("size", "dim", "numel", "stride", "ndimension", "element_size", "get_device")
+_RESHAPE_METHODS = ("view", "reshape", "flatten", "squeeze", "unsqueeze", "view_as", "reshape_as")
+
+# Modules, looked up along the module class's MRO (a subclass gets its base's rule).
+_MODULE_RULES: dict[type[nn.Module], _Rule] = {
+    nn.Conv1d: _Rule(_conv_module, 1),
+    nn.Conv2d: _Rule(_conv_module, 2),
+    nn.Conv3d: _Rule(_conv_module, 3),
+    nn.MaxPool1d: _Rule(_max_pool_module, 1),
+    nn.MaxPool2d: _Rule(_max_pool_module, 2),
+    nn.MaxPool3d: _Rule(_max_pool_module, 3),
+    nn.AvgPool1d: _Rule(_avg_pool_module, 1),
+    nn.AvgPool2d: _Rule(_avg_pool_module, 2),
+    nn.AvgPool3d: _Rule(_avg_pool_module, 3),
+    nn.LPPool1d: _Rule(_lp_pool_module, 1),
+    nn.LPPool2d: _Rule(_lp_pool_module, 2),
+    nn.AdaptiveAvgPool1d: _Rule(_adaptive_pool, 1),
+    nn.AdaptiveAvgPool2d: _Rule(_adaptive_pool, 2),
+    nn.AdaptiveAvgPool3d: _Rule(_adaptive_pool, 3),
+    nn.AdaptiveMaxPool1d: _Rule(_adaptive_pool, 1),
+    nn.AdaptiveMaxPool2d: _Rule(_adaptive_pool, 2),
+    nn.AdaptiveMaxPool3d: _Rule(_adaptive_pool, 3),
+    nn.ZeroPad1d: _Rule(_constant_pad_module),
+    nn.ZeroPad2d: _Rule(_constant_pad_module),
+    nn.ZeroPad3d: _Rule(_constant_pad_module),
+    nn.ConstantPad1d: _Rule(_constant_pad_module),
+    nn.ConstantPad2d: _Rule(_constant_pad_module),
+    nn.ConstantPad3d: _Rule(_constant_pad_module),
+    nn.Flatten: _Rule(_reshape),
+    nn.Linear: _Rule(_last_dim),
+    nn.Bilinear: _Rule(_last_dim),
+    nn.Softmax: _Rule(_softmax_module),
+    nn.LogSoftmax: _Rule(_softmax_module),
+    # norms keep the field; those whose statistics run over positions say so
+    nn.BatchNorm1d: _Rule(_batch_norm_module),
+    nn.BatchNorm2d: _Rule(_batch_norm_module),
+    nn.BatchNorm3d: _Rule(_batch_norm_module),
+    nn.SyncBatchNorm: _Rule(_batch_norm_module),
+    nn.GroupNorm: _Rule(_group_norm),
+    nn.InstanceNorm1d: _Rule(_instance_norm_module),
+    nn.InstanceNorm2d: _Rule(_instance_norm_module),
+    nn.InstanceNorm3d: _Rule(_instance_norm_module),
+    nn.LayerNorm: _Rule(_layer_norm_module),
+    **dict.fromkeys(_KEEP_MODULES, _KEEP),
+    **dict.fromkeys(_NOT_YET_MODULES, _REFUSE),
+}
+
+
+def _each_dim(
+    name: str, rule: Callable[[int], _Rule], dims: Sequence[int] = (1, 2, 3), in_torch: bool = True
+) -> dict[Any, _Rule]:
+    """``{fn: rule(d)}`` for the function ``name.format(d)`` of every ``d`` in ``dims``.
+
+    ``name`` is like ``"max_pool{}d"``; the functions come from ``torch.nn.functional`` and
+    (``in_torch``) ``torch``, where this PyTorch has them.
+    """
+    modules = (F, torch) if in_torch else (F,)
+    return {
+        fn: rule(d)
+        for d in dims
+        for fn in (getattr(m, name.format(d), None) for m in modules)
+        if fn is not None
+    }
+
+
+# Functions (``torch.*``, ``F.*``, ``operator.*``), looked up by identity.
+_FUNCTION_RULES: dict[Any, _Rule] = {
+    getattr: _NO_FIELD,  # x.shape, x.dtype, ...
+    operator.getitem: _Rule(_index, params=_INDEX),
+    **_each_dim("conv{}d", lambda d: _Rule(_conv_function, d, _CONV)),
+    **_each_dim("max_pool{}d", lambda d: _Rule(_pool_function, d, _MAX_POOL)),
+    **_each_dim(
+        "max_pool{}d_with_indices", lambda d: _Rule(_pool_function, d, _MAX_POOL), in_torch=False
+    ),
+    **_each_dim("avg_pool{}d", lambda d: _Rule(_pool_function, d, _AVG_POOL)),
+    **_each_dim("lp_pool{}d", lambda d: _Rule(_pool_function, d, _LP_POOL), (1, 2), in_torch=False),
+    **_each_dim("adaptive_avg_pool{}d", lambda d: _Rule(_adaptive_pool, d), in_torch=False),
+    **_each_dim("adaptive_max_pool{}d", lambda d: _Rule(_adaptive_pool, d), in_torch=False),
+    **_each_dim(
+        "adaptive_max_pool{}d_with_indices", lambda d: _Rule(_adaptive_pool, d), in_torch=False
+    ),
+    F.pad: _Rule(_pad_function, params=_PAD),
+    torch.constant_pad_nd: _Rule(_pad_function, params=_CONSTANT_PAD_ND),
+    torch.flatten: _Rule(_reshape),
+    torch.reshape: _Rule(_reshape),
+    torch.squeeze: _Rule(_reshape),
+    torch.unsqueeze: _Rule(_reshape),
+    torch.permute: _Rule(_permute, params=_PERMUTE),
+    torch.transpose: _Rule(_transpose, params=_TRANSPOSE),
+    torch.swapaxes: _Rule(_transpose, params=_TRANSPOSE),
+    torch.movedim: _Rule(_movedim, params=_MOVEDIM),
+    torch.t: _Rule(_reverse_dims),
+    torch.cat: _Rule(_concatenate, params=_CAT),
+    torch.concat: _Rule(_concatenate, params=_CAT),
+    torch.concatenate: _Rule(_concatenate, params=_CAT),
+    torch.stack: _Rule(_stack, params=_CAT),
+    torch.mean: _Rule(_reduce, params=_REDUCE),
+    torch.sum: _Rule(_reduce, params=_REDUCE),
+    torch.amax: _Rule(_reduce, params=_REDUCE),
+    torch.amin: _Rule(_reduce, params=_REDUCE),
+    torch.logsumexp: _Rule(_reduce, params=_REDUCE),
+    torch.std: _Rule(_variance, params=_VARIANCE),
+    torch.var: _Rule(_variance, params=_VARIANCE),
+    torch.chunk: _Rule(_split, params=_CHUNK),
+    torch.split: _Rule(_split, params=_SPLIT),
+    torch.tensor_split: _Rule(_split, params=_TENSOR_SPLIT),
+    torch.unbind: _Rule(_unbind, params=_UNBIND),
+    F.linear: _Rule(_last_dim),
+    F.softmax: _Rule(_softmax_function, params=_SOFTMAX),
+    F.log_softmax: _Rule(_softmax_function, params=_SOFTMAX),
+    F.normalize: _Rule(_normalize, params=_NORMALIZE),
+    F.batch_norm: _Rule(_batch_norm_function, params=_BATCH_NORM),
+    F.instance_norm: _Rule(_instance_norm_function, params=_INSTANCE_NORM),
+    F.group_norm: _Rule(_group_norm),
+    F.layer_norm: _Rule(_layer_norm_function, params=_LAYER_NORM),
+    **dict.fromkeys(_KEEP_FUNCTIONS, _KEEP),
+    **dict.fromkeys(_NOT_YET_FUNCTIONS, _REFUSE),
+}
+
+# Functions of libraries the engine does not import, by ``module.qualname``.
+_QUALIFIED_FUNCTION_RULES: dict[str, _Rule] = {
+    "torchvision.ops.stochastic_depth.stochastic_depth": _KEEP,
+}
+
+# Tensor methods, by name.
+_METHOD_RULES: dict[str, _Rule] = {
+    **dict.fromkeys(_SHAPE_METHODS, _NO_FIELD),
+    **dict.fromkeys(_RESHAPE_METHODS, _Rule(_reshape)),
+    "permute": _Rule(_permute, params=_PERMUTE),
+    "transpose": _Rule(_transpose, params=_TRANSPOSE),
+    "swapaxes": _Rule(_transpose, params=_TRANSPOSE),
+    "movedim": _Rule(_movedim, params=_MOVEDIM),
+    "t": _Rule(_reverse_dims),
+    "mean": _Rule(_reduce, params=_REDUCE),
+    "sum": _Rule(_reduce, params=_REDUCE),
+    "amax": _Rule(_reduce, params=_REDUCE),
+    "amin": _Rule(_reduce, params=_REDUCE),
+    "logsumexp": _Rule(_reduce, params=_REDUCE),
+    "std": _Rule(_variance, params=_VARIANCE),
+    "var": _Rule(_variance, params=_VARIANCE),
+    "chunk": _Rule(_split, params=_CHUNK),
+    "split": _Rule(_split, params=_SPLIT),
+    "tensor_split": _Rule(_split, params=_TENSOR_SPLIT),
+    "unbind": _Rule(_unbind, params=_UNBIND),
+    "softmax": _Rule(_softmax_function, params=_SOFTMAX),
+    "log_softmax": _Rule(_softmax_function, params=_SOFTMAX),
+    **dict.fromkeys(_KEEP_METHODS, _KEEP),
+}
+
+# What an op that is in no table gets told, per kind of fx node.
+_UNKNOWN = {
+    "call_module": (
+        "unknown layer type for receptive fields. featurelens knows convolutions, pooling, "
+        "padding, flatten, linear and an allow-list of layers that keep the field "
+        "(activations, norms, dropout); use featurelens.empirical_receptive_field here."
+    ),
+    "call_function": (
+        "unknown operation for receptive fields; use featurelens.empirical_receptive_field "
+        "for this model."
+    ),
+    "call_method": "unknown tensor method for receptive fields; use empirical_receptive_field.",
+}
+
+
+def _rule_for(kind: str, op: Any) -> _Rule | None:
+    """The table entry of ``op`` for an fx node of kind ``kind`` (None: not in a table)."""
+    if kind == "call_module":
+        for cls in type(op).__mro__:
+            rule = _MODULE_RULES.get(cls)
+            if rule is not None:
+                return rule
+        return None
+    if kind == "call_method":
+        return _METHOD_RULES.get(op)
+    if kind == "call_function":
+        try:
+            rule = _FUNCTION_RULES.get(op)
+        except TypeError:  # an unhashable callable
+            rule = None
+        if rule is None:
+            qualified = f"{getattr(op, '__module__', '')}.{getattr(op, '__qualname__', '')}"
+            rule = _QUALIFIED_FUNCTION_RULES.get(qualified)
+        return rule
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# The propagation
+
+
+class _Done(Exception):
+    """Stops the propagation once the requested layer's node has its field."""
+
+
+class _Propagator(fx.Interpreter):
+    """Runs the traced graph on a real (zero) input and propagates fields beside the values.
+
+    Dispatch only: each node's op is looked up in the op tables and its rule computes the
+    field of its output from a :class:`_Call`.
+    """
+
+    def __init__(
+        self, gm: fx.GraphModule, input_shape: tuple[int, ...], stop_at: fx.Node | None = None
+    ) -> None:
+        super().__init__(gm)
+        self.extra_traceback = False  # our messages name the op and its line already
+        self.stop_at = stop_at
+        self.input_shape = input_shape
+        self.fields: dict[fx.Node, Any] = {}
+        self.modules = dict(gm.named_modules())
+        self._placeholder_seen = False
+
+    def run_node(self, n: fx.Node) -> Any:
+        """Run the node, then compute its field; stops after ``stop_at``."""
+        try:
+            result = super().run_node(n)
+        except (RuntimeError, ValueError) as exc:
+            shape = ", ".join(map(str, self.input_shape))
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise UsageError(
+                f"the model rejects inputs of shape (N, {shape}): {first} (input_shape is "
+                "(C, *spatial) without the batch dimension, e.g. (3, 224, 224) for RGB images)"
+            ) from exc
+        if n.op == "placeholder":
+            first_input = not self._placeholder_seen
+            self._placeholder_seen = True
+            self.fields[n] = _Field.identity(self.input_shape[1:]) if first_input else None
+            return result
+        if n.op in ("get_attr", "output"):
+            self.fields[n] = None
+            return result
+        self.fields[n] = self._field_of(n, result)
+        if n is self.stop_at:
+            raise _Done
+        return result
+
+    def _field_of(self, node: fx.Node, result: Any) -> Any:
+        op = self.modules[str(node.target)] if node.op == "call_module" else node.target
+        rule = _rule_for(node.op, op)
+        if rule is _NO_FIELD:
             return None
-        if isinstance(f, (list, tuple)):
-            return f[idx]
-        x = self.env[src]
-        if not isinstance(x, torch.Tensor):
-            return None
-        idx = self._value(idx)
-        if not isinstance(idx, tuple):
-            idx = (idx,)
-        if any(isinstance(i, (torch.Tensor, list)) for i in idx):
-            raise self._unsupported(node, "advanced (tensor) indexing")
-        # expand Ellipsis
-        n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
-        if Ellipsis in idx:
-            k = idx.index(Ellipsis)
-            idx = idx[:k] + (slice(None),) * (x.dim() - n_real) + idx[k + 1 :]
-        idx = idx + (slice(None),) * (x.dim() - sum(1 for i in idx if i is not None))
-        out, dims, src_dim = f, [], 0
-        for i in idx:
-            if i is None:
-                dims.append(None)
-                continue
-            axis = f.dims[src_dim]
-            n = x.shape[src_dim]
-            if isinstance(i, int):
-                if axis is not None:
-                    out = out.window(axis, 1, 1, -(i % n), 1, 1)
-            elif isinstance(i, slice):
-                start, stop, step = i.indices(n)
-                if axis is not None:
-                    if step <= 0:
-                        raise self._unsupported(node, "negative step on a spatial axis")
-                    out = out.window(axis, 1, step, -start, 1, len(range(start, stop, step)))
-                dims.append(axis)
-            else:
-                raise self._unsupported(node, f"index {i!r}")
-            src_dim += 1
-        return replace(out, dims=tuple(dims))
+        if op is operator.getitem:
+            source = node.args[0]
+            fields = self.fields.get(source) if isinstance(source, fx.Node) else None
+            if fields is None:
+                return None
+            if isinstance(fields, (list, tuple)):  # one output of a multi-output op
+                return fields[self._value(node.args[1])]
+        inputs = self._arg_fields(node, op)
+        if not inputs:
+            return None  # constant w.r.t. the input
+        if rule is None:
+            raise UnsupportedOpError(
+                f"{_describe(node, op)}: {_UNKNOWN.get(node.op, _UNSUPPORTED_HINT)}"
+            )
+        args = {} if rule.params is None else rule.params.bind(
+            self._value(node.args), self._value(node.kwargs))  # fmt: skip
+        call = _Call(node, op, args, tuple(inputs), result, rule.ndim, self.input_shape)
+        return rule.handler(call)
+
+    def _value(self, a: Any) -> Any:
+        """``a`` with every fx node replaced by its value (also inside lists, dicts, slices)."""
+        return fx.node.map_arg(a, lambda n: self.env[n])
+
+    def _arg_fields(self, node: fx.Node, op: Any) -> list[tuple[_Field, torch.Tensor]]:
+        found: list[tuple[_Field, torch.Tensor]] = []
+
+        def visit(a: Any) -> None:
+            if isinstance(a, fx.Node):
+                f = self.fields.get(a)
+                if isinstance(f, _Field):
+                    found.append((f, self.env[a]))
+                elif isinstance(f, (list, tuple)) and any(f):
+                    raise UnsupportedOpError(
+                        f"{_describe(node, op)}: takes a tuple of tensors it cannot follow"
+                    )
+            elif isinstance(a, (list, tuple)):
+                for x in a:
+                    visit(x)
+            elif isinstance(a, dict):
+                for x in a.values():
+                    visit(x)
+
+        visit(node.args)
+        visit(node.kwargs)
+        return found
 
 
 def _reshape_groups(a: list[int], b: list[int]) -> list[tuple[list[int], list[int]]] | None:
@@ -1040,11 +1474,11 @@ def _check_input_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
     try:
         shape = tuple(int(v) for v in input_shape)
     except (TypeError, ValueError) as exc:
-        raise ValueError(
+        raise UsageError(
             f"input_shape must be a sequence of ints (C, *spatial), got {input_shape!r}"
         ) from exc
     if not 2 <= len(shape) <= 4 or any(v < 1 for v in shape):
-        raise ValueError(
+        raise UsageError(
             f"input_shape {shape} is not (C, *spatial) with 1 to 3 positive spatial sizes "
             "(no batch dimension): e.g. (3, 224, 224) for images, (1, 16000) for signals, "
             "(1, 32, 64, 64) for volumes"
@@ -1052,13 +1486,13 @@ def _check_input_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
     return shape
 
 
-class _Done(Exception):
-    """Stops the propagation once the requested layer's node has its field."""
-
-
 def _propagate(
     model: nn.Module, input_shape: Sequence[int], stop_at: str | None = None, strict: bool = True
-) -> dict[str, ReceptiveField]:
+) -> tuple[dict[str, fx.Node], _Propagator]:
+    """Trace ``model`` and propagate fields over it (up to ``stop_at``'s node when given).
+
+    Returns the layers' nodes and the propagator holding every node's field.
+    """
     shape = _check_input_shape(input_shape)
     traced = trace(model)
     target = traced.node(stop_at) if stop_at is not None else None
@@ -1072,27 +1506,13 @@ def _propagate(
             prop.run(x)
         except _Done:
             pass
-        except (UnsupportedOpError, NotAlignedError, ValueError) as exc:
-            # fx appends "While executing ..." to the message: keep ours, it names the op
-            message = str(exc).split("\n\nWhile executing")[0]
-            if strict or isinstance(exc, ValueError):
-                raise type(exc)(message) from None
+        except ReceptiveFieldError as exc:
+            if strict:
+                raise
             warnings.warn(
-                f"receptive fields stop at {message}. Layers after it are left out.",
-                stacklevel=3,
+                f"receptive fields stop at {exc}. Layers after it are left out.", stacklevel=3
             )
-        except RuntimeError as exc:
-            raise ValueError(
-                f"the model rejects inputs of shape (N, {', '.join(map(str, shape))}): "
-                f"{str(exc).splitlines()[0]} (input_shape is (C, *spatial) without the batch "
-                "dimension, e.g. (3, 224, 224) for RGB images)"
-            ) from exc
-    out: dict[str, ReceptiveField] = {}
-    for name, node in traced.outputs.items():
-        f = prop.fields.get(node)
-        if isinstance(f, _Field):
-            out[name] = _to_value(f, shape[1:])
-    return out
+    return traced.outputs, prop
 
 
 def receptive_fields(
@@ -1113,7 +1533,9 @@ def receptive_fields(
     Returns
     -------
     dict
-        ``{layer name: ReceptiveField}`` for :func:`featurelens.layer_names` ``(model)``.
+        ``{layer name: ReceptiveField}`` for :func:`featurelens.layer_names` ``(model)``;
+        layers whose output carries no field (a tuple, or a value that does not depend on the
+        input) are left out.
 
     Raises
     ------
@@ -1123,10 +1545,16 @@ def receptive_fields(
         An operation whose effect on the receptive field is unknown (named, with its line).
     NotAlignedError
         Branches with different effective strides merge.
-    ValueError
-        ``input_shape`` is not ``(C, *spatial)`` or the model rejects it.
+    UsageError
+        ``input_shape`` is not ``(C, *spatial)`` or the model rejects it (a ``ValueError``).
     """
-    return _propagate(model, input_shape, strict=strict)
+    outputs, prop = _propagate(model, input_shape, strict=strict)
+    spatial = prop.input_shape[1:]
+    return {
+        name: _to_value(f, spatial)
+        for name, node in outputs.items()
+        if isinstance(f := prop.fields.get(node), _Field)
+    }
 
 
 def _to_value(f: _Field, spatial: tuple[int, ...]) -> ReceptiveField:
@@ -1136,7 +1564,7 @@ def _to_value(f: _Field, spatial: tuple[int, ...]) -> ReceptiveField:
         padding=f.padding,
         input_shape=tuple(spatial),
         output_shape=f.lengths,
-        is_global=f.covers(spatial),
+        is_global=f.covers(),
         aligned=f.aligned,
         channel_dim=next((i for i, d in enumerate(f.dims) if i >= 1 and d is None), 1),
         statistics=f.statistics,
@@ -1151,11 +1579,32 @@ def receptive_field(model: nn.Module, input_shape: Sequence[int], layer: str) ->
     """Receptive field of one layer (see :func:`receptive_fields`).
 
     Only the graph up to ``layer`` is analysed, so operations after it do not matter.
+
+    Raises
+    ------
+    LayerError
+        The model has no addressable layer ``layer``.
+    ReceptiveFieldError
+        No analytic field: the model does not trace (:class:`TraceError`), an operation has
+        no known field (:class:`UnsupportedOpError`), branches do not align
+        (:class:`NotAlignedError`), or the layer's output is not one tensor that depends on
+        the input.
+    UsageError
+        ``input_shape`` is not ``(C, *spatial)`` or the model rejects it.
     """
-    fields = _propagate(model, input_shape, stop_at=layer)
-    if layer not in fields:
-        raise ValueError(f"layer {layer!r} does not output a tensor with a receptive field")
-    return fields[layer]
+    outputs, prop = _propagate(model, input_shape, stop_at=layer)
+    f = prop.fields.get(outputs[layer])
+    if isinstance(f, _Field):
+        return _to_value(f, prop.input_shape[1:])
+    if isinstance(f, (list, tuple)):
+        raise ReceptiveFieldError(
+            f"layer {layer!r} outputs a {type(f).__name__} of tensors, not one tensor: address "
+            "the layer that takes the element you want"
+        )
+    raise ReceptiveFieldError(
+        f"layer {layer!r} does not output a tensor with a receptive field (its output does not "
+        "depend on the input's positions)"
+    )
 
 
 def try_receptive_field(
@@ -1163,10 +1612,13 @@ def try_receptive_field(
 ) -> tuple[ReceptiveField | None, str]:
     """The layer's receptive field, or ``(None, reason)`` when it cannot be computed.
 
-    The one place that decides what "no analytic receptive field here" means: the model does
-    not trace, an operation has no known field, branches do not align, or the model rejects
-    ``input_shape``. Projections, figures and scans fall back on the whole input then and say
-    ``reason``. An unknown layer name is not such a case: :class:`LayerError` propagates.
+    The one place that decides what "no analytic receptive field here" means: the engine
+    raises a :class:`ReceptiveFieldError` (the model does not trace, an operation has no known
+    field, branches do not align, the layer outputs no single tensor of the input) or a
+    :class:`UsageError` about the input shape (one the engine cannot analyse, such as inputs
+    without spatial axes, or one the model rejects). Projections, figures and scans fall back
+    on the whole input then and say ``reason``. An unknown layer name is not such a case:
+    :class:`LayerError` propagates, and so does anything else.
 
     Returns
     -------
@@ -1175,14 +1627,23 @@ def try_receptive_field(
     """
     try:
         return receptive_field(model, input_shape, layer), ""
-    except (ReceptiveFieldError, ValueError) as exc:
-        if isinstance(exc, LayerError):
-            raise
+    except (ReceptiveFieldError, UsageError) as exc:
         return None, f"{type(exc).__name__}: {exc}"
 
 
 def receptive_field_table(fields: dict[str, ReceptiveField]) -> str:
-    """A plain-text table: layer, output shape, size, stride, padding, flags."""
+    """A plain-text table: layer, output shape, size, stride, padding, flags.
+
+    Parameters
+    ----------
+    fields
+        ``{layer name: ReceptiveField}``, as :func:`receptive_fields` returns.
+
+    Returns
+    -------
+    str
+        One header line, a rule, and one line per layer.
+    """
     rows = [("layer", "output", "size", "stride", "padding", "flags")]
     for name, rf in fields.items():
         flags = ",".join(
