@@ -290,8 +290,9 @@ def test_volume_3d_adaptive_and_flatten_linear():
     assert geometry(rfs["d"]) == ((3, 7, 7), (1, 2, 2), (1, 2, 2), (4, 6, 6), False, True)
     # depth pooled to 1 (the whole map, stride kept), 6 -> 3 is a window of 2 with stride 2
     assert geometry(rfs["p"]) == ((6, 9, 9), (1, 4, 4), (1, 2, 2), (1, 3, 3), False, True)
-    assert rfs["head"].is_global and rfs["head"].output_shape == (1, 1, 1)
-    assert rfs["head"].region((0, 0, 0)) == (slice(0, 4), slice(0, 13), slice(0, 13))
+    # logits (N, 3): locations in the layer's own rank, so one location () with a 3-D box
+    assert rfs["head"].is_global and rfs["head"].output_shape == ()
+    assert rfs["head"].region(()) == (slice(0, 4), slice(0, 13), slice(0, 13))
     for layer in ("c", "d", "p", "head.1"):
         assert_matches_empirical(m, (1, 4, 13, 13), layer)
 

@@ -16,6 +16,7 @@ unknown name), so existing ``except ValueError`` code keeps working.
     │   ├── StyleError                       an unknown picture style
     │   └── ReportError                      a report that cannot be written as asked
     ├── LayerError (KeyError)                a layer name the model does not have
+    ├── LayoutError (ValueError)             a layer whose channel dim / locations are unknown
     ├── ActivationError (ValueError)         an activation without a rule for the method
     ├── ReceptiveFieldError                  no analytic receptive field here
     │   ├── TraceError (RuntimeError)        the model cannot be traced
@@ -45,6 +46,7 @@ __all__ = [
     "FeaturelensWarning",
     "FormatError",
     "LayerError",
+    "LayoutError",
     "LimitError",
     "MissingExtraError",
     "NotAlignedError",
@@ -107,6 +109,16 @@ class LayerError(FeaturelensError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class LayoutError(FeaturelensError, ValueError):
+    """A layer whose layout (which dim holds the channels, which the locations) cannot be
+    established by the trace; the message says why and how to state it (``channel_dim=``).
+
+    Not a :class:`ReceptiveFieldError` on purpose: a caller that falls back on the whole
+    input when a layer has no receptive field must not read such a layer's channels at a
+    guessed dim.
+    """
 
 
 class ActivationError(FeaturelensError, ValueError):

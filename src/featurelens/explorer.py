@@ -893,8 +893,8 @@ def _check_location(location: Sequence[int], shape: Sequence[int], layer: str) -
 
 
 def _box(field: ReceptiveField, location: tuple[int, ...]) -> RFBox:
-    """The field of ``location``; a global field (no spatial axes at the layer) at its origin."""
-    rf_loc = location if len(location) == field.ndim else (0,) * field.ndim
+    """The field of ``location`` (in the layer's own rank, as the field takes it)."""
+    rf_loc = location
     try:
         interval = field.interval(rf_loc)
         region = field.region(rf_loc)

@@ -3,28 +3,36 @@
 Everything else in featurelens asks this module which layers a model has, in which order they
 run, and for their outputs. Layers are PyTorch's dotted ``named_modules()`` names.
 
-Two mechanisms live here, on purpose independent of each other:
+Three mechanisms live here:
 
-* :func:`trace` records the model once with :mod:`torch.fx` (used for layer order and for the
-  analytic receptive fields);
+* :func:`trace` records the model once with :mod:`torch.fx`, symbolically (layer order and
+  single use without an input shape);
+* :func:`module_calls` puts forward pre- and post-hooks on every submodule for the duration of
+  a ``with`` block: the analytic receptive fields run the model eagerly on a concrete input
+  under it (so shape-dependent Python control flow is followed), and :func:`layer_names` lists
+  the layers of a model that torch.fx cannot trace that way;
 * :func:`capture` runs the real model with forward hooks and stops the forward pass as soon as
-  every requested layer has produced its output (used by projections and scans, and working on
-  models that cannot be traced).
+  every requested layer has produced its output (used by projections and scans).
+
+Wrapped models (``torch.compile``, ``nn.DataParallel``, ``DistributedDataParallel``) are
+unwrapped by :func:`unwrap` at every entry point: layers have the inner model's names.
 """
 
 from __future__ import annotations
 
 import contextlib
 import difflib
+import sys
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any, TypeAlias
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from featurelens.errors import LayerError, TraceError
+from featurelens.errors import LayerError, TraceError, UsageError
 
 __all__ = [
     "LayerError",
@@ -32,13 +40,85 @@ __all__ = [
     "Traced",
     "capture",
     "get_layer",
+    "input_shape_of",
     "layer_names",
     "model_device",
     "model_state",
+    "module_calls",
     "preserved",
     "resolve_layers",
     "trace",
+    "unwrap",
 ]
+
+
+# --------------------------------------------------------------------------------------------
+# Wrapped models
+
+
+def _compiled_class() -> type | None:
+    """torch.compile's wrapper class, if torch._dynamo is loaded (no compiled model otherwise)."""
+    module = sys.modules.get("torch._dynamo.eval_frame")
+    return getattr(module, "OptimizedModule", None)
+
+
+def _wrapper_kinds() -> tuple[tuple[type, str], ...]:
+    """``(class, attribute holding the inner model)`` of the wrappers featurelens unwraps."""
+    kinds: list[tuple[type, str]] = [
+        (nn.DataParallel, "module"),
+        (nn.parallel.DistributedDataParallel, "module"),
+    ]
+    compiled = _compiled_class()
+    if compiled is not None:
+        kinds.append((compiled, "_orig_mod"))
+    return tuple(kinds)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a ``torch.compile``, ``nn.DataParallel`` or ``DistributedDataParallel``
+    wrapper (also nested ones); any other model as it is.
+
+    Only these known kinds are unwrapped: a wrapper of another kind is a model like any other
+    (its layers carry its own prefix), whatever its class is called. featurelens runs the inner
+    model eagerly on one device, so results equal the plain model's; layer names are the
+    inner model's (``features.0``, not ``module.features.0`` or ``_orig_mod.features.0``).
+
+    Parameters
+    ----------
+    model
+        Any ``nn.Module``.
+
+    Returns
+    -------
+    nn.Module
+        The innermost model (the same object the wrapper holds; nothing is copied).
+    """
+    kinds = _wrapper_kinds()
+    seen = 0
+    while seen < 16:  # a wrapper that holds itself would loop forever
+        for cls, attribute in kinds:
+            if isinstance(model, cls):
+                model = getattr(model, attribute)
+                break
+        else:
+            return model
+        seen += 1
+    return model
+
+
+def _wrapper_prefix(model: nn.Module) -> str:
+    """``"module."`` / ``"_orig_mod."`` (nested: joined) of a wrapped model, else ``""``."""
+    prefix = ""
+    kinds = _wrapper_kinds()
+    for _ in range(16):
+        for cls, attribute in kinds:
+            if isinstance(model, cls):
+                prefix += attribute + "."
+                model = getattr(model, attribute)
+                break
+        else:
+            break
+    return prefix
 
 
 def unknown_name_message(bad: str, valid: Sequence[str], what: str = "layer") -> str:
@@ -116,17 +196,21 @@ def model_device(model: nn.Module, default: torch.device | str = "cpu") -> torch
 
 
 class _RecordingTracer(fx.Tracer):
-    """An fx tracer that remembers, for every module call, the node holding its output."""
+    """An fx tracer that remembers, for every module call, the node holding its output (and,
+    for a module returning a list or tuple of tensors, the node of each element)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.calls: dict[str, list[fx.Node | None]] = {}
+        self.elements: dict[str, tuple[fx.Node | None, ...]] = {}
 
     def call_module(self, m, forward, args, kwargs):  # noqa: ANN001 - fx signature
         out = super().call_module(m, forward, args, kwargs)
         name = self.path_of_module(m)
         node = out.node if isinstance(out, fx.Proxy) else None
         self.calls.setdefault(name, []).append(node)
+        if isinstance(out, (list, tuple)) and name not in self.elements:
+            self.elements[name] = tuple(e.node if isinstance(e, fx.Proxy) else None for e in out)
         return out
 
 
@@ -149,20 +233,62 @@ class Traced:
     outputs: dict[str, fx.Node]
     reused: dict[str, int] = field(default_factory=dict)
     not_tensor: list[str] = field(default_factory=list)
+    elements: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def node(self, layer: str) -> fx.Node:
+        """The node holding ``layer``'s output.
+
+        Raises
+        ------
+        LayerError
+            Unknown, called several times, or returning a list/tuple (the message says which
+            layer makes each element).
+        """
         if layer in self.outputs:
             return self.outputs[layer]
         if layer in self.reused:
-            raise LayerError(
-                f"layer {layer!r} is called {self.reused[layer]} times in forward(), so its "
-                "output is ambiguous; address the layer that contains it or the one after it. "
-                "Valid names: " + ", ".join(repr(v) for v in list(self.outputs)[:40])
-            )
+            raise LayerError(reused_message(layer, self.reused[layer], list(self.outputs)))
+        if layer in self.elements:
+            raise LayerError(sequence_message(layer, "list or tuple", self.elements[layer]))
         raise LayerError(unknown_name_message(layer, list(self.outputs)))
 
 
-_TRACE_CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[int, Traced]] = weakref.WeakKeyDictionary()
+def reused_message(layer: str, calls: int, valid: Sequence[str]) -> str:
+    """The message for a layer called ``calls`` times (its output is ambiguous)."""
+    return (
+        f"layer {layer!r} is called {calls} times in forward(), so its output is ambiguous; "
+        "address the layer that contains it or the one after it. Valid names: "
+        + ", ".join(repr(v) for v in list(valid)[:40])
+    )
+
+
+def sequence_message(layer: str, kind: str, makers: Sequence[str]) -> str:
+    """The message for a layer that returns ``kind`` (a list, a tuple) of tensors.
+
+    ``makers[i]`` says where element ``i`` comes from (see :func:`element_maker`); they are
+    listed when some element comes from a layer inside it.
+    """
+    which = "; ".join(f"element {i} is {m}" for i, m in enumerate(makers))
+    known = any(m.startswith("the output of") for m in makers)
+    return (
+        f"layer {layer!r} outputs a {kind} of tensors ({len(makers)}), not one tensor"
+        + (f" ({which})" if known else "")
+        + ": address the layer that makes (or takes) the element you want"
+    )
+
+
+def element_maker(name: str | None, calls: int) -> str:
+    """How :func:`sequence_message` names the maker of one element."""
+    if name is None:
+        return "computed in forward() by no layer of its own"
+    if calls > 1:
+        return f"the output of {name!r}, which is called {calls} times (not addressable)"
+    return f"the output of layer {name!r}"
+
+
+_TRACE_CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[int, Traced | TraceError]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _structure_key(model: nn.Module) -> int:
@@ -170,24 +296,30 @@ def _structure_key(model: nn.Module) -> int:
 
 
 def trace(model: nn.Module) -> Traced:
-    """Trace ``model`` with torch.fx (in eval mode; the caller's mode is restored).
+    """Trace ``model`` (unwrapped) with torch.fx, symbolically (in eval mode; the caller's mode
+    is restored). Cached per model while its modules stay the same, failures included.
 
     Raises
     ------
     TraceError
         With the op and source line that failed, when the model's forward cannot be traced
-        symbolically (for instance data-dependent control flow).
+        symbolically (for instance Python control flow on a shape or a value).
     """
+    model = unwrap(model)
     key = _structure_key(model)
     cached = _TRACE_CACHE.get(model)
     if cached is not None and cached[0] == key:
+        if isinstance(cached[1], TraceError):
+            raise TraceError(str(cached[1]))
         return cached[1]
     tracer = _RecordingTracer()
     with preserved(model, freeze=False):
         try:
             graph = tracer.trace(model)
         except Exception as exc:  # fx raises many types; we re-raise with context
-            raise TraceError(_trace_failure(model, exc)) from exc
+            error = TraceError(_trace_failure(model, exc))
+            _TRACE_CACHE[model] = (key, error)
+            raise error from exc
     gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
     outputs: dict[str, fx.Node] = {}
     reused: dict[str, int] = {}
@@ -207,7 +339,25 @@ def trace(model: nn.Module) -> Traced:
     # its last child (stable sort keeps the tracer's completion order for shared nodes).
     for _, name, node in sorted(order, key=lambda t: t[0]):
         outputs[name] = node
-    traced = Traced(gm, outputs, reused, not_tensor)
+    # which layer makes each element of a layer returning a list/tuple: the last one (in
+    # execution order) whose output is that node, as a container follows its last child
+    maker: dict[fx.Node, str] = {}
+    for name, node in outputs.items():
+        maker[node] = name
+    calls = {name: len(nodes) for name, nodes in tracer.calls.items()}
+    for name, nodes in tracer.calls.items():
+        for node in nodes:
+            if node is not None and node not in maker and name:
+                maker[node] = name
+    elements = {
+        name: tuple(
+            element_maker(maker.get(e) if e is not None else None, calls.get(maker.get(e), 1))
+            for e in nodes
+        )
+        for name, nodes in tracer.elements.items()
+        if name in not_tensor
+    }
+    traced = Traced(gm, outputs, reused, not_tensor, elements)
     _TRACE_CACHE[model] = (key, traced)
     return traced
 
@@ -221,10 +371,225 @@ def _trace_failure(model: nn.Module, exc: BaseException) -> str:
     loc = f" at {where.filename}:{where.lineno} ({where.line!s})" if where else ""
     return (
         f"cannot trace {type(model).__name__} with torch.fx: {type(exc).__name__}: {exc}{loc}. "
-        "Analytic receptive fields need a traceable forward(); "
-        "featurelens.empirical_receptive_field still works on this model, and so do projections "
-        "(without the receptive-field crop) and scans."
+        "Listing its layers without running it needs a forward() that torch.fx can trace: "
+        "pass input_shape=(C, *spatial) to featurelens.layer_names to list them by running the "
+        "model once (receptive fields, projections and scans run it anyway)."
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Module calls: hooks on every submodule, owned by a context manager
+
+
+class StopForward(Exception):
+    """Raised from a forward hook to end the forward pass once everything needed was seen."""
+
+
+_Before: TypeAlias = Callable[[str, nn.Module, tuple, dict], None]
+_After: TypeAlias = Callable[[str, nn.Module, tuple, dict, Any], None]
+
+
+@contextlib.contextmanager
+def module_calls(model: nn.Module, before: _Before, after: _After) -> Iterator[None]:
+    """Forward pre- and post-hooks on every module of ``model`` (itself included) while the
+    ``with`` block runs; removed on exit, also on error.
+
+    ``before(name, module, args, kwargs)`` runs as a module's ``forward`` starts and
+    ``after(name, module, args, kwargs, output)`` as it returns, with the module's dotted
+    ``named_modules()`` name (``""`` for ``model`` itself). Either may raise
+    :class:`StopForward` to end the forward pass; the caller catches it.
+    """
+    handles = []
+
+    def pre(name: str) -> Callable[..., None]:
+        return lambda module, args, kwargs: before(name, module, args, kwargs)
+
+    def post(name: str) -> Callable[..., None]:
+        return lambda module, args, kwargs, out: after(name, module, args, kwargs, out)
+
+    try:
+        for name, module in model.named_modules():
+            handles.append(module.register_forward_pre_hook(pre(name), with_kwargs=True))
+            handles.append(module.register_forward_hook(post(name), with_kwargs=True))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def zero_input(model: nn.Module, input_shape: Sequence[int]) -> torch.Tensor:
+    """A zero batch of one ``(1, *input_shape)`` in the model's floating dtype, on its device."""
+    param = next(model.parameters(), None)
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    return torch.zeros((1, *input_shape), dtype=dtype, device=model_device(model))
+
+
+def check_input_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
+    """``input_shape`` as a tuple ``(C, *spatial)`` with 1 to 3 spatial axes.
+
+    Raises
+    ------
+    UsageError
+        Not a sequence of positive ints of that form (the message gives examples).
+    """
+    try:
+        shape = tuple(int(v) for v in input_shape)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(
+            f"input_shape must be a sequence of ints (C, *spatial), got {input_shape!r}"
+        ) from exc
+    if not 2 <= len(shape) <= 4 or any(v < 1 for v in shape):
+        raise UsageError(
+            f"input_shape {shape} is not (C, *spatial) with 1 to 3 positive spatial sizes "
+            "(no batch dimension): e.g. (3, 224, 224) for images, (1, 16000) for signals, "
+            "(1, 32, 64, 64) for volumes"
+        )
+    return shape
+
+
+def rejected_shape(input_shape: Sequence[int], exc: BaseException) -> UsageError:
+    """The error for a model that raises on a zero input of ``input_shape``."""
+    shape = ", ".join(map(str, input_shape))
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return UsageError(
+        f"the model rejects inputs of shape (N, {shape}): {first} (input_shape is "
+        "(C, *spatial) without the batch dimension, e.g. (3, 224, 224) for RGB images)"
+    )
+
+
+@dataclass
+class Listing:
+    """The module calls of one eager forward pass on a zero input.
+
+    Attributes
+    ----------
+    order
+        Modules that returned a tensor, in the order they returned (a container right after
+        its last child), each once.
+    calls
+        ``{name: number of calls}`` of every module that ran.
+    sequences
+        ``{name: (kind, makers)}`` for modules returning a list or tuple of tensors, with
+        what makes each element (see :func:`sequence_message`).
+    """
+
+    order: list[str] = field(default_factory=list)
+    calls: dict[str, int] = field(default_factory=dict)
+    sequences: dict[str, tuple[str, tuple[str, ...]]] = field(default_factory=dict)
+
+    def layers(self) -> list[str]:
+        """The addressable layers: called once, returning a tensor, in execution order."""
+        return [n for n in self.order if self.calls.get(n) == 1]
+
+    def check(self, layer: str, valid: Sequence[str] | None = None) -> None:
+        """Raise the :class:`LayerError` that says why ``layer`` is not addressable, if it is not.
+
+        Raises
+        ------
+        LayerError
+            Never called, called several times, or returning a list/tuple.
+        """
+        valid = self.layers() if valid is None else valid
+        calls = self.calls.get(layer, 0)
+        if calls > 1:
+            raise LayerError(reused_message(layer, calls, valid))
+        if layer in self.sequences:
+            kind, makers = self.sequences[layer]
+            raise LayerError(sequence_message(layer, kind, makers))
+        if calls == 0:
+            raise LayerError(
+                f"layer {layer!r} is never called by forward() on this input; valid names: "
+                + ", ".join(repr(v) for v in list(valid)[:40])
+            )
+
+
+def list_calls(model: nn.Module, input_shape: Sequence[int]) -> Listing:
+    """Run ``model`` (unwrapped, eval mode, no gradients) once on zeros of ``input_shape`` and
+    record its module calls.
+
+    Raises
+    ------
+    UsageError
+        ``input_shape`` is not ``(C, *spatial)``, or the model rejects it.
+    """
+    model = unwrap(model)
+    shape = check_input_shape(input_shape)
+    listing = Listing()
+    maker_of = _TensorNames()  # the last module that returned each tensor
+
+    def before(name: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        return None
+
+    def after(name: str, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+        if not name:
+            return
+        listing.calls[name] = listing.calls.get(name, 0) + 1
+        if isinstance(out, torch.Tensor):
+            if name not in listing.order:
+                listing.order.append(name)
+            maker_of.set(out, name)
+        elif is_tensor_sequence(out) and name not in listing.sequences:
+            kind = "list" if isinstance(out, list) else "tuple"
+            listing.sequences[name] = (kind, tuple(maker_of.get(e) or "" for e in out))
+
+    x = zero_input(model, shape)
+    with preserved(model, freeze=False), torch.no_grad(), module_calls(model, before, after):
+        try:
+            model(x)
+        except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+            raise rejected_shape(shape, exc) from exc
+    listing.sequences = {
+        name: (kind, tuple(element_maker(m or None, listing.calls.get(m, 1)) for m in makers_))
+        for name, (kind, makers_) in listing.sequences.items()
+    }
+    return listing
+
+
+def is_tensor_sequence(value: Any) -> bool:
+    """A non-empty list or tuple of tensors (what a multi-output layer returns)."""
+    return (
+        isinstance(value, (list, tuple))
+        and bool(value)
+        and all(isinstance(e, torch.Tensor) for e in value)
+    )
+
+
+class _TensorNames:
+    """``tensor -> name`` by identity, without keeping tensors alive."""
+
+    def __init__(self) -> None:
+        from torch.utils.weak import WeakIdKeyDictionary
+
+        self._names: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+    def set(self, t: torch.Tensor, name: str) -> None:
+        self._names[t] = name
+
+    def get(self, t: torch.Tensor) -> str | None:
+        return self._names.get(t)
+
+
+def input_shape_of(model: nn.Module) -> tuple[int, ...] | None:
+    """The input shape a model declares, or None: timm's ``pretrained_cfg["input_size"]``.
+
+    Parameters
+    ----------
+    model
+        Any model (unwrapped first).
+
+    Returns
+    -------
+    tuple or None
+        ``(C, *spatial)``, e.g. ``(3, 224, 224)``.
+    """
+    cfg = getattr(unwrap(model), "pretrained_cfg", None)
+    size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    if isinstance(size, (list, tuple)) and 2 <= len(size) <= 4:
+        try:
+            return tuple(int(v) for v in size)
+        except (TypeError, ValueError):
+            return None
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,35 +597,78 @@ def _trace_failure(model: nn.Module, exc: BaseException) -> str:
 
 
 def _module_names(model: nn.Module) -> list[str]:
-    return [n for n, _ in model.named_modules() if n]
+    return [n for n, _ in unwrap(model).named_modules() if n]
 
 
-def layer_names(model: nn.Module) -> list[str]:
+def layer_names(model: nn.Module, input_shape: Sequence[int] | None = None) -> list[str]:
     """The addressable layers of ``model``: dotted ``named_modules()`` names in execution order.
 
     A layer is addressable when its module is called exactly once by ``forward()`` and returns
     a tensor. Modules called several times (a ``ReLU`` reused inside a block) and modules never
-    called are left out; their output is ambiguous or absent.
+    called are left out; their output is ambiguous or absent. A wrapped model
+    (:func:`unwrap`) lists its inner model's names.
+
+    Parameters
+    ----------
+    model
+        Any ``nn.Module``; left as it was given.
+    input_shape
+        ``(C, *spatial)`` without the batch dim. Without it the model is traced symbolically
+        with torch.fx; with it (or, when torch.fx cannot trace the model, with the shape a
+        timm model declares in ``pretrained_cfg["input_size"]``) the model runs once on zeros
+        of that shape with hooks, which follows Python control flow on shapes (timm's
+        ``vgg16`` head). On a model that branches on its input's values, that run lists the
+        path a zero input takes.
+
+    Returns
+    -------
+    list of str
+
+    Raises
+    ------
+    TraceError
+        No ``input_shape``, torch.fx cannot trace the model and it declares no input size: the
+        message names the failing line and says to pass ``input_shape``.
+    UsageError
+        ``input_shape`` is not ``(C, *spatial)`` or the model rejects it.
     """
-    return list(trace(model).outputs)
+    model = unwrap(model)
+    if input_shape is None:
+        try:
+            return list(trace(model).outputs)
+        except TraceError:
+            input_shape = input_shape_of(model)
+            if input_shape is None:
+                raise
+    return list_calls(model, input_shape).layers()
 
 
 def get_layer(model: nn.Module, name: str) -> nn.Module:
-    """The submodule called ``name``; a :class:`LayerError` listing valid names otherwise."""
+    """The submodule called ``name`` (of the unwrapped model); a :class:`LayerError` listing
+    valid names otherwise.
+
+    A name with a wrapper's prefix (``module.features.0`` of an ``nn.DataParallel``) is refused
+    with a message giving the inner name: featurelens names every layer one way.
+    """
     if not isinstance(name, str):
         raise LayerError(f"layer names are strings, got {name!r} ({type(name).__name__})")
+    prefix = _wrapper_prefix(model)
+    model = unwrap(model)
     modules = dict(model.named_modules())
     if name == "" or name not in modules:
-        try:
-            valid = layer_names(model)
-        except TraceError:
-            valid = _module_names(model)
-        raise LayerError(unknown_name_message(name, valid))
+        if prefix and name.startswith(prefix) and name[len(prefix) :] in modules:
+            inner = name[len(prefix) :]
+            raise LayerError(
+                f"layer {name!r} names a layer through the {type(model).__name__} model's "
+                f"wrapper; featurelens unwraps the model and uses the inner names: {inner!r}"
+            )
+        raise LayerError(unknown_name_message(name, _valid_names(model)))
     return modules[name]
 
 
 def resolve_layers(model: nn.Module, layers: str | Iterable[str]) -> list[str]:
     """Validate layer names (existence; single use when the model traces). Returns a list."""
+    model = unwrap(model)
     names = [layers] if isinstance(layers, str) else list(layers)
     if not names:
         raise LayerError("no layer given; valid names: " + ", ".join(_valid_names(model)[:40]))
@@ -278,16 +686,12 @@ def resolve_layers(model: nn.Module, layers: str | Iterable[str]) -> list[str]:
 def _valid_names(model: nn.Module) -> list[str]:
     try:
         return layer_names(model)
-    except TraceError:
+    except (TraceError, UsageError):
         return _module_names(model)
 
 
 # --------------------------------------------------------------------------------------------
 # Truncated forward
-
-
-class _StopForward(Exception):
-    """Raised from a forward hook once every requested layer has been seen."""
 
 
 @contextlib.contextmanager
@@ -309,16 +713,26 @@ def capture(
     produced (the last layer's output is never overwritten: the forward stops there).
     The hooks are removed when the ``with`` block ends, also on error.
     """
+    model = unwrap(model)
     names = list(dict.fromkeys(layers))
     modules = {name: get_layer(model, name) for name in names}
     outputs: dict[str, torch.Tensor] = {}
     handles = []
+
+    def traced_elements() -> dict[str, tuple[str, ...]]:
+        try:
+            return trace(model).elements
+        except TraceError:
+            return {}
 
     def make_hook(name: str):
         def hook(module, args, output):  # noqa: ANN001 - torch hook signature
             if name in outputs:
                 return None
             if not isinstance(output, torch.Tensor):
+                if isinstance(output, (list, tuple)) and name in traced_elements():
+                    raise LayerError(sequence_message(name, type(output).__name__,
+                                                      traced_elements()[name]))  # fmt: skip
                 raise LayerError(
                     f"layer {name!r} returns {type(output).__name__}, not a tensor; "
                     "address one of its submodules instead"
@@ -327,14 +741,14 @@ def capture(
             if on_output is not None:
                 on_output(name, output)
             if len(outputs) == len(names):
-                raise _StopForward
+                raise StopForward
             return None
 
         return hook
 
     def run(*args, **kwargs) -> dict[str, torch.Tensor]:
         outputs.clear()
-        with contextlib.suppress(_StopForward):
+        with contextlib.suppress(StopForward):
             model(*args, **kwargs)
         missing = [n for n in names if n not in outputs]
         if missing:

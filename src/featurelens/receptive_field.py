@@ -1,4 +1,4 @@
-"""Exact, analytic receptive fields of every layer of a traced model.
+"""Exact, analytic receptive fields of every layer of a model, and the layout of its output.
 
 Definitions follow Araujo, Norris & Sim, "Computing Receptive Fields of Convolutional Neural
 Networks", Distill 2019. On one spatial axis, a layer with effective ``size`` r, ``stride`` j and
@@ -13,23 +13,35 @@ merge (add, multiply, concatenate) the fields are combined as the union of their
 are *aligned* when their centres coincide (Distill's alignment check). Branches with different
 strides raise :class:`NotAlignedError`. Normalisation statistics do not count as dependencies
 (norms keep the field), the same convention as :func:`featurelens.empirical_receptive_field`.
+The field of a location is the union over the channels at that location (what the verifier's
+gradient of the sum over channels sees).
 
-An operation the engine does not know raises :class:`UnsupportedOpError` naming it; the engine
-never guesses.
+Self-attention mixes every location it attends over: global attention (ViT) makes every later
+field global, window attention (Swin) unites each window (window partitions are reshapes and
+permutes, shifted windows ``torch.roll``; attention masks are ignored, as a masked score still
+weighs its value a little). Where the exact field cannot be derived the engine over-approximates
+and says so (:attr:`ReceptiveField.exact`), and an operation it does not know raises
+:class:`UnsupportedOpError` naming it: the engine never guesses.
 
-How it runs: the model is traced once with torch.fx, and :class:`_Propagator` (an
-``fx.Interpreter``) runs the graph on a zero input, computing each node's field (:class:`_Field`)
-beside its value. It only dispatches: three tables map an op to its :class:`_Rule`, module
-classes in ``_MODULE_RULES`` (along the MRO), functions in ``_FUNCTION_RULES`` (by identity) and
-tensor methods in ``_METHOD_RULES`` (by name). A rule holds a typed handler ``(call: _Call) ->
-field``, the number of spatial dims the op works on, and the :class:`_Params` that bind the op's
-arguments to names once per op kind, so that ``x.chunk(2, 1)``, ``x.chunk(2, dim=1)`` and
-``torch.chunk(x, 2, 1)`` read the same ``dim``.
+How it runs: the model runs eagerly on a zero input of the concrete shape, so Python control
+flow on shapes is followed; a ``TorchFunctionMode`` (:class:`_Tracer`) sees every top-level torch
+call (functions, tensor methods, operators, indexing) and forward hooks (:func:`graph.module_calls`)
+see every module call, and both dispatch to op tables: module classes in ``_MODULE_RULES`` (along
+the MRO; a module with a rule is handled as a whole, the calls inside it are not looked at),
+functions in ``_FUNCTION_RULES`` (by identity) and tensor methods and properties in
+``_METHOD_RULES`` (by name). A rule holds a typed handler ``(call: _Call) -> field``, the number
+of spatial dims the op works on, and the :class:`_Params` that bind the op's arguments to names
+once per op kind, so that ``x.chunk(2, 1)``, ``x.chunk(2, dim=1)`` and ``torch.chunk(x, 2, 1)``
+read the same ``dim``. The forward stops after the requested layer. Control flow on the
+*values* of a tensor computed from the input (``if x.sum() > 0``, ``.item()``, ``nonzero``) is
+refused: the zero input may take another path than real data.
 """
 
 from __future__ import annotations
 
-import operator
+import linecache
+import os
+import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -37,23 +49,45 @@ from typing import Any, TypeAlias, TypeVar
 
 import numpy as np
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils.weak import WeakIdKeyDictionary
 
 from featurelens.errors import (
+    LayerError,
+    LayoutError,
     NotAlignedError,
     ReceptiveFieldError,
+    TraceError,
     UnsupportedOpError,
     UsageError,
 )
-from featurelens.graph import model_device, preserved, trace
-from featurelens.unit import check_location
+from featurelens.graph import (
+    StopForward,
+    Traced,
+    check_input_shape,
+    element_maker,
+    get_layer,
+    is_tensor_sequence,
+    module_calls,
+    preserved,
+    rejected_shape,
+    reused_message,
+    sequence_message,
+    trace,
+    unwrap,
+    zero_input,
+)
+from featurelens.unit import Layout, check_location
 
 __all__ = [
+    "Layout",
+    "LayoutError",
     "NotAlignedError",
     "ReceptiveField",
     "UnsupportedOpError",
+    "layer_layout",
     "receptive_field",
     "receptive_fields",
     "try_receptive_field",
@@ -66,10 +100,12 @@ __all__ = [
 
 @dataclass(frozen=True)
 class ReceptiveField:
-    """Receptive field of one layer, per spatial axis (Distill 2019 definitions).
+    """Receptive field of one layer: Distill geometry per input axis, exact regions per location.
 
-    Output location ``u`` sees the unclipped input interval
-    ``[u*stride - padding, u*stride - padding + size - 1]`` on each axis.
+    Locations are in the layer's own rank (:attr:`output_shape`, one index per location dim of
+    :attr:`layout`); the boxes they map to are on the input's spatial axes. Output location
+    ``u`` whose coordinate on input axis ``a`` is ``c`` sees the unclipped interval
+    ``[c*stride[a] - padding[a], c*stride[a] - padding[a] + size[a] - 1]``.
 
     Attributes
     ----------
@@ -78,29 +114,50 @@ class ReceptiveField:
     input_shape
         Spatial shape of the input the field was computed for.
     output_shape
-        Spatial shape of the layer's output, one entry per input axis. An axis that the layer
-        has pooled away or flattened counts as length 1, so a classifier's logits have
-        ``output_shape == (1, 1)`` and location ``(0, 0)``.
+        The layer output's location shape, in its own rank: the sizes of
+        ``layout.location_dims``. ``(H', W')`` for a map ``(N, C, H', W')`` or ``(N, H', W',
+        C)``, ``(T,)`` for tokens ``(N, T, C)``, ``(L', 1)`` for a signal the model unsqueezed
+        to 2-D maps, ``()`` for logits ``(N, K)`` (their one location is ``()``).
+    layout
+        Which output dim holds the channels and which the locations, and which input axes
+        each location dim indexes (:class:`featurelens.Layout`).
     is_global
         Every unit of the layer depends on the whole input (global pooling, flatten + linear,
-        squeeze-and-excitation gating, ...); :meth:`region` then returns the whole input.
+        squeeze-and-excitation gating, global self-attention, ...); :meth:`region` then returns
+        the whole input.
     aligned
         False where merged branches have different centres (Distill's alignment check), or
         where one location is broadcast over a map without seeing the whole input; the
         region is then the union of the branches' regions.
     bounds
-        Exact clipped input bounds ``(first, last)`` (inclusive) of every output location, per
+        Exact clipped input bounds ``(first, last)`` (inclusive) of every coordinate, per input
         axis; ``(0, -1)`` for a location that sees only padding. :meth:`region` reads them:
         away from the borders they equal the clipped Distill interval, at the borders they are
         exact where the formula is not (explicit pads, crops, dilated taps that skip pixels).
-    channel_dim
-        The output tensor's channel dim: 1 for ``(N, C, *spatial)``, the last dim for a
-        channels-last layer (see :meth:`check_channels_first`).
+    prefix_bounds
+        Per input axis, the bounds of the extra tokens before a token grid (a ViT's class
+        token); ``()`` when the layer has none.
     statistics
         The operations before the layer that normalise over positions (GroupNorm,
         InstanceNorm, LayerNorm over spatial dims, BatchNorm with batch statistics). Their
         statistics do not count as dependencies (the empirical verifier agrees), but a unit
         computed on a crop of the input sees other statistics: projections do not crop then.
+    anchored
+        The operations before the layer whose result depends on absolute positions (window
+        attention, ``torch.roll``, adding a position-dependent constant such as a position
+        embedding): a crop of the input would move them, so projections do not crop then.
+    exact
+        False when the engine had to over-approximate (a region may be larger than the true
+        one, never smaller); :attr:`note` says where. Treat such a field like a global one.
+    note
+        Why the field is not exact, or ``""``.
+
+    Notes
+    -----
+    After window attention or a cyclic shift the regions stay exact but are no longer one
+    regular grid: ``size``, ``stride`` and ``padding`` then give the smallest regular geometry
+    whose intervals hold every region (a bound), so :meth:`interval` may be larger than
+    :meth:`region` away from the borders too.
     """
 
     size: tuple[int, ...]
@@ -111,14 +168,21 @@ class ReceptiveField:
     is_global: bool = False
     aligned: bool = True
     bounds: tuple[tuple[tuple[int, int], ...], ...] = field(default=(), repr=False, compare=False)
-    channel_dim: int = 1
+    layout: Layout | None = field(default=None, repr=False)
     statistics: tuple[str, ...] = field(default=(), compare=False)
+    anchored: tuple[str, ...] = field(default=(), compare=False)
+    exact: bool = True
+    note: str = field(default="", compare=False)
+    prefix_bounds: tuple[tuple[int, int], ...] = field(default=(), repr=False, compare=False)
+
+    @property
+    def channel_dim(self) -> int:
+        """The output tensor's channel dim: 1 for ``(N, C, *spatial)``, the last for a
+        channels-last map or tokens (see :attr:`layout`)."""
+        return 1 if self.layout is None else self.layout.channel_dim
 
     def check_channels_first(self, layer: str) -> None:
         """Refuse a layer whose output is not ``(N, C, *spatial)``.
-
-        Scans and projections read channels at dim 1; a channels-last layer (``(N, H, W, C)``
-        inside ConvNeXt blocks) would be misread silently.
 
         Raises
         ------
@@ -126,72 +190,126 @@ class ReceptiveField:
             The layer's channels are not at dim 1 (a ``ValueError``).
         """
         if self.channel_dim != 1:
+            kind = self.layout.kind if self.layout is not None else ""
+            what = (
+                "tokens (N, T, C), a flattened grid of locations"
+                if kind == "tokens"
+                else "channels-last, e.g. after permute(0, 2, 3, 1)"
+            )
             raise UsageError(
-                f"layer {layer!r} outputs its channels at dim {self.channel_dim} (channels-last, "
-                "e.g. after permute(0, 2, 3, 1)); featurelens reads channels at dim 1: address "
-                "the layer after the permute back to (N, C, *spatial), such as the block's output"
+                f"layer {layer!r} outputs its channels at dim {self.channel_dim} ({what}); "
+                "featurelens reads channels at dim 1 here: address a layer whose output is "
+                "(N, C, *spatial), such as the block's output after the permute back"
             )
 
     @property
     def ndim(self) -> int:
-        """Number of spatial axes."""
+        """Number of spatial axes of the input (the layer's own rank is
+        ``len(output_shape)``)."""
         return len(self.size)
 
     def _check_location(self, location: Sequence[int] | int) -> tuple[int, ...]:
         return check_location(location, self.output_shape)
 
-    def interval(self, location: Sequence[int] | int) -> tuple[tuple[int, int], ...]:
-        """Unclipped, inclusive ``(first, last)`` input positions per axis for ``location``."""
+    def coordinates(self, location: Sequence[int] | int) -> tuple[int | None, ...]:
+        """The coordinate of ``location`` on each input axis's grid of locations.
+
+        None on the axes of an extra token (a class token), whose bounds are
+        :attr:`prefix_bounds`. An axis no location dim indexes has coordinate 0 (the layer
+        has pooled or flattened it away).
+
+        Raises
+        ------
+        ValueError
+            The location does not fit :attr:`output_shape`.
+        """
         loc = self._check_location(location)
-        return tuple(
-            (u * j - p, u * j - p + r - 1)
-            for u, r, j, p in zip(loc, self.size, self.stride, self.padding)
-        )
+        coords: list[int | None] = [0] * self.ndim
+        layout = self.layout
+        if layout is None or layout.axes is None:
+            return tuple(loc[: self.ndim]) + (0,) * max(0, self.ndim - len(loc))
+        for u, axes, grid, prefix in zip(loc, layout.axes, layout.grid or (), layout.prefix):
+            if u < prefix:
+                for a in axes:
+                    coords[a] = None
+                continue
+            for a, c in zip(axes, np.unravel_index(u - prefix, grid) if grid else ()):
+                coords[a] = int(c)
+        return tuple(coords)
+
+    def interval(self, location: Sequence[int] | int) -> tuple[tuple[int, int], ...]:
+        """Unclipped, inclusive ``(first, last)`` input positions per input axis for
+        ``location`` (given in the layer's rank)."""
+        out = []
+        for axis, c in enumerate(self.coordinates(location)):
+            if c is None:
+                out.append(self.prefix_bounds[axis])
+                continue
+            r, j, p = self.size[axis], self.stride[axis], self.padding[axis]
+            out.append((c * j - p, c * j - p + r - 1))
+        return tuple(out)
 
     def region(self, location: Sequence[int] | int, clip: bool = True) -> tuple[slice, ...]:
         """Half-open input slices seen by ``location``: use as ``x[..., *rf.region(loc)]``.
 
-        Clipped to the input by default; with ``clip=False`` the slices may start below 0 or
-        end past the input (they then describe the padded frame, not an index into ``x``).
-        A global field returns the whole input.
+        ``location`` is in the layer's own rank; the slices are one per input axis. Clipped
+        to the input by default; with ``clip=False`` the slices may start below 0 or end past
+        the input (they then describe the padded frame, not an index into ``x``). A global
+        field returns the whole input.
         """
-        loc = self._check_location(location)
+        coords = self.coordinates(location)
         if not clip:
-            return tuple(slice(first, last + 1) for first, last in self.interval(loc))
+            return tuple(slice(first, last + 1) for first, last in self.interval(location))
         if self.bounds:
-            spans = [b[u] for b, u in zip(self.bounds, loc)]
+            spans = [
+                self.prefix_bounds[a] if c is None else self.bounds[a][c]
+                for a, c in enumerate(coords)
+            ]
             if any(last < first for first, last in spans):  # sees only padding
                 return tuple(slice(0, 0) for _ in spans)
             return tuple(slice(first, last + 1) for first, last in spans)
         out = []
-        for (first, last), n in zip(self.interval(loc), self.input_shape):
+        for (first, last), n in zip(self.interval(location), self.input_shape):
             first, last = max(first, 0), min(last, n - 1)
             out.append(slice(first, max(last + 1, first)))
         return tuple(out)
 
+    def _flags(self) -> list[str]:
+        return [
+            f
+            for f, on in (
+                ("global", self.is_global),
+                ("unaligned", not self.aligned),
+                ("over-approximated", not self.exact),
+            )
+            if on
+        ]
+
     def __repr__(self) -> str:
-        """Geometry, output shape and flags (the bounds are left out)."""
-        flags = [f for f, on in (("global", self.is_global), ("unaligned", not self.aligned)) if on]
+        """Geometry, output shape, layout kind and flags (the bounds are left out)."""
+        flags = self._flags()
         extra = f", flags={flags}" if flags else ""
+        kind = self.layout.kind if self.layout is not None else ""
+        layout = f", layout={kind!r}" if kind and kind != "channels_first" else ""
         return (
             f"ReceptiveField(size={self.size}, stride={self.stride}, padding={self.padding}, "
-            f"output_shape={self.output_shape}{extra})"
+            f"output_shape={self.output_shape}{layout}{extra})"
         )
 
     def _repr_html_(self) -> str:
         rows = "".join(
-            f"<tr><td>{a}</td><td>{r}</td><td>{j}</td><td>{p}</td><td>{n}</td><td>{i}</td></tr>"
-            for a, (r, j, p, n, i) in enumerate(
-                zip(self.size, self.stride, self.padding, self.output_shape, self.input_shape)
+            f"<tr><td>{a}</td><td>{r}</td><td>{j}</td><td>{p}</td><td>{i}</td></tr>"
+            for a, (r, j, p, i) in enumerate(
+                zip(self.size, self.stride, self.padding, self.input_shape)
             )
         )
-        flags = ", ".join(
-            f for f, on in (("global", self.is_global), ("unaligned", not self.aligned)) if on
-        )
+        flags = ", ".join(self._flags())
         return (
-            "<table><thead><tr><th>axis</th><th>size</th><th>stride</th><th>padding</th>"
-            f"<th>output</th><th>input</th></tr></thead><tbody>{rows}</tbody></table>"
+            f"<p>output {'x'.join(map(str, self.output_shape)) or '()'}</p>"
+            "<table><thead><tr><th>input axis</th><th>size</th><th>stride</th><th>padding</th>"
+            f"<th>input</th></tr></thead><tbody>{rows}</tbody></table>"
             + (f"<p>{flags}</p>" if flags else "")
+            + (f"<p>{self.note}</p>" if self.note else "")
         )
 
 
@@ -201,25 +319,116 @@ class ReceptiveField:
 
 _EMPTY = np.iinfo(np.int64).max  # "first" of a location that depends on no input at all
 
+# Roles of a tensor dim (_Field.roles): what the layout of a layer output is made of.
+_BATCH, _CHANNEL, _LOCATION = "batch", "channel", "location"
+
+# One digit of an input axis's locations, held by a tensor dim: (axis, step, count). A location
+# coordinate on ``axis`` is the sum of digit * step over the axis's digits; a whole axis of n
+# locations is the one digit (axis, 1, n).
+_Digit: TypeAlias = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class _Loc:
+    """A tensor dim that indexes locations other than one whole input axis.
+
+    ``parts`` are digits ``(axis, step, count)``, most significant first: a flattened grid of
+    axes 0 and 1 (tokens) is ``((0, 1, H), (1, 1, W))``; the window rows of a Swin window
+    partition ``((0, 1, ws),)`` (the window's own rows) with ``((0, ws, H // ws),)`` on another
+    dim. ``prefix`` extra tokens (a class token) come before the grid; they all see
+    ``prefix_first[i]..prefix_last[i]`` on ``axes[i]`` (empty before any attention).
+    """
+
+    parts: tuple[_Digit, ...]
+    prefix: int = 0
+    prefix_first: tuple[int, ...] = ()
+    prefix_last: tuple[int, ...] = ()
+
+    @property
+    def axes(self) -> tuple[int, ...]:
+        """The input axes this dim's digits belong to, in order of first appearance."""
+        return tuple(dict.fromkeys(a for a, _, _ in self.parts))
+
+    def grid(self) -> tuple[int, ...]:
+        """The digit counts, row-major."""
+        return tuple(c for _, _, c in self.parts)
+
+
+@dataclass(frozen=True)
+class _Folded:
+    """A dim whose locations were folded into the field: the attention scores ``q @ k^T``
+    give score ``(i, j)`` the field of ``(i, all j)``. An over-approximation until an op mixes
+    over this dim (softmax, a sum, a matmul contracting it), which makes it exact again."""
+
+    of: int | _Loc
+
+
+# What a tensor dim holds: an input axis (all its locations), a _Loc, a _Folded, or None
+# (batch, channels, anything else).
+_Label: TypeAlias = "int | _Loc | _Folded | None"
+
+
+def _is_location(label: Any) -> bool:
+    return isinstance(label, (int, _Loc)) and not isinstance(label, bool)
+
+
+def _label_axes(label: Any) -> tuple[int, ...]:
+    if isinstance(label, _Folded):
+        return _label_axes(label.of)
+    if isinstance(label, _Loc):
+        return label.axes
+    return () if label is None else (label,)
+
+
+def _label_digits(label: Any, lengths: Sequence[int]) -> tuple[_Digit, ...]:
+    if isinstance(label, _Loc):
+        return label.parts
+    if isinstance(label, int):
+        return ((label, 1, lengths[label]),)
+    return ()
+
+
+def _label_of(digits: Sequence[_Digit], lengths: Sequence[int]) -> int | _Loc | None:
+    """The label of a dim holding ``digits`` (count-1 digits dropped): an int for one whole
+    axis, or a _Loc; the digits of one axis in a row that make the whole axis become one."""
+    merged: list[_Digit] = []
+    for a, s, c in digits:
+        if c == 1:
+            continue
+        if merged and merged[-1][0] == a and merged[-1][1] == s * c:
+            merged[-1] = (a, s, merged[-1][2] * c)  # (a, s*c, c1) then (a, s, c): one digit
+        else:
+            merged.append((a, s, c))
+    if not merged:
+        return None
+    if len(merged) == 1 and merged[0][1] == 1 and merged[0][2] == lengths[merged[0][0]]:
+        return merged[0][0]
+    return _Loc(tuple(merged))
+
 
 @dataclass(frozen=True, eq=False)
 class _Field:
-    """Receptive-field state of one tensor in the graph.
+    """Receptive-field state of one tensor.
 
-    ``dims[i]`` is the input spatial axis held by tensor dim ``i`` (None for batch, channel
-    and other dims). Everything else is per input axis: the Distill geometry (``size``,
-    ``stride``, ``padding``), the number of locations (``lengths``; an axis that no tensor dim
-    holds any more has length 1: it has been pooled or flattened away), the exact clipped
-    bounds of every location (``first[axis][u]``, ``last[axis][u]``, inclusive; ``first`` is
-    ``_EMPTY`` and ``last`` is -1 for a location that sees only padding) and the input's
-    spatial shape (``extent``).
+    ``dims[i]`` says what tensor dim ``i`` holds (a label: an input spatial axis, a
+    :class:`_Loc` grid or digits of axes, a :class:`_Folded` dim, or None for batch, channel
+    and other dims) and ``roles[i]`` its role in a layout (``"batch"``, ``"channel"``,
+    ``"location"`` or None). Everything else is per input axis: the Distill geometry
+    (``size``, ``stride``, ``padding``), the number of locations (``lengths``; an axis that no
+    tensor dim holds any more has length 1: it has been pooled or flattened away), the exact
+    clipped bounds of every location (``first[axis][u]``, ``last[axis][u]``, inclusive;
+    ``first`` is ``_EMPTY`` and ``last`` is -1 for a location that sees only padding) and the
+    input's spatial shape (``extent``).
 
     The geometry is what the layer does away from the borders; the bounds are exact everywhere,
     including border locations whose windows reach into padding, explicit pads and crops, and
     dilated windows whose taps skip the first input positions.
+
+    A rule that changes the number of dims without setting ``roles`` gets roles None (its
+    layout is then unknown, unless its rule has an ``ndim``: see :class:`_Tracer`).
     """
 
-    dims: tuple[int | None, ...]
+    dims: tuple[Any, ...]
     size: tuple[int, ...]
     stride: tuple[int, ...]
     padding: tuple[int, ...]
@@ -229,6 +438,13 @@ class _Field:
     extent: tuple[int, ...]
     aligned: bool = True
     statistics: tuple[str, ...] = ()  # ops before it that normalise over positions
+    roles: tuple[str | None, ...] = ()
+    notes: tuple[str, ...] = ()  # over-approximations made on the way
+    anchored: tuple[str, ...] = ()  # ops before it that depend on absolute positions
+
+    def __post_init__(self) -> None:
+        if len(self.roles) != len(self.dims):
+            object.__setattr__(self, "roles", (None,) * len(self.dims))
 
     @classmethod
     def identity(cls, spatial: tuple[int, ...]) -> _Field:
@@ -243,6 +459,7 @@ class _Field:
             first=tuple(np.arange(n, dtype=np.int64) for n in spatial),
             last=tuple(np.arange(n, dtype=np.int64) for n in spatial),
             extent=tuple(spatial),
+            roles=(_BATCH, _CHANNEL) + (_LOCATION,) * d,
         )
 
     def _put(self, axis: int, **values: Any) -> _Field:
@@ -251,6 +468,16 @@ class _Field:
             t = getattr(self, name)
             changes[name] = t[:axis] + (v,) + t[axis + 1 :]
         return replace(self, **changes)
+
+    def with_dims(self, dims: Sequence[Any], roles: Sequence[str | None]) -> _Field:
+        """The same geometry with new ``dims`` and ``roles`` (one per tensor dim)."""
+        return replace(self, dims=tuple(dims), roles=tuple(roles))
+
+    def with_role(self, dim: int, role: str | None) -> _Field:
+        """``roles[dim]`` set to ``role``."""
+        roles = list(self.roles)
+        roles[dim] = role
+        return replace(self, roles=tuple(roles))
 
     def window(self, axis: int, k: int, s: int, q: int, d: int, n_out: int) -> _Field:
         """A sliding window (kernel k, stride s, left padding q, dilation d) on ``axis``.
@@ -281,22 +508,94 @@ class _Field:
         # one output location: its stride is never used; keep the map's, not a surprising n*j
         return self.window(axis, n, 1, 0, 1, 1)
 
+    def block(self, axis: int, step: int, count: int) -> _Field:
+        """Every location of ``axis`` sees the union of its block: the ``count`` locations
+        that differ from it in the digit ``(step, count)`` only (an attention over that digit:
+        the whole axis for ``(1, n)``, a window of ``ws`` for ``(1, ws)``).
+
+        The regions stay exact; the geometry grows to the smallest one whose intervals hold
+        every block.
+        """
+        n = self.lengths[axis]
+        u = np.arange(n, dtype=np.int64)
+        base = u - ((u // step) % count) * step
+        members = base[:, None] + np.arange(count, dtype=np.int64) * step  # (n, count)
+        first = self.first[axis][members].min(axis=1)
+        last = self.last[axis][members].max(axis=1)
+        j = self.stride[axis]
+        grow = (count - 1) * step * j
+        return self._put(
+            axis,
+            size=self.size[axis] + 2 * grow,
+            padding=self.padding[axis] + grow,
+            first=first,
+            last=last,
+        )
+
+    def pin(self, axis: int, first: int, last: int) -> _Field:
+        """One location on ``axis`` that sees ``first..last`` (a class token's bounds; empty
+        when ``last < first``)."""
+        empty = last < first
+        return self._put(
+            axis,
+            size=1 if empty else last - first + 1,
+            padding=0 if empty else -first,
+            lengths=1,
+            first=np.array([_EMPTY if empty else first], dtype=np.int64),
+            last=np.array([-1 if empty else last], dtype=np.int64),
+        )
+
+    def roll(self, axis: int, shift: int) -> _Field:
+        """``torch.roll`` by ``shift`` on ``axis``: location u holds what u - shift held
+        (cyclically). The geometry grows to hold the wrapped locations."""
+        n = self.lengths[axis]
+        src = (np.arange(n, dtype=np.int64) - shift) % n
+        first, last = self.first[axis][src], self.last[axis][src]
+        return self._fit(axis, first, last)
+
+    def _fit(self, axis: int, first: np.ndarray, last: np.ndarray) -> _Field:
+        """New bounds on ``axis``, with the smallest geometry (same stride, at least the old
+        size and padding) whose intervals hold them."""
+        r, j, p = self.size[axis], self.stride[axis], self.padding[axis]
+        seen = last >= first
+        u = np.arange(len(first), dtype=np.int64) * j
+        if seen.any():
+            p = max(p, int((u - first)[seen].max()))
+            r = max(r + 0, int((last - u + p)[seen].max()) + 1)
+        return self._put(axis, size=r, padding=p, first=first, last=last)
+
     def covers(self) -> bool:
         """Every location sees the whole input on every axis."""
-        return all(
+        full = all(
             bool((f == 0).all() and (lst == n - 1).all())
             for f, lst, n in zip(self.first, self.last, self.extent)
         )
+        if not full:
+            return False
+        for label in self.dims:
+            if isinstance(label, _Loc) and label.prefix:
+                for a, f, lst in zip(label.axes, label.prefix_first, label.prefix_last):
+                    if f != 0 or lst != self.extent[a] - 1:
+                        return False
+        return True
 
     def noting(self, label: str) -> _Field:
         """The same field, recording an op that normalises over positions (``statistics``)."""
         return replace(self, statistics=tuple(dict.fromkeys((*self.statistics, label))))
 
+    def approximated(self, why: str) -> _Field:
+        """The same field, recording an over-approximation (``notes``)."""
+        return replace(self, notes=tuple(dict.fromkeys((*self.notes, why))))
+
+    def anchoring(self, what: str) -> _Field:
+        """The same field, recording an op that depends on absolute positions (``anchored``)."""
+        return replace(self, anchored=tuple(dict.fromkeys((*self.anchored, what))))
+
     def union(self, other: _Field) -> _Field:
         """Union of two fields over the same locations; a length-1 axis is broadcast.
 
-        The tensor layout (``dims``) is the caller's business: this combines the geometry and
-        the bounds per input axis.
+        The tensor layout (``dims``, ``roles``) is the caller's business: this combines the
+        geometry and the bounds per input axis.
 
         Raises
         ------
@@ -345,8 +644,13 @@ class _Field:
             if (r - 1) - 2 * p != (ro - 1) - 2 * po:
                 aligned = False
         self._check_separable(other, out)
-        statistics = tuple(dict.fromkeys(self.statistics + other.statistics))
-        return replace(out, aligned=aligned, statistics=statistics)
+        return replace(
+            out,
+            aligned=aligned,
+            statistics=tuple(dict.fromkeys(self.statistics + other.statistics)),
+            notes=tuple(dict.fromkeys(self.notes + other.notes)),
+            anchored=tuple(dict.fromkeys(self.anchored + other.anchored)),
+        )
 
     def _empty_axes(self) -> list[int]:
         """Axes with a location that sees only padding."""
@@ -386,6 +690,19 @@ class _Field:
                 "Use featurelens.empirical_receptive_field for this layer."
             )
 
+    def same_as(self, other: _Field) -> bool:
+        """Equal dims, roles, geometry and bounds (is an in-place update a no-op?)."""
+        if self is other:
+            return True
+        return (
+            self.dims == other.dims
+            and self.roles == other.roles
+            and (self.size, self.stride, self.padding, self.lengths)
+            == (other.size, other.stride, other.padding, other.lengths)
+            and all(np.array_equal(a, b) for a, b in zip(self.first, other.first))
+            and all(np.array_equal(a, b) for a, b in zip(self.last, other.last))
+        )
+
 
 # What a rule returns: the field of the op's output; a tuple of them for an op that returns
 # several tensors (split, max pooling with indices: None for the indices); None when the
@@ -394,26 +711,210 @@ _Out: TypeAlias = _Field | tuple[_Field | None, ...] | None
 
 
 # --------------------------------------------------------------------------------------------
-# One operation of the graph, as a rule sees it
+# Labels: what merges, folds and mixes do to the dims that hold locations
+
+
+def _merge_labels(a: Any, b: Any, where: Callable[[], str]) -> Any:
+    """The label of one output dim that two inputs both put a label on."""
+    if a is None:
+        return b
+    if b is None or a == b:
+        return a
+    if isinstance(a, _Loc) and isinstance(b, _Loc) and (a.parts, a.prefix) == (b.parts, b.prefix):
+        return replace(
+            a,
+            prefix_first=tuple(min(x, y) for x, y in zip(a.prefix_first, b.prefix_first)),
+            prefix_last=tuple(max(x, y) for x, y in zip(a.prefix_last, b.prefix_last)),
+        )
+    raise UnsupportedOpError(f"{where()}: combines different spatial axes in one dim")
+
+
+def _merge_roles(a: str | None, b: str | None) -> str | None:
+    if a is None or a == b:
+        return b
+    return a if b is None else None
+
+
+def _prefix_union(f: _Field, label: _Loc) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Per axis of ``label``: the union of every location's bounds and the prefix bounds."""
+    firsts, lasts = [], []
+    for i, a in enumerate(label.axes):
+        first = int(f.first[a].min()) if f.lengths[a] else _EMPTY
+        last = int(f.last[a].max()) if f.lengths[a] else -1
+        if label.prefix:
+            first, last = min(first, label.prefix_first[i]), max(last, label.prefix_last[i])
+        firsts.append(first)
+        lasts.append(last)
+    return tuple(firsts), tuple(lasts)
+
+
+def _with_prefix_bounds(
+    f: _Field, label: _Loc, first: Sequence[int], last: Sequence[int]
+) -> _Field:
+    """The grid locations of ``label``'s axes also see the box ``first..last``."""
+    out = f
+    for a, lo, hi in zip(label.axes, first, last):
+        if hi < lo:
+            continue
+        out = out._put(
+            a,
+            first=np.minimum(out.first[a], lo),
+            last=np.maximum(out.last[a], hi),
+        )
+        out = out._fit(a, out.first[a], out.last[a])
+    return out
+
+
+def _mix(f: _Field, label: Any) -> tuple[_Field, Any]:
+    """Every location of ``label``'s dim sees all the others (self-attention over it): the
+    field and the dim's new label (its prefix tokens see everything too)."""
+    if isinstance(label, int) and not isinstance(label, bool):
+        return f.block(label, 1, f.lengths[label]), label
+    if not isinstance(label, _Loc):
+        return f, label
+    if label.prefix:
+        first, last = _prefix_union(f, label)
+    out = f
+    for a, s, c in label.parts:
+        out = out.block(a, s, c)
+    if any(s * c != f.lengths[a] or s != 1 for a, s, c in label.parts):
+        out = out.anchoring("attention within windows (a partition of the map into blocks)")
+    if label.prefix:
+        out = _with_prefix_bounds(out, label, first, last)
+        label = replace(label, prefix_first=first, prefix_last=last)
+    return out, label
+
+
+def _fold(
+    f: _Field, dims: Sequence[Any], dim: int, where: Callable[[], str]
+) -> tuple[_Field, list[Any]]:
+    """Pool away the locations of tensor dim ``dim`` (a sum, a mean, a contraction over it):
+    the field and the new labels of every dim (the folded one becomes None).
+
+    A whole axis is collapsed; a digit of an axis (a window's rows) is pooled like a strided
+    window, and the other digits of that axis move down. Prefix tokens' bounds join the union.
+    """
+    label = dims[dim]
+    labels = list(dims)
+    labels[dim] = None
+    if isinstance(label, _Folded):
+        return f, labels  # already folded in: the op makes it exact
+    if isinstance(label, int) and not isinstance(label, bool):
+        return f.collapse(label), labels
+    if not isinstance(label, _Loc):
+        return f, labels
+    out, labels = _fold_digits(f, labels, list(label.parts), where)
+    if label.prefix:
+        for a, lo, hi in zip(label.axes, label.prefix_first, label.prefix_last):
+            if hi >= lo and out.lengths[a] == 1:
+                out = out._put(
+                    a,
+                    first=np.minimum(out.first[a], lo),
+                    last=np.maximum(out.last[a], hi),
+                )
+            elif hi >= lo:
+                out = _with_prefix_bounds(out, _Loc(((a, 1, out.lengths[a]),)), [lo], [hi])
+    return out, labels
+
+
+def _fold_digits(
+    f: _Field, labels: list[Any], digits: list[_Digit], where: Callable[[], str]
+) -> tuple[_Field, list[Any]]:
+    """Pool away ``digits`` (no longer held by any dim in ``labels``) from the field, moving
+    the other digits of their axes (held by ``labels``) down.
+
+    An innermost digit (step 1) pools like a window of its count with that stride, an
+    outermost one like a dilated window; a digit between others cannot be pooled exactly and
+    the whole axis is taken (said in the field's notes).
+    """
+    out = f
+    for axis in dict.fromkeys(a for a, _, _ in digits):
+        gone = sorted(((s, c) for a, s, c in digits if a == axis), reverse=True)
+        # (dim, position in its label, step, count) of the digits of ``axis`` that stay
+        kept = [
+            (i, k, s, c)
+            for i, label in enumerate(labels)
+            if _is_location(label)
+            for k, (a, s, c) in enumerate(_label_digits(label, out.lengths))
+            if a == axis
+        ]
+        old = {i: list(_label_digits(labels[i], out.lengths)) for i, _, _, _ in kept}
+        n = out.lengths[axis]
+        if not kept:  # every location of the axis pooled: the map's stride is kept
+            out = out.collapse(axis)
+            continue
+        exact = True
+        while gone:
+            smallest = min([s for s, _ in gone] + [s for _, _, s, _ in kept])
+            if gone[-1][0] == smallest == 1:  # innermost: a window of c with stride c
+                s, c = gone.pop()
+                out = out.window(axis, c, c, 0, 1, n // c)
+                gone = [(st // c, ct) for st, ct in gone]
+                kept = [(i, k, st // c, ct) for i, k, st, ct in kept]
+            elif gone[0][0] * gone[0][1] == n:  # outermost: a dilated window over the others
+                s, c = gone.pop(0)
+                out = out.window(axis, c, 1, 0, s, n // c)
+            else:
+                exact = False
+                break
+            n //= c
+        if not exact:
+            out = out.collapse(axis)
+            if not exact:
+                out = out.approximated(
+                    f"{where()} pools a middle digit of input axis {axis}'s locations; "
+                    "over-approximated by the whole axis"
+                )
+            for i in old:
+                labels[i] = _label_of([d for d in old[i] if d[0] != axis], out.lengths)
+            continue
+        for i, k, s, c in kept:
+            old[i][k] = (axis, s, c)
+        for i, digits_i in old.items():
+            new = _label_of(digits_i, out.lengths)
+            label = labels[i]
+            if isinstance(label, _Loc) and label.prefix and isinstance(new, _Loc):
+                new = replace(new, prefix=label.prefix, prefix_first=label.prefix_first,
+                              prefix_last=label.prefix_last)  # fmt: skip
+            labels[i] = new
+    return out, labels
+
+
+# --------------------------------------------------------------------------------------------
+# One operation, as a rule sees it
 
 
 _M = TypeVar("_M", bound=nn.Module)
 
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_OWN_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _source_line() -> str:
+    """``" at <file>, line <n>: <code>"`` of the innermost frame of the model's own code
+    (outside torch and featurelens) on the current stack, or ``""``."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if not filename.startswith((_TORCH_DIR, _OWN_DIR)) and not filename.startswith("<"):
+            code = linecache.getline(filename, frame.f_lineno).strip()
+            return f" at {filename}, line {frame.f_lineno}: {code}"
+        frame = frame.f_back
+    return ""
+
 
 @dataclass(frozen=True)
 class _Call:
-    """One call in the traced graph, handed to the rule of its op.
+    """One call of the model's forward, handed to the rule of its op.
 
     Attributes
     ----------
-    node
-        The fx node (for messages).
     op
-        The ``nn.Module`` instance, the function, or the tensor method's name.
+        The ``nn.Module`` instance, the function, or the tensor method's (or property's) name.
     args
         The call's arguments by name (bound once per op kind by the rule's :class:`_Params`,
-        so positional and keyword forms agree; fx nodes replaced by their values). Empty for
-        modules: their rules read the module's attributes (:meth:`module`).
+        so positional and keyword forms agree). Empty for modules without params: their rules
+        read the module's attributes (:meth:`module`).
     inputs
         ``(field, value)`` of every argument that carries a field, in argument order; the
         first is the op's main input (:attr:`field`, :attr:`x`).
@@ -424,15 +925,25 @@ class _Call:
         2); None for ops that are not tied to one.
     input_shape
         The model's ``(C, *spatial)`` input shape (for messages).
+    kind
+        ``"module"``, ``"function"``, ``"method"`` (tensor methods and operators: ``x + y`` is
+        ``Tensor.add``) or ``"property"`` (``x.mT``).
+    name
+        A module's dotted name in the model (``""`` otherwise).
+    constants
+        The tensor arguments that carry no field (constants of the model: parameters,
+        buffers, tensors it creates).
     """
 
-    node: fx.Node
     op: Any
     args: Mapping[str, Any]
     inputs: tuple[tuple[_Field, torch.Tensor], ...]
     result: Any
     ndim: int | None
     input_shape: tuple[int, ...]
+    kind: str = "function"
+    name: str = ""
+    constants: tuple[torch.Tensor, ...] = ()
 
     @property
     def field(self) -> _Field:
@@ -447,10 +958,17 @@ class _Call:
     @property
     def output(self) -> torch.Tensor:
         """The output tensor (the first element when the op returns a tuple)."""
-        out = self.result[0] if isinstance(self.result, tuple) else self.result
+        out = self.result[0] if isinstance(self.result, (tuple, list)) else self.result
         if not isinstance(out, torch.Tensor):
             raise self.unsupported("returns a non-tensor")
         return out
+
+    def field_of(self, value: Any) -> _Field | None:
+        """The field of the argument ``value`` (by identity), None for a constant."""
+        for f, x in self.inputs:
+            if x is value:
+                return f
+        return None
 
     def module(self, kind: type[_M]) -> _M:
         """The called module, checked to be a ``kind`` (the rule's table entry says so)."""
@@ -464,9 +982,21 @@ class _Call:
             raise TypeError(f"{self.where()}: its rule has no ndim in the op table")
         return self.ndim
 
+    def title(self) -> str:
+        """``"Conv2d module 'features.0'"``, ``"Tensor.chunk()"``, ``"torch.roll()"``."""
+        if self.kind == "module":
+            return f"{type(self.op).__name__} module {self.name!r}"
+        if self.kind == "method":
+            return f"Tensor.{self.op}()"
+        if self.kind == "property":
+            return f"Tensor.{self.op}"
+        mod = getattr(self.op, "__module__", "") or ""
+        return f"{mod + '.' if mod else ''}{getattr(self.op, '__name__', self.op)}()"
+
     def where(self) -> str:
-        """The op, its graph node and its source line, for messages."""
-        return _describe(self.node, self.op)
+        """The op and its source line in the model's code, for messages."""
+        line = _source_line()
+        return f"{self.title()} ({line.strip()})" if line else self.title()
 
     def unsupported(self, why: str = "") -> UnsupportedOpError:
         """The error for this call: ``where: why`` (``why`` defaults to "not supported yet")."""
@@ -486,7 +1016,7 @@ _KEYWORD_ALIASES = {"axis": "dim", "keepdims": "keepdim"}
 class _Params:
     """How the arguments of one op kind bind to names, shared by its function and method forms.
 
-    For a tensor method fx records the tensor as the first positional argument, so
+    A tensor method gets the tensor as its first positional argument, so
     ``torch.chunk(x, 2, 1)`` and ``x.chunk(2, 1)`` bind alike with ``("input", "chunks",
     "dim")``.
 
@@ -531,35 +1061,16 @@ class _Rule:
     handler
         Computes the output's field from a :class:`_Call`.
     ndim
-        Spatial dims the op works on (``nn.Conv3d``: 3), for ops tied to one.
+        Spatial dims the op works on (``nn.Conv3d``: 3), for ops tied to one. Its output is
+        then ``(N, C, *ndim locations)``, which sets the roles of its dims.
     params
-        How a function's or method's arguments bind to names (None: the rule reads none, or
-        reads a module's attributes).
+        How a function's or method's arguments (or a module's forward arguments) bind to
+        names (None: the rule reads none, or reads a module's attributes).
     """
 
     handler: _Handler
     ndim: int | None = None
     params: _Params | None = None
-
-
-def _describe(node: fx.Node, op: Any) -> str:
-    """``"<op> (graph node 'name' at <file, line>: <code>)"``, for messages."""
-    line = ""
-    if node.stack_trace:
-        last = [ln.strip() for ln in node.stack_trace.strip().splitlines() if ln.strip()]
-        if len(last) >= 2:
-            line = f" at {last[-2]}: {last[-1]}"
-    return f"{_name_of(node, op)} (graph node {node.name!r}{line})"
-
-
-def _name_of(node: fx.Node, op: Any) -> str:
-    """``"Conv2d module 'features.0'"``, ``"Tensor.chunk()"``, ``"torch.nn.functional.pad()"``."""
-    if node.op == "call_module":
-        return f"{type(op).__name__} module {node.target!r}"
-    if node.op == "call_method":
-        return f"Tensor.{node.target}()"
-    mod = getattr(op, "__module__", "") or ""
-    return f"{mod + '.' if mod else ''}{getattr(op, '__name__', op)}()"
 
 
 def _ntuple(v: Any, n: int) -> tuple[int, ...]:
@@ -590,13 +1101,19 @@ def _kernel_axes(call: _Call) -> list[int | None]:
         )
     axes = list(f.dims[-d:])
     for i, a in enumerate(axes):
+        dim = x.dim() - d + i
         if a is None:
-            size = x.shape[x.dim() - d + i]
+            size = x.shape[dim]
             if size != 1:
                 raise call.unsupported(
-                    f"slides a window over tensor dim {x.dim() - d + i} (size {size}), which is "
+                    f"slides a window over tensor dim {dim} (size {size}), which is "
                     "not a spatial axis of the input (channels or a flattened dim)"
                 )
+        elif not _is_location(a) or isinstance(a, _Loc):
+            raise call.unsupported(
+                f"slides a window over tensor dim {dim}, which holds a flattened grid of "
+                "locations (tokens) or part of one; reshape it back to (N, C, *spatial) first"
+            )
     return axes
 
 
@@ -701,6 +1218,10 @@ def _constant_pad(call: _Call, pad: Sequence[int]) -> _Field:
             if left or pad[2 * i + 1]:
                 raise call.unsupported(f"pads tensor dim {dim}, which is not spatial")
             continue
+        if not _is_location(axis) or isinstance(axis, _Loc):
+            if left or pad[2 * i + 1]:
+                raise call.unsupported(f"pads tensor dim {dim}, a flattened grid of locations")
+            continue
         out = out.window(axis, 1, 1, left, 1, result.shape[dim])
     return out
 
@@ -725,47 +1246,152 @@ def _constant_pad_module(call: _Call) -> _Out:
 # Rules: layout (reshape, permute), reductions, splits, ops over one dim
 
 
-def _reshape(call: _Call) -> _Out:
-    """view/reshape/flatten/squeeze/unsqueeze.
+def _reshape_groups(a: list[int], b: list[int]) -> list[tuple[list[int], list[int]]] | None:
+    """Pair up runs of dims of two shapes with equal products (numpy's reshape grouping)."""
+    groups: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    while i < len(a) or j < len(b):
+        gi, gj = [], []
+        pa = pb = 1
+        if i < len(a):
+            gi.append(i)
+            pa *= a[i]
+            i += 1
+        if j < len(b):
+            gj.append(j)
+            pb *= b[j]
+            j += 1
+        while pa != pb:
+            if pa < pb and i < len(a):
+                gi.append(i)
+                pa *= a[i]
+                i += 1
+            elif pb < pa and j < len(b):
+                gj.append(j)
+                pb *= b[j]
+                j += 1
+            else:
+                return None
+        # absorb trailing size-1 dims on both sides into this group
+        while i < len(a) and a[i] == 1 and (j >= len(b) or b[j] != 1):
+            gi.append(i)
+            i += 1
+        while j < len(b) and b[j] == 1 and (i >= len(a) or a[i] != 1):
+            gj.append(j)
+            j += 1
+        groups.append((gi, gj))
+    return groups
 
-    Spatial dims that survive one-to-one keep their axis; the ones merged into other dims are
-    collapsed.
+
+# A digit of a tensor dim in a reshape: (axis or None, step, count, role of its dim).
+_RDigit: TypeAlias = tuple[int | None, int, int, str | None]
+
+
+def _reshape(call: _Call) -> _Out:
+    """view/reshape/flatten/squeeze/unsqueeze/unflatten.
+
+    Each tensor dim is read as digits (of input axes, or of batch/channel/other dims); a
+    reshape regroups digits row-major, splitting one where an output dim takes part of it.
+    Dims that keep their digits keep their labels; a window partition splits an axis into
+    digits on several dims (and into the batch dim); digits of an axis merged with channels
+    are pooled away (a flatten before a linear layer collapses the map).
     """
     f = call.field
     in_shape, out_shape = list(call.x.shape), list(call.output.shape)
     groups = _reshape_groups(in_shape, out_shape)
     if groups is None:
         raise call.unsupported(f"reshape {tuple(in_shape)} -> {tuple(out_shape)}")
-    out = f
-    dims: list[int | None] = [None] * len(out_shape)
+    labels: list[Any] = [None] * len(out_shape)
+    roles: list[str | None] = [None] * len(out_shape)
+    new: set[int] = set()  # output dims whose label is made here from digits
+    gone: list[_Digit] = []  # location digits merged with channels: pooled away
     for in_dims, out_dims in groups:
-        in_big = [i for i in in_dims if in_shape[i] != 1]
-        out_big = [o for o in out_dims if out_shape[o] != 1]
-        spatial = [a for a in (f.dims[i] for i in in_dims) if a is not None]
-        if len(in_big) == 1 and len(out_big) == 1 and f.dims[in_big[0]] is not None:
-            dims[out_big[0]] = f.dims[in_big[0]]
+        if [in_shape[i] for i in in_dims] == [out_shape[o] for o in out_dims]:
+            for i, o in zip(in_dims, out_dims):  # the same dims: labels stay
+                labels[o], roles[o] = f.dims[i], f.roles[i]
             continue
-        if len(in_big) == 1 and len(out_big) == 1 and f.dims[in_big[0]] is None:
-            # a non-spatial dim kept; spatial size-1 dims squeezed away stay length 1
-            continue
-        if not in_big and out_dims and spatial:
-            # size-1 spatial dims: keep the label on a size-1 output dim when possible
-            if len(out_dims) == len(in_dims):
-                for i, o in zip(in_dims, out_dims):
-                    dims[o] = f.dims[i]
-            continue
-        for axis in spatial:
+        digits: list[_RDigit] = []
+        for i in in_dims:
+            label = f.dims[i]
+            if isinstance(label, _Folded) or (isinstance(label, _Loc) and label.prefix):
+                what = "attention scores" if isinstance(label, _Folded) else "extra tokens"
+                raise call.unsupported(f"reshapes tensor dim {i}, which holds {what}, with others")
+            if _is_location(label):
+                digits += [(a, s, c, _LOCATION) for a, s, c in _label_digits(label, f.lengths)]
+            else:
+                digits.append((None, 1, in_shape[i], f.roles[i]))
+        split = _distribute(digits, [out_shape[o] for o in out_dims])
+        if split is None:
+            raise call.unsupported(
+                f"reshape {tuple(in_shape)} -> {tuple(out_shape)} splits a spatial axis into "
+                "sizes that do not divide it"
+            )
+        for o, mine in zip(out_dims, split):
+            roles[o] = _digits_role(mine)
+            locs = tuple((a, s, c) for a, s, c, _ in mine if a is not None and c > 1)
+            mixed = any(a is None and c > 1 and r != _BATCH for a, _, c, r in mine)
+            if mixed:
+                gone += locs
+            elif locs:
+                labels[o] = _Loc(locs)
+                new.add(o)
+    out = f
+    if gone:
+        out, labels = _fold_digits(f, labels, gone, call.where)
+    for o in new:
+        if isinstance(labels[o], _Loc):
+            labels[o] = _label_of(labels[o].parts, out.lengths)
+    # an axis with several locations that no dim holds any more is pooled away
+    held = {a for label in labels for a in _label_axes(label)}
+    for axis, n in enumerate(out.lengths):
+        if n > 1 and axis not in held:
             out = out.collapse(axis)
-    if all(d is None for d in dims) and any(n > 1 for n in out.lengths):
-        for axis, n in enumerate(out.lengths):
-            if n > 1:
-                out = out.collapse(axis)
-    return replace(out, dims=tuple(dims))
+    return out.with_dims(labels, roles)
+
+
+def _distribute(digits: list[_RDigit], sizes: list[int]) -> list[list[_RDigit]] | None:
+    """Deal ``digits`` (most significant first) out to output dims of ``sizes``, row-major,
+    splitting a digit where a dim takes its more significant part. None if impossible."""
+    queue = list(digits)
+    out: list[list[_RDigit]] = []
+    for k, m in enumerate(sizes):
+        mine: list[_RDigit] = []
+        need = m
+        while queue and (need > 1 or (queue[0][2] == 1 and (k == len(sizes) - 1 or need == m))):
+            a, s, c, r = queue[0]
+            if c <= need and need % c == 0:
+                mine.append(queue.pop(0))
+                need //= c
+            elif c % need == 0:
+                mine.append((a, s * (c // need), need, r))
+                queue[0] = (a, s, c // need, r)
+                need = 1
+            else:
+                return None
+        if need != 1:
+            return None
+        out.append(mine)
+    if any(c != 1 for _, _, c, _ in queue):
+        return None
+    if queue and out:
+        out[-1] += queue
+    return out
+
+
+def _digits_role(digits: list[_RDigit]) -> str | None:
+    roles = {r for _, _, _, r in digits}
+    for role in (_BATCH, _CHANNEL):
+        if role in roles:
+            return role
+    if any(a is not None for a, _, _, _ in digits) or _LOCATION in roles:
+        return _LOCATION
+    return None
 
 
 def _reordered(call: _Call, order: Sequence[int]) -> _Out:
     """The main input's field with its tensor dims taken in ``order``."""
-    return replace(call.field, dims=tuple(call.field.dims[i] for i in order))
+    f = call.field
+    return f.with_dims([f.dims[i] for i in order], [f.roles[i] for i in order])
 
 
 def _permute(call: _Call) -> _Out:
@@ -778,6 +1404,14 @@ def _transpose(call: _Call) -> _Out:
     a, b = int(call.args["dim0"]) % nd, int(call.args["dim1"]) % nd
     order = list(range(nd))
     order[a], order[b] = order[b], order[a]
+    return _reordered(call, order)
+
+
+def _swap_last(call: _Call) -> _Out:
+    """``x.mT``: the last two dims swapped."""
+    nd = call.x.dim()
+    order = list(range(nd))
+    order[-1], order[-2] = order[-2], order[-1]
     return _reordered(call, order)
 
 
@@ -796,7 +1430,7 @@ def _reverse_dims(call: _Call) -> _Out:
 
 
 def _reduce(call: _Call) -> _Out:
-    """mean/sum/amax/...: collapse the spatial axes of the reduced dims."""
+    """mean/sum/amax/...: pool away the locations of the reduced dims."""
     f, x = call.field, call.x
     nd = x.dim()
     dim = call.args["dim"]
@@ -813,15 +1447,14 @@ def _reduce(call: _Call) -> _Out:
             f"{type(result).__name__} {getattr(result, 'shape', '')}: cannot tell which dims "
             "it reduced"
         )
-    out = f
+    out, labels = f, list(f.dims)
     for i in reduced:
-        axis = f.dims[i]
-        if axis is not None:
-            out = out.collapse(axis)
-    dims = [None if i in reduced else a for i, a in enumerate(f.dims)]
+        out, labels = _fold(out, labels, i, call.where)
+    roles = list(f.roles)
     if not keepdim:
-        dims = [a for i, a in enumerate(dims) if i not in reduced]
-    return replace(out, dims=tuple(dims))
+        labels = [a for i, a in enumerate(labels) if i not in reduced]
+        roles = [r for i, r in enumerate(roles) if i not in reduced]
+    return out.with_dims(labels, roles)
 
 
 def _variance(call: _Call) -> _Out:
@@ -845,17 +1478,28 @@ def _unbind(call: _Call) -> _Out:
     if f.dims[dim] is not None:
         raise call.unsupported("unbinds a spatial axis")
     dims = f.dims[:dim] + f.dims[dim + 1 :]
-    return tuple(replace(f, dims=dims) for _ in call.result)
+    roles = f.roles[:dim] + f.roles[dim + 1 :]
+    return tuple(f.with_dims(dims, roles) for _ in call.result)
 
 
 def _along(call: _Call, dim: int) -> _Out:
-    """An op that mixes one dim (linear: the last; softmax: ``dim``) and keeps the others."""
+    """An op that mixes one dim (linear: the last; softmax: ``dim``) and keeps the others.
+
+    Mixing the folded dim of attention scores is what attention does: the field is then
+    exact again. Mixing a dim of locations is refused.
+    """
+    inputs = []
     for f, x in call.inputs:
         d = dim % x.dim()
-        if f.dims[d] is not None and x.shape[d] > 1:
+        label = f.dims[d]
+        if isinstance(label, _Folded):
+            f = f.with_dims(f.dims[:d] + (None,) + f.dims[d + 1 :], f.roles)
+        elif label is not None and x.shape[d] > 1:
             raise call.unsupported(
                 f"mixes spatial tensor dim {d} (size {x.shape[d]}): not supported yet"
             )
+        inputs.append((f, x))
+    call = replace(call, inputs=tuple(inputs))
     result = call.result
     if not isinstance(result, torch.Tensor) or result.dim() != len(call.field.dims):
         raise call.unsupported("changes the number of dims")
@@ -863,8 +1507,10 @@ def _along(call: _Call, dim: int) -> _Out:
 
 
 def _last_dim(call: _Call) -> _Out:
-    """Linear, Bilinear, F.linear: mix the last dim."""
-    return _along(call, -1)
+    """Linear, Bilinear, F.linear: mix the last dim, which then holds channels."""
+    out = _along(call, -1)
+    assert isinstance(out, _Field)
+    return out.with_role(len(out.dims) - 1, _CHANNEL)
 
 
 def _softmax_dim(dim: int | None, ndim: int) -> int:
@@ -891,45 +1537,108 @@ def _normalize(call: _Call) -> _Out:
 # --------------------------------------------------------------------------------------------
 # Rules: elementwise ops and merges, normalisation statistics, indexing
 
+# One operand of a merge, aligned to the output: (field, labels, roles, shape) with one entry
+# per output dim (None labels/roles and size 1 where the operand has no such dim).
+_Operand: TypeAlias = tuple[_Field, list[Any], list["str | None"], tuple[int, ...]]
 
-def _elementwise(call: _Call) -> _Field:
-    """Elementwise op (with broadcasting) over one or more fields: union of dependencies."""
-    result = call.result
-    if not isinstance(result, torch.Tensor):
-        raise call.unsupported("returns a non-tensor")
-    nd = result.dim()
-    dims: list[int | None] = [None] * nd
-    merged = call.field
-    for k, (f, x) in enumerate(call.inputs):
-        offset = nd - x.dim()
-        if offset < 0:
-            raise call.unsupported("output has fewer dims than an input")
-        for i, axis in enumerate(f.dims):
-            if axis is None or (x.shape[i] == 1 and result.shape[offset + i] != 1):
+
+def _operand(f: _Field, x: torch.Tensor, nd: int) -> _Operand:
+    """``(f, x)`` right-aligned to an ``nd``-dim output (broadcasting's rule)."""
+    pad = nd - x.dim()
+    return (f, [None] * pad + list(f.dims), [None] * pad + list(f.roles),
+            (1,) * pad + tuple(x.shape))  # fmt: skip
+
+
+def _combine(call: _Call, operands: Sequence[_Operand], out_shape: Sequence[int]) -> _Field:
+    """The union of operands over the same (broadcast) output dims: the labels of the dims
+    they hold, the roles, and the fields per input axis."""
+    nd = len(out_shape)
+    labels: list[Any] = [None] * nd
+    roles: list[str | None] = [None] * nd
+    merged: _Field | None = None
+    for f, dims, rls, shape in operands:
+        for o in range(nd):
+            if shape[o] == 1 and out_shape[o] != 1:
                 continue  # broadcast dims carry no location
-            if dims[offset + i] is not None and dims[offset + i] != axis:
-                raise call.unsupported("combines different spatial axes in one dim")
-            dims[offset + i] = axis
-        if k:
+            roles[o] = _merge_roles(roles[o], rls[o])
+            if dims[o] is not None:
+                labels[o] = _merge_labels(labels[o], dims[o], call.where)
+        if merged is None:
+            merged = f
+        else:
             try:
                 merged = merged.union(f)
             except ReceptiveFieldError as exc:  # name the op that merges
                 raise type(exc)(f"{call.where()}: {exc}") from None
-    return replace(merged, dims=tuple(dims))
+    assert merged is not None
+    return merged.with_dims(labels, roles)
+
+
+def _elementwise(call: _Call) -> _Field:
+    """Elementwise op (with broadcasting) over one or more fields: union of dependencies.
+
+    A constant operand that varies along a dim of locations (a position embedding, the
+    coordinate channels of a CoordConv) makes the result depend on absolute positions: the
+    field records it (``anchored``).
+    """
+    result = call.result
+    if not isinstance(result, torch.Tensor):
+        raise call.unsupported("returns a non-tensor")
+    nd = result.dim()
+    if any(x.dim() > nd for _, x in call.inputs):
+        raise call.unsupported("output has fewer dims than an input")
+    out = _combine(call, [_operand(f, x, nd) for f, x in call.inputs], tuple(result.shape))
+    for c in call.constants:
+        if _varies_along_locations(c, out.dims):
+            out = out.anchoring(f"{call.title()} with a constant that varies over locations")
+            break
+    return out
+
+
+def _varies_along_locations(c: torch.Tensor, labels: Sequence[Any]) -> bool:
+    pad = len(labels) - c.dim()
+    for i in range(c.dim()):
+        if pad + i >= 0 and c.shape[i] > 1 and _is_location(labels[pad + i]):
+            first = c.narrow(i, 0, 1)
+            if not bool(torch.equal(c, first.expand_as(c))):
+                return True
+    return False
 
 
 def _concatenate(call: _Call) -> _Out:
-    dim = int(call.args["dim"])
-    for f, x in call.inputs:
-        if f.dims[dim % x.dim()] is not None:
-            raise call.unsupported("concatenates along a spatial axis")
-    return _elementwise(call)
+    """cat: along channels a union. Along a dim of locations, only constants around the one
+    tensor with a field: on one axis they pad it (zeros, a learned border); before a
+    flattened grid they are extra tokens (a ViT's class token), which see nothing yet."""
+    nd = call.output.dim()
+    dim = int(call.args["dim"]) % nd
+    if not any(f.dims[dim % x.dim()] is not None for f, x in call.inputs):
+        return _elementwise(call)
+    tensors = list(call.args["tensors"])
+    if len(call.inputs) != 1:
+        raise call.unsupported("concatenates along a spatial axis")
+    f, x = call.inputs[0]
+    at = next(i for i, t in enumerate(tensors) if t is x)
+    label = f.dims[dim]
+    before = sum(int(t.shape[dim]) for t in tensors[:at])
+    if isinstance(label, int):  # constants around one axis: a padding
+        return f.window(label, 1, 1, before, 1, int(call.output.shape[dim]))
+    if at != len(tensors) - 1 or not isinstance(label, _Loc):
+        raise call.unsupported("concatenates along a spatial axis")
+    if label.prefix and any(lo <= hi for lo, hi in zip(label.prefix_first, label.prefix_last)):
+        raise call.unsupported("prepends tokens to tokens that already see the input")
+    n_axes = len(label.axes)
+    new = replace(label, prefix=label.prefix + before, prefix_first=(_EMPTY,) * n_axes,
+                  prefix_last=(-1,) * n_axes)  # fmt: skip
+    return f.with_dims(f.dims[:dim] + (new,) + f.dims[dim + 1 :], f.roles)
 
 
 def _stack(call: _Call) -> _Out:
     dim = int(call.args["dim"]) % call.output.dim()
-    shifted = tuple((replace(f, dims=f.dims[:dim] + (None,) + f.dims[dim:]), x.unsqueeze(dim))
-                    for f, x in call.inputs)  # fmt: skip
+    shifted = tuple(
+        (f.with_dims(f.dims[:dim] + (None,) + f.dims[dim:], f.roles[:dim] + (None,) + f.roles[dim:]),
+         x.unsqueeze(dim))
+        for f, x in call.inputs
+    )  # fmt: skip
     return _elementwise(replace(call, inputs=shifted))
 
 
@@ -948,7 +1657,7 @@ def _normalising(
     spatial = [i for i, a in enumerate(out.dims[: x.dim()]) if a is not None and x.shape[i] > 1]
     if not spatial or not over_positions(spatial):
         return out
-    label = _name_of(call.node, call.op) + (" with batch statistics" if batch else "")
+    label = call.title() + (" with batch statistics" if batch else "")
     return out.noting(label)
 
 
@@ -990,10 +1699,8 @@ def _batch_norm_function(call: _Call) -> _Out:
     return _normalising(call, lambda spatial: batch, batch=batch)
 
 
-def _index(call: _Call) -> _Out:
-    """``x[...]`` with ints, slices (crops, strides), None and Ellipsis."""
-    f, x = call.field, call.x
-    idx = call.args["index"]
+def _index_entries(call: _Call, idx: Any, nd: int) -> tuple[Any, ...]:
+    """An index as one entry per source dim plus None for new dims (Ellipsis expanded)."""
     if not isinstance(idx, tuple):
         idx = (idx,)
     if any(isinstance(i, (torch.Tensor, list)) for i in idx):
@@ -1001,34 +1708,282 @@ def _index(call: _Call) -> _Out:
     n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
     if Ellipsis in idx:
         k = idx.index(Ellipsis)
-        idx = idx[:k] + (slice(None),) * (x.dim() - n_real) + idx[k + 1 :]
-    idx = idx + (slice(None),) * (x.dim() - sum(1 for i in idx if i is not None))
+        idx = idx[:k] + (slice(None),) * (nd - n_real) + idx[k + 1 :]
+    return idx + (slice(None),) * (nd - sum(1 for i in idx if i is not None))
+
+
+def _index(call: _Call) -> _Out:
+    """``x[...]`` with ints, slices (crops, strides), None and Ellipsis."""
+    f, x = call.field, call.x
     out, src_dim = f, 0
-    dims: list[int | None] = []
-    for i in idx:
+    dims: list[Any] = []
+    roles: list[str | None] = []
+    for i in _index_entries(call, call.args["index"], x.dim()):
         if i is None:
             dims.append(None)
+            roles.append(None)
             continue
-        axis = f.dims[src_dim]
-        n = x.shape[src_dim]
-        if isinstance(i, int):
-            if axis is not None:
-                out = out.window(axis, 1, 1, -(i % n), 1, 1)
-        elif isinstance(i, slice):
-            start, stop, step = i.indices(n)
-            if axis is not None:
-                if step <= 0:
-                    raise call.unsupported("negative step on a spatial axis")
-                out = out.window(axis, 1, step, -start, 1, len(range(start, stop, step)))
-            dims.append(axis)
-        else:
+        label, role, n = f.dims[src_dim], f.roles[src_dim], x.shape[src_dim]
+        if isinstance(i, bool) or not isinstance(i, (int, slice)):
             raise call.unsupported(f"index {i!r}")
+        if isinstance(i, int):
+            out = _take(call, out, label, i % n)
+        else:
+            out, label, role = _slice(call, out, label, role, i.indices(n), n)
+            dims.append(label)
+            roles.append(role)
         src_dim += 1
-    return replace(out, dims=tuple(dims))
+    return out.with_dims(dims, roles)
+
+
+def _take(call: _Call, f: _Field, label: Any, i: int) -> _Field:
+    """``x[..., i, ...]`` on a dim with ``label``: that one location."""
+    if label is None:
+        return f
+    if isinstance(label, int):
+        return f.window(label, 1, 1, -i, 1, 1)
+    if isinstance(label, _Loc):
+        if i < label.prefix:
+            for a, lo, hi in zip(label.axes, label.prefix_first, label.prefix_last):
+                f = f.pin(a, lo, hi)
+            return f
+        whole = all(
+            sum(1 for a2, _, _ in label.parts if a2 == a) == 1
+            and next(s * c for a2, s, c in label.parts if a2 == a) == f.lengths[a]
+            for a in label.axes
+        )
+        if whole:
+            digits = np.unravel_index(i - label.prefix, label.grid())
+            for (a, s, _), d in zip(label.parts, digits):
+                f = f.window(a, 1, 1, -int(d) * s, 1, 1)
+            return f
+    raise call.unsupported("indexes one position of a window or of attention scores")
+
+
+def _slice(
+    call: _Call, f: _Field, label: Any, role: str | None, span: tuple[int, int, int], n: int
+) -> tuple[_Field, Any, str | None]:
+    """``x[..., start:stop:step, ...]`` on a dim with ``label``."""
+    start, stop, step = span
+    if label is None or (start, stop, step) == (0, n, 1):
+        return f, label, role
+    if isinstance(label, int):
+        if step <= 0:
+            raise call.unsupported("negative step on a spatial axis")
+        return f.window(label, 1, step, -start, 1, len(range(start, stop, step))), label, role
+    if isinstance(label, _Loc) and label.prefix and step == 1:
+        if start == label.prefix and stop == n:  # drop the extra tokens
+            return f, _label_of(label.parts, f.lengths), role
+        if start == 0 and stop <= label.prefix:  # keep only extra tokens
+            for a, lo, hi in zip(label.axes, label.prefix_first, label.prefix_last):
+                f = f.pin(a, lo, hi)
+            return f, None, _LOCATION
+    raise call.unsupported("slices a flattened grid of locations")
+
+
+def _setitem(call: _Call) -> _Out:
+    """``x[index] = value``: the new field of ``x`` (written along channels or other non-
+    location dims only; a write into part of a spatial axis is refused)."""
+    target, value = call.args["input"], call.args["value"]
+    ft = call.field_of(target)
+    fv = call.field_of(value) if isinstance(value, torch.Tensor) else None
+    entries = _index_entries(call, call.args["index"], target.dim())
+    kept: list[int] = []  # target dims the written view keeps
+    whole = True
+    src = 0
+    for e in entries:
+        if e is None:
+            continue
+        n = target.shape[src]
+        full = isinstance(e, slice) and e.indices(n) == (0, n, 1)
+        label = ft.dims[src] if ft is not None else None
+        if not full and (label is not None or n > 1):
+            whole = False
+        if not full and label is not None:
+            raise call.unsupported("writes into part of a spatial axis")
+        if isinstance(e, slice):
+            kept.append(src)
+        src += 1
+    if fv is None:
+        return None if whole else ft
+    nd = target.dim()
+    labels: list[Any] = [None] * nd
+    roles: list[str | None] = [None] * nd
+    pad = len(kept) - value.dim()
+    for k, d in enumerate(kept):
+        v = k - pad
+        if v >= 0 and value.shape[v] == target.shape[d]:
+            labels[d], roles[d] = fv.dims[v], fv.roles[v]
+        elif v >= 0 and fv.dims[v] is not None and value.shape[v] > 1:
+            raise call.unsupported("writes a map into part of a spatial axis")
+    mapped = fv.with_dims(labels, roles)
+    if ft is None or whole:
+        return mapped
+    ops = [(ft, list(ft.dims), list(ft.roles), tuple(target.shape)),
+           (mapped, labels, roles, tuple(target.shape))]  # fmt: skip
+    return _combine(call, ops, tuple(target.shape))
+
+
+def _roll(call: _Call) -> _Out:
+    """``torch.roll``: a cyclic shift of locations (Swin's shifted windows)."""
+    f, x = call.field, call.x
+    shifts, dims = call.args["shifts"], call.args["dims"]
+    if dims is None or (isinstance(dims, (list, tuple)) and not dims):
+        if any(d is not None for d in f.dims):
+            raise call.unsupported("rolls the flattened tensor over spatial axes")
+        return f
+    shifts = (shifts,) if isinstance(shifts, int) else tuple(shifts)
+    dims = (dims,) if isinstance(dims, int) else tuple(dims)
+    out = f
+    for s, d in zip(shifts, dims):
+        label = f.dims[int(d) % x.dim()]
+        if label is None:
+            continue
+        if not isinstance(label, int):
+            raise call.unsupported("rolls a flattened grid of locations")
+        out = out.roll(label, int(s))
+    return out.anchoring(f"{call.title()} (a cyclic shift)")
+
+
+def _contract(
+    f: _Field, dims: list[Any], dim: int, keep: Any, where: Callable[[], str]
+) -> tuple[_Field, list[Any]]:
+    """A sum over tensor dim ``dim`` of ``f`` (a matmul's contraction, attention's sum over
+    keys). Where the output keeps the same locations on another dim (``keep``: self-attention)
+    each location sees all it sums over (a mix; the dim's label, with its extra tokens' new
+    bounds, is returned in its place for the caller to merge); otherwise they are pooled away
+    (the label becomes None)."""
+    label = dims[dim]
+    same = isinstance(label, _Loc) and isinstance(keep, _Loc) and (label.parts, label.prefix) == (
+        keep.parts, keep.prefix)  # fmt: skip
+    if _is_location(label) and (label == keep or same):
+        out, mixed = _mix(f, label)
+        dims = list(dims)
+        dims[dim] = mixed
+        return out, dims
+    return _fold(f, dims, dim, where)
+
+
+def _matmul(call: _Call) -> _Out:
+    """``a @ b`` (matmul, bmm): rows from ``a``, columns from ``b``, a sum over the rest.
+
+    Attention scores ``q @ k^T`` have the same locations on rows and columns: score
+    ``(i, j)`` is given the field of ``(i, all j)`` (the columns are folded in), which the
+    softmax over them makes exact again.
+    """
+    a, b = call.args["input"], call.args["other"]
+    fa = call.field_of(a) if isinstance(a, torch.Tensor) else None
+    fb = call.field_of(b) if isinstance(b, torch.Tensor) else None
+    result = call.output
+    if a.dim() < 2 or b.dim() < 2:
+        raise call.unsupported("multiplies by a vector (only matrices are supported)")
+    nd = result.dim()
+    row = fa.dims[-2] if fa is not None else None
+    col = fb.dims[-1] if fb is not None else None
+    same = _is_location(row) and _is_location(col) and bool(
+        set(_label_axes(row)) & set(_label_axes(col)))  # fmt: skip
+    operands: list[_Operand] = []
+    if fa is not None:
+        fa2, labels = _contract(fa, list(fa.dims), a.dim() - 1, col, call.where)
+        pad = nd - a.dim()
+        dims = [None] * pad + labels[:-1] + [None]
+        roles = [None] * pad + list(fa.roles[:-1]) + [fa.roles[-1] if fb is None else None]
+        shape = (1,) * pad + tuple(a.shape[:-1]) + (result.shape[-1],)
+        operands.append((fa2, dims, roles, shape))
+    if fb is not None:
+        fb2, labels = _contract(fb, list(fb.dims), b.dim() - 2, row, call.where)
+        pad = nd - b.dim()
+        dims = [None] * pad + labels[:-2] + [labels[-2], labels[-1]]
+        roles = [None] * pad + list(fb.roles[:-2]) + [fb.roles[-2] if fa is None else None,
+                                                        fb.roles[-1]]  # fmt: skip
+        shape = (1,) * pad + tuple(b.shape[:-2]) + (result.shape[-2], b.shape[-1])
+        if same:
+            if not (
+                col == row
+                or (
+                    isinstance(col, _Loc)
+                    and isinstance(row, _Loc)
+                    and (col.parts, col.prefix) == (row.parts, row.prefix)
+                )
+            ):
+                raise call.unsupported("multiplies two different grids of the same locations")
+            fb2, mixed = _mix(fb2, col)
+            dims[-2], dims[-1] = mixed, _Folded(mixed)
+        operands.append((fb2, dims, roles, shape))
+    return _combine(call, operands, tuple(result.shape))
+
+
+def _attend(call: _Call, q: Any, k: Any, v: Any, token: int) -> _Field:
+    """Attention of queries ``q`` over keys ``k`` and values ``v`` (tokens at dim ``token``,
+    features last): each query location sees itself and every key/value location it attends
+    (the same window, or the whole map). Masks are ignored: a masked score still weighs its
+    value a little (timm's -100), so the field is the same."""
+    result = call.output
+    nd = result.dim()
+    fq = call.field_of(q) if isinstance(q, torch.Tensor) else None
+    qlabel = fq.dims[token % q.dim()] if fq is not None else None
+    operands: list[_Operand] = []
+    if fq is not None:
+        if fq.dims[-1] is not None and q.shape[-1] > 1:
+            raise call.unsupported("attends with features that hold locations")
+        _, dims, roles, shape = _operand(fq, q, nd)
+        roles[-1] = None
+        operands.append((fq, dims, roles, shape[:-1] + (result.shape[-1],)))
+    for t in (k, v):
+        ft = call.field_of(t) if isinstance(t, torch.Tensor) else None
+        if ft is None:
+            continue
+        if ft.dims[-1] is not None and t.shape[-1] > 1:
+            raise call.unsupported("attends over features that hold locations")
+        tok = token % t.dim()
+        ft2, labels = _contract(ft, list(ft.dims), tok, qlabel, call.where)
+        roles = list(ft.roles)
+        roles[-1] = roles[tok] = None
+        _, dims, rls, shape = _operand(ft2.with_dims(labels, roles), t, nd)
+        shape = list(shape)
+        shape[token % nd] = result.shape[token % nd]
+        shape[-1] = result.shape[-1]
+        operands.append((ft2, dims, rls, tuple(shape)))
+    return _combine(call, operands, tuple(result.shape))
+
+
+def _sdpa(call: _Call) -> _Out:
+    """F.scaled_dot_product_attention: queries, keys and values ``(..., L, E)``."""
+    a = call.args
+    mask = a.get("attn_mask")
+    if isinstance(mask, torch.Tensor) and call.field_of(mask) is not None:
+        raise call.unsupported("takes an attention mask computed from the input")
+    if a.get("is_causal"):
+        q = a["query"]
+        fq = call.field_of(q)
+        if fq is not None and fq.dims[-2] is not None:
+            raise call.unsupported("causal attention over locations (not supported yet)")
+    return _attend(call, a["query"], a["key"], a["value"], -2)
+
+
+def _multihead_attention(call: _Call) -> _Out:
+    """nn.MultiheadAttention: ``(L, N, E)`` (``(N, L, E)`` with batch_first); returns the
+    output and the attention weights (no field)."""
+    m = call.module(nn.MultiheadAttention)
+    a = call.args
+    for name in ("key_padding_mask", "attn_mask"):
+        t = a.get(name)
+        if isinstance(t, torch.Tensor) and call.field_of(t) is not None:
+            raise call.unsupported(f"takes a {name} computed from the input")
+    q = a["query"]
+    token = 1 if m.batch_first and q.dim() == 3 else 0
+    if a.get("is_causal") and call.field_of(q) is not None:
+        raise call.unsupported("causal attention over locations (not supported yet)")
+    out = _attend(call, q, a["key"], a["value"], token)
+    roles = list(out.roles)
+    roles[-1] = _CHANNEL  # the output projection's features
+    out = out.with_dims(out.dims, roles)
+    return (out, None) if isinstance(call.result, tuple) else out
 
 
 def _no_field(call: _Call) -> _Out:
-    """Shape queries (``x.size()``, ``x.shape``): not a tensor of the input's positions."""
+    """Shape queries (``x.size()``, ``x.shape``) and new constants (``x.new_zeros``): not a
+    tensor of the input's positions."""
     return None
 
 
@@ -1045,8 +2000,10 @@ def _not_supported_yet(call: _Call) -> _Out:
 #    ``call.x`` (the main input), ``call.inputs`` (every input with a field), ``call.output``,
 #    ``call.args`` (arguments by name) or ``call.module(nn.MyModule)`` (a module's attributes),
 #    ``call.kernel_dims()``; it builds the output's field with ``_Field.window`` / ``collapse``
-#    / ``union`` / ``replace(..., dims=...)``, and raises ``call.unsupported(why)`` where no
-#    exact field exists.
+#    / ``union`` / ``with_dims(dims, roles)``, and raises ``call.unsupported(why)`` where no
+#    exact field exists. A tensor dim's label (``field.dims[i]``) is an input axis (int), None,
+#    or a token grid / window digits / attention scores (_Loc, _Folded): a handler that reads
+#    labels as axes must refuse the others (``_kernel_axes`` does).
 # 2. Add one entry per form: ``nn.MyModule: _Rule(_my_op, ndim)`` in _MODULE_RULES,
 #    ``F.my_op: _Rule(_my_op, ndim, _MY_OP)`` in _FUNCTION_RULES and ``"my_op": _Rule(_my_op,
 #    params=_MY_OP)`` in _METHOD_RULES, where ``_MY_OP = _Params((...names...), defaults)`` is
@@ -1093,6 +2050,18 @@ _INSTANCE_NORM = _Params(
     {"use_input_stats": True},
 )
 _INDEX = _Params(("input", "index"))
+_SETITEM = _Params(("input", "index", "value"))
+_MATMUL = _Params(("input", "other"))
+_ROLL = _Params(("input", "shifts", "dims"), {"dims": None})
+_SDPA = _Params(
+    ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale"),
+    {"attn_mask": None, "is_causal": False},
+)
+_MULTIHEAD_ATTENTION = _Params(
+    ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",
+     "average_attn_weights", "is_causal"),
+    {"key_padding_mask": None, "attn_mask": None, "is_causal": False},
+)  # fmt: skip
 
 _KEEP = _Rule(_elementwise)
 _REFUSE = _Rule(_not_supported_yet)
@@ -1113,16 +2082,17 @@ _NOT_YET_MODULES: tuple[type[nn.Module], ...] = (
     nn.Unfold, nn.Fold, nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d,
     nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d, nn.CircularPad1d,
     nn.CircularPad2d, nn.CircularPad3d, nn.FractionalMaxPool2d, nn.FractionalMaxPool3d,
-    nn.MaxUnpool1d, nn.MaxUnpool2d, nn.MaxUnpool3d, nn.MultiheadAttention,
+    nn.MaxUnpool1d, nn.MaxUnpool2d, nn.MaxUnpool3d,
 )  # fmt: skip
 _KEEP_FUNCTIONS: tuple[Any, ...] = (
-    operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv,
-    operator.neg, operator.pos, operator.abs, operator.iadd, operator.imul, operator.isub,
-    operator.itruediv, operator.pow,
     torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.abs, torch.exp, torch.sqrt,
     torch.pow, torch.relu, torch.relu_, torch.sigmoid, torch.tanh, torch.clamp, torch.clip,
     torch.clamp_min, torch.maximum, torch.minimum, torch.where, torch.square, torch.rsqrt,
-    torch.channel_shuffle, torch.native_channel_shuffle,
+    torch.channel_shuffle, torch.native_channel_shuffle, torch.gt, torch.lt, torch.ge, torch.le,
+    torch.eq, torch.ne, torch.logical_and, torch.logical_or, torch.logical_not, torch.sign,
+    torch.floor, torch.ceil, torch.round, torch.log, torch.log1p, torch.erf, torch.sin, torch.cos,
+    torch.reciprocal, torch.rsub, torch.nan_to_num, torch.lerp, torch.addcmul, torch.addcdiv,
+    torch.exp2, torch.expm1,
     F.relu, F.relu_, F.relu6, F.hardtanh, F.gelu, F.silu, F.mish, F.elu, F.selu, F.celu,
     F.leaky_relu, F.prelu, F.hardswish, F.hardsigmoid, F.sigmoid, F.tanh, F.softplus,
     F.logsigmoid, F.threshold, F.glu, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
@@ -1130,8 +2100,7 @@ _KEEP_FUNCTIONS: tuple[Any, ...] = (
 )  # fmt: skip
 _NOT_YET_FUNCTIONS: tuple[Any, ...] = (
     F.interpolate, F.upsample, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
-    F.pixel_shuffle, F.pixel_unshuffle, F.unfold, F.fold, F.grid_sample, torch.roll,
-    F.scaled_dot_product_attention,
+    F.pixel_shuffle, F.pixel_unshuffle, F.unfold, F.fold, F.grid_sample,
 )  # fmt: skip
 _KEEP_METHODS: tuple[str, ...] = (
     "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "neg", "abs", "exp", "sqrt",
@@ -1139,10 +2108,41 @@ _KEEP_METHODS: tuple[str, ...] = (
     "clamp_min", "clamp_min_", "clip", "contiguous", "clone", "float", "double", "half",
     "bfloat16", "to", "type_as", "detach", "square", "rsqrt", "masked_fill", "expand_as",
     "expand", "requires_grad_", "__add__", "__mul__", "__radd__", "__rmul__", "__sub__",
-    "__truediv__",
+    "__truediv__", "__rsub__", "__rdiv__", "__rtruediv__", "__pow__", "__rpow__", "__floordiv__",
+    "__rfloordiv__", "__neg__", "__abs__", "__and__", "__or__", "__xor__", "__invert__",
+    "__iadd__", "__isub__", "__imul__", "__itruediv__", "rsub", "gt", "lt", "ge", "le", "eq",
+    "ne", "logical_and", "logical_or", "logical_not", "sign", "floor", "ceil", "round", "trunc",
+    "log", "log2", "log1p", "exp2", "expm1", "erf", "sin", "cos", "reciprocal", "neg_", "abs_",
+    "pow_", "exp_", "sqrt_", "rsqrt_", "square_", "masked_fill_", "nan_to_num", "lerp",
+    "addcmul", "addcdiv", "where", "fmod", "remainder", "floor_divide", "cpu", "cuda", "type",
+    "detach_", "data", "real", "relu6", "hardtanh", "hardtanh_", "erf_", "float_power",
+    "maximum", "minimum", "clamp_max", "clamp_max_", "sigmoid", "log_sigmoid",
 )  # fmt: skip
-_SHAPE_METHODS = ("size", "dim", "numel", "stride", "ndimension", "element_size", "get_device")
-_RESHAPE_METHODS = ("view", "reshape", "flatten", "squeeze", "unsqueeze", "view_as", "reshape_as")
+_SHAPE_METHODS = (
+    "size", "dim", "numel", "stride", "ndimension", "element_size", "get_device", "__len__",
+    "__repr__", "__format__", "__str__", "is_contiguous", "is_floating_point", "is_complex",
+    "data_ptr", "storage_offset", "nelement", "new_zeros", "new_ones", "new_full", "new_empty",
+    "new_tensor", "untyped_storage", "has_names", "dim_order",
+)  # fmt: skip
+# Functions that make a new constant shaped like their input.
+_LIKE_FUNCTIONS = (
+    torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, torch.rand_like,
+    torch.randn_like, torch.randint_like,
+)  # fmt: skip
+_RESHAPE_METHODS = (
+    "view", "reshape", "flatten", "squeeze", "unsqueeze", "view_as", "reshape_as", "unflatten",
+)  # fmt: skip
+
+# Reading a tensor's values into Python (control flow on them) and ops whose output shape
+# depends on the values: refused on tensors computed from the input (see _Tracer).
+_VALUE_READERS = frozenset((
+    "__bool__", "item", "tolist", "__int__", "__float__", "__index__", "__complex__", "numpy",
+    "__array__", "__contains__", "is_nonzero", "equal", "allclose",
+))  # fmt: skip
+_VALUE_SHAPED = frozenset((
+    "nonzero", "argwhere", "unique", "unique_consecutive", "masked_select", "bincount",
+    "nonzero_static", "repeat_interleave",
+))  # fmt: skip
 
 # Modules, looked up along the module class's MRO (a subclass gets its base's rule).
 _MODULE_RULES: dict[type[nn.Module], _Rule] = {
@@ -1184,6 +2184,7 @@ _MODULE_RULES: dict[type[nn.Module], _Rule] = {
     nn.InstanceNorm2d: _Rule(_instance_norm_module),
     nn.InstanceNorm3d: _Rule(_instance_norm_module),
     nn.LayerNorm: _Rule(_layer_norm_module),
+    nn.MultiheadAttention: _Rule(_multihead_attention, params=_MULTIHEAD_ATTENTION),
     **dict.fromkeys(_KEEP_MODULES, _KEEP),
     **dict.fromkeys(_NOT_YET_MODULES, _REFUSE),
 }
@@ -1206,10 +2207,9 @@ def _each_dim(
     }
 
 
-# Functions (``torch.*``, ``F.*``, ``operator.*``), looked up by identity.
+# Functions (``torch.*``, ``F.*``), looked up by identity.
 _FUNCTION_RULES: dict[Any, _Rule] = {
-    getattr: _NO_FIELD,  # x.shape, x.dtype, ...
-    operator.getitem: _Rule(_index, params=_INDEX),
+    **dict.fromkeys(_LIKE_FUNCTIONS, _NO_FIELD),
     **_each_dim("conv{}d", lambda d: _Rule(_conv_function, d, _CONV)),
     **_each_dim("max_pool{}d", lambda d: _Rule(_pool_function, d, _MAX_POOL)),
     **_each_dim(
@@ -1233,6 +2233,13 @@ _FUNCTION_RULES: dict[Any, _Rule] = {
     torch.swapaxes: _Rule(_transpose, params=_TRANSPOSE),
     torch.movedim: _Rule(_movedim, params=_MOVEDIM),
     torch.t: _Rule(_reverse_dims),
+    torch.unflatten: _Rule(_reshape),
+    torch.roll: _Rule(_roll, params=_ROLL),
+    torch.matmul: _Rule(_matmul, params=_MATMUL),
+    torch.bmm: _Rule(_matmul, params=_MATMUL),
+    F.scaled_dot_product_attention: _Rule(_sdpa, params=_SDPA),
+    torch.softmax: _Rule(_softmax_function, params=_SOFTMAX),
+    torch.log_softmax: _Rule(_softmax_function, params=_SOFTMAX),
     torch.cat: _Rule(_concatenate, params=_CAT),
     torch.concat: _Rule(_concatenate, params=_CAT),
     torch.concatenate: _Rule(_concatenate, params=_CAT),
@@ -1265,15 +2272,24 @@ _QUALIFIED_FUNCTION_RULES: dict[str, _Rule] = {
     "torchvision.ops.stochastic_depth.stochastic_depth": _KEEP,
 }
 
-# Tensor methods, by name.
+# Tensor methods, operators (``x + y`` is ``Tensor.add``) and properties, by name.
 _METHOD_RULES: dict[str, _Rule] = {
     **dict.fromkeys(_SHAPE_METHODS, _NO_FIELD),
     **dict.fromkeys(_RESHAPE_METHODS, _Rule(_reshape)),
+    "__getitem__": _Rule(_index, params=_INDEX),
+    "__setitem__": _Rule(_setitem, params=_SETITEM),
     "permute": _Rule(_permute, params=_PERMUTE),
     "transpose": _Rule(_transpose, params=_TRANSPOSE),
     "swapaxes": _Rule(_transpose, params=_TRANSPOSE),
     "movedim": _Rule(_movedim, params=_MOVEDIM),
     "t": _Rule(_reverse_dims),
+    "T": _Rule(_reverse_dims),
+    "mT": _Rule(_swap_last),
+    "mH": _Rule(_swap_last),
+    "roll": _Rule(_roll, params=_ROLL),
+    "matmul": _Rule(_matmul, params=_MATMUL),
+    "__matmul__": _Rule(_matmul, params=_MATMUL),
+    "bmm": _Rule(_matmul, params=_MATMUL),
     "mean": _Rule(_reduce, params=_REDUCE),
     "sum": _Rule(_reduce, params=_REDUCE),
     "amax": _Rule(_reduce, params=_REDUCE),
@@ -1290,133 +2306,248 @@ _METHOD_RULES: dict[str, _Rule] = {
     **dict.fromkeys(_KEEP_METHODS, _KEEP),
 }
 
-# What an op that is in no table gets told, per kind of fx node.
+# What an op that is in no table gets told, per kind of call.
 _UNKNOWN = {
-    "call_module": (
+    "module": (
         "unknown layer type for receptive fields. featurelens knows convolutions, pooling, "
         "padding, flatten, linear and an allow-list of layers that keep the field "
         "(activations, norms, dropout); use featurelens.empirical_receptive_field here."
     ),
-    "call_function": (
+    "function": (
         "unknown operation for receptive fields; use featurelens.empirical_receptive_field "
         "for this model."
     ),
-    "call_method": "unknown tensor method for receptive fields; use empirical_receptive_field.",
+    "method": "unknown tensor method for receptive fields; use empirical_receptive_field.",
+    "property": "unknown tensor property for receptive fields; use empirical_receptive_field.",
 }
 
 
-def _rule_for(kind: str, op: Any) -> _Rule | None:
-    """The table entry of ``op`` for an fx node of kind ``kind`` (None: not in a table)."""
-    if kind == "call_module":
-        for cls in type(op).__mro__:
-            rule = _MODULE_RULES.get(cls)
-            if rule is not None:
-                return rule
-        return None
-    if kind == "call_method":
-        return _METHOD_RULES.get(op)
-    if kind == "call_function":
-        try:
-            rule = _FUNCTION_RULES.get(op)
-        except TypeError:  # an unhashable callable
-            rule = None
-        if rule is None:
-            qualified = f"{getattr(op, '__module__', '')}.{getattr(op, '__qualname__', '')}"
-            rule = _QUALIFIED_FUNCTION_RULES.get(qualified)
-        return rule
+def _module_rule(module: nn.Module) -> _Rule | None:
+    """The table entry of a module, along its class's MRO (None: look inside it)."""
+    for cls in type(module).__mro__:
+        rule = _MODULE_RULES.get(cls)
+        if rule is not None:
+            return rule
     return None
 
 
+def _function_rule(op: Any) -> _Rule | None:
+    try:
+        rule = _FUNCTION_RULES.get(op)
+    except TypeError:  # an unhashable callable
+        rule = None
+    if rule is None:
+        qualified = f"{getattr(op, '__module__', '')}.{getattr(op, '__qualname__', '')}"
+        rule = _QUALIFIED_FUNCTION_RULES.get(qualified)
+    return rule
+
+
+def _classify(func: Any) -> tuple[str, Any]:
+    """What a ``__torch_function__`` call is: ``("property", name)`` for ``x.shape``,
+    ``("method", name)`` for tensor methods and operators, ``("function", func)`` else."""
+    if type(func).__name__ == "method-wrapper" and getattr(func, "__name__", "") == "__get__":
+        return "property", getattr(getattr(func, "__self__", None), "__name__", "?")
+    head, _, tail = (getattr(func, "__qualname__", "") or "").partition(".")
+    if head in ("Tensor", "TensorBase", "_TensorBase") and tail and "." not in tail:
+        return "method", func.__name__
+    return "function", func
+
+
 # --------------------------------------------------------------------------------------------
-# The propagation
+# The propagation: the model runs eagerly, every call dispatches to its rule
 
 
-class _Done(Exception):
-    """Stops the propagation once the requested layer's node has its field."""
+@dataclass
+class _Output:
+    """What a layer's first call returned: a tensor (its field, or None: a constant), a
+    list/tuple of tensors (what makes each element) or something else."""
+
+    kind: str  # "tensor", "list", "tuple", "inside" (of a module handled as a whole), "other"
+    field: _Field | None = None
+    shape: tuple[int, ...] = ()
+    makers: tuple[str, ...] = ()
+    owner: str = ""
 
 
-class _Propagator(fx.Interpreter):
-    """Runs the traced graph on a real (zero) input and propagates fields beside the values.
+class _Tracer(TorchFunctionMode):
+    """Runs with the model on a zero input: propagates a field beside every tensor computed
+    from the input, through the op tables, and records each layer's first output.
 
-    Dispatch only: each node's op is looked up in the op tables and its rule computes the
-    field of its output from a :class:`_Call`.
+    Module hooks (:func:`graph.module_calls`, installed around the forward by
+    :func:`_propagate`) give module boundaries: a module whose class has a rule is handled as
+    a whole (the calls inside it are not looked at: a ``Conv2d`` is not also its
+    ``F.conv2d``), any other module is looked into. The mode sees each top-level torch call
+    once (the calls a function makes inside are not intercepted again). Tensors are keyed by
+    identity without being kept alive (:class:`WeakIdKeyDictionary`), so an id is never
+    confused with a dead tensor's.
     """
 
-    def __init__(
-        self, gm: fx.GraphModule, input_shape: tuple[int, ...], stop_at: fx.Node | None = None
-    ) -> None:
-        super().__init__(gm)
-        self.extra_traceback = False  # our messages name the op and its line already
-        self.stop_at = stop_at
+    def __init__(self, model: nn.Module, input_shape: tuple[int, ...], target: str | None,
+                 stop: bool) -> None:  # fmt: skip
+        super().__init__()
+        self.model_name = type(model).__name__
         self.input_shape = input_shape
-        self.fields: dict[fx.Node, Any] = {}
-        self.modules = dict(gm.named_modules())
-        self._placeholder_seen = False
+        self.target = target
+        self.stop = stop  # at the target's output; else count its calls to the end (passive)
+        self.fields: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.viewed: WeakIdKeyDictionary = WeakIdKeyDictionary()  # tensors that have views
+        self.makers: WeakIdKeyDictionary = WeakIdKeyDictionary()  # tensor -> module name
+        self.running: list[tuple[str, bool]] = []  # (name, handled as a whole) of modules
+        self.quiet = 0  # > 0 inside a module handled as a whole
+        self.busy = False  # our own code runs: its torch calls are not the model's
+        self.passive = False
+        self.outputs: dict[str, _Output] = {}
+        self.calls: dict[str, int] = {}
+        self.order: list[str] = []
+        self._kinds: dict[Any, tuple[str, Any]] = {}
 
-    def run_node(self, n: fx.Node) -> Any:
-        """Run the node, then compute its field; stops after ``stop_at``."""
+    # ---- modules ---------------------------------------------------------------------------
+    def before(self, name: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.passive:
+            return
+        whole = not self.quiet and _module_rule(module) is not None
+        self.running.append((name, whole))
+        if whole:
+            self.quiet += 1
+
+    def after(self, name: str, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+        if self.passive:
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return
+        _, whole = self.running.pop()
+        self.busy = True
         try:
-            result = super().run_node(n)
-        except (RuntimeError, ValueError) as exc:
-            shape = ", ".join(map(str, self.input_shape))
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise UsageError(
-                f"the model rejects inputs of shape (N, {shape}): {first} (input_shape is "
-                "(C, *spatial) without the batch dimension, e.g. (3, 224, 224) for RGB images)"
-            ) from exc
-        if n.op == "placeholder":
-            first_input = not self._placeholder_seen
-            self._placeholder_seen = True
-            self.fields[n] = _Field.identity(self.input_shape[1:]) if first_input else None
-            return result
-        if n.op in ("get_attr", "output"):
-            self.fields[n] = None
-            return result
-        self.fields[n] = self._field_of(n, result)
-        if n is self.stop_at:
-            raise _Done
+            if whole:
+                self.quiet -= 1
+                self._module_call(name, module, args, kwargs, out)
+            self._record(name, out)
+        finally:
+            self.busy = False
+        if name and name == self.target and self.calls.get(name) == 1:
+            if self.stop:
+                raise StopForward
+            self.passive = True
+
+    def _module_call(
+        self, name: str, module: nn.Module, args: tuple, kwargs: dict, out: Any
+    ) -> None:
+        rule = _module_rule(module)
+        assert rule is not None
+        inputs, constants = self._arg_fields(args, kwargs)
+        if not inputs:
+            self._assign(out, None)
+            return
+        bound = {} if rule.params is None else rule.params.bind(args, kwargs)
+        call = _Call(module, bound, inputs, out, rule.ndim, self.input_shape, "module", name,
+                     constants)  # fmt: skip
+        self._assign(out, _with_roles(rule, rule.handler(call), out))
+
+    def _record(self, name: str, out: Any) -> None:
+        if isinstance(out, torch.Tensor):
+            self.makers[out] = name
+        if not name:
+            return
+        self.calls[name] = self.calls.get(name, 0) + 1
+        if self.calls[name] > 1:
+            return
+        if self.quiet:
+            owner = next((n for n, whole in reversed(self.running) if whole), "")
+            self.outputs[name] = _Output("inside", owner=owner)
+        elif isinstance(out, torch.Tensor):
+            self.outputs[name] = _Output("tensor", self.fields.get(out), tuple(out.shape))
+            self.order.append(name)
+        elif is_tensor_sequence(out):
+            makers = tuple(self.makers.get(e, "") for e in out)
+            kind = "list" if isinstance(out, list) else "tuple"
+            self.outputs[name] = _Output(kind, makers=makers)
+        else:
+            self.outputs[name] = _Output("other", owner=type(out).__name__)
+
+    # ---- torch calls -----------------------------------------------------------------------
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        if self.quiet or self.busy or self.passive:
+            return func(*args, **kwargs)
+        result = func(*args, **kwargs)
+        self.busy = True
+        try:
+            self._call(func, args, kwargs, result)
+        finally:
+            self.busy = False
         return result
 
-    def _field_of(self, node: fx.Node, result: Any) -> Any:
-        op = self.modules[str(node.target)] if node.op == "call_module" else node.target
-        rule = _rule_for(node.op, op)
-        if rule is _NO_FIELD:
-            return None
-        if op is operator.getitem:
-            source = node.args[0]
-            fields = self.fields.get(source) if isinstance(source, fx.Node) else None
-            if fields is None:
-                return None
-            if isinstance(fields, (list, tuple)):  # one output of a multi-output op
-                return fields[self._value(node.args[1])]
-        inputs = self._arg_fields(node, op)
+    def _call(self, func: Any, args: tuple, kwargs: dict, result: Any) -> None:
+        inputs, constants = self._arg_fields(args, kwargs)
         if not inputs:
-            return None  # constant w.r.t. the input
+            return  # a constant of the model: no field
+        kind, op = self._kinds.get(func) or self._kinds.setdefault(func, _classify(func))
+        name = op if kind != "function" else getattr(op, "__name__", "")
+        call = _Call(op, {}, inputs, result, None, self.input_shape, kind)
+        if kind != "function" and name in _VALUE_READERS or func in (
+                torch.equal, torch.allclose, torch.is_nonzero):  # fmt: skip
+            raise TraceError(self._value_dependent(call, "reads the values of a tensor"))
+        if name in _VALUE_SHAPED or (func is torch.where and len(args) + len(kwargs) == 1):
+            raise TraceError(self._value_dependent(call, "makes a tensor whose shape depends "
+                                                         "on the values of a tensor"))  # fmt: skip
+        rule = _function_rule(op) if kind == "function" else _METHOD_RULES.get(op)
         if rule is None:
-            raise UnsupportedOpError(
-                f"{_describe(node, op)}: {_UNKNOWN.get(node.op, _UNSUPPORTED_HINT)}"
+            if kind == "property" and not isinstance(result, torch.Tensor):
+                return  # metadata: x.dtype, x.device, ...
+            raise UnsupportedOpError(f"{call.where()}: {_UNKNOWN[kind]}")
+        bound = {} if rule.params is None else rule.params.bind(args, kwargs)
+        call = replace(call, args=bound, ndim=rule.ndim, constants=constants)
+        out = _with_roles(rule, rule.handler(call), result)
+        inplace = name == "__setitem__" or (
+            isinstance(result, torch.Tensor)
+            and bool(args)
+            and result is args[0]
+            and ((name.endswith("_") and not name.startswith("__")) or name.startswith("__i"))
+        )
+        target = args[0] if name == "__setitem__" else result
+        if inplace:
+            self._check_alias(call, target, out)
+        self._assign(target, out)
+        if isinstance(result, torch.Tensor) and result._base is not None:
+            self.viewed[result._base] = True
+
+    def _value_dependent(self, call: _Call, what: str) -> str:
+        return (
+            f"cannot trace {self.model_name} on a concrete input: {call.where()} {what} "
+            "computed from the input (value-dependent control flow), and the zero input used "
+            "for tracing may take another path than real data. Analytic receptive fields need "
+            "a forward() whose path does not depend on the input's values; "
+            "featurelens.empirical_receptive_field still works on this model, and so do "
+            "projections (without the receptive-field crop) and scans."
+        )
+
+    def _check_alias(self, call: _Call, target: torch.Tensor, out: _Out) -> None:
+        """Refuse an in-place update that changes the field of memory another tensor shares
+        (the other tensor's field would silently go stale)."""
+        new = out[0] if isinstance(out, tuple) else out
+        old = self.fields.get(target)
+        same = (old is None and new is None) or (
+            old is not None and new is not None and old.same_as(new))  # fmt: skip
+        if same:
+            return
+        if target._base is not None or target in self.viewed:
+            raise call.unsupported(
+                "updates in place a tensor that shares memory with another (a view), which "
+                "changes what both depend on; not followed"
             )
-        args = {} if rule.params is None else rule.params.bind(
-            self._value(node.args), self._value(node.kwargs))  # fmt: skip
-        call = _Call(node, op, args, tuple(inputs), result, rule.ndim, self.input_shape)
-        return rule.handler(call)
 
-    def _value(self, a: Any) -> Any:
-        """``a`` with every fx node replaced by its value (also inside lists, dicts, slices)."""
-        return fx.node.map_arg(a, lambda n: self.env[n])
-
-    def _arg_fields(self, node: fx.Node, op: Any) -> list[tuple[_Field, torch.Tensor]]:
+    def _arg_fields(
+        self, args: Any, kwargs: Mapping[str, Any]
+    ) -> tuple[tuple[tuple[_Field, torch.Tensor], ...], tuple[torch.Tensor, ...]]:
         found: list[tuple[_Field, torch.Tensor]] = []
+        constants: list[torch.Tensor] = []
 
         def visit(a: Any) -> None:
-            if isinstance(a, fx.Node):
+            if isinstance(a, torch.Tensor):
                 f = self.fields.get(a)
-                if isinstance(f, _Field):
-                    found.append((f, self.env[a]))
-                elif isinstance(f, (list, tuple)) and any(f):
-                    raise UnsupportedOpError(
-                        f"{_describe(node, op)}: takes a tuple of tensors it cannot follow"
-                    )
+                if f is None:
+                    constants.append(a)
+                else:
+                    found.append((f, a))
             elif isinstance(a, (list, tuple)):
                 for x in a:
                     visit(x)
@@ -1424,87 +2555,73 @@ class _Propagator(fx.Interpreter):
                 for x in a.values():
                     visit(x)
 
-        visit(node.args)
-        visit(node.kwargs)
-        return found
+        visit(args)
+        visit(kwargs)
+        return tuple(found), tuple(constants)
 
-
-def _reshape_groups(a: list[int], b: list[int]) -> list[tuple[list[int], list[int]]] | None:
-    """Pair up runs of dims of two shapes with equal products (numpy's reshape grouping)."""
-    groups: list[tuple[list[int], list[int]]] = []
-    i = j = 0
-    while i < len(a) or j < len(b):
-        gi, gj = [], []
-        pa = pb = 1
-        if i < len(a):
-            gi.append(i)
-            pa *= a[i]
-            i += 1
-        if j < len(b):
-            gj.append(j)
-            pb *= b[j]
-            j += 1
-        while pa != pb:
-            if pa < pb and i < len(a):
-                gi.append(i)
-                pa *= a[i]
-                i += 1
-            elif pb < pa and j < len(b):
-                gj.append(j)
-                pb *= b[j]
-                j += 1
+    def _assign(self, result: Any, out: _Out) -> None:
+        if isinstance(result, torch.Tensor):
+            f = out[0] if isinstance(out, tuple) else out
+            if f is None:
+                self.fields.pop(result, None)
             else:
-                return None
-        # absorb trailing size-1 dims on both sides into this group
-        while i < len(a) and a[i] == 1 and (j >= len(b) or b[j] != 1):
-            gi.append(i)
-            i += 1
-        while j < len(b) and b[j] == 1 and (i >= len(a) or a[i] != 1):
-            gj.append(j)
-            j += 1
-        groups.append((gi, gj))
-    return groups
+                self.fields[result] = f
+        elif isinstance(result, (list, tuple)):
+            outs = out if isinstance(out, tuple) else (out,) + (None,) * (len(result) - 1)
+            for r, f in zip(result, outs):
+                if isinstance(r, torch.Tensor):
+                    self._assign(r, f)
+
+    def layers(self) -> list[str]:
+        """Addressable layers seen so far: called once, returning a tensor, in order."""
+        return [n for n in self.order if self.calls.get(n) == 1]
 
 
-# --------------------------------------------------------------------------------------------
-# Public entry points
-
-
-def _check_input_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(v) for v in input_shape)
-    except (TypeError, ValueError) as exc:
-        raise UsageError(
-            f"input_shape must be a sequence of ints (C, *spatial), got {input_shape!r}"
-        ) from exc
-    if not 2 <= len(shape) <= 4 or any(v < 1 for v in shape):
-        raise UsageError(
-            f"input_shape {shape} is not (C, *spatial) with 1 to 3 positive spatial sizes "
-            "(no batch dimension): e.g. (3, 224, 224) for images, (1, 16000) for signals, "
-            "(1, 32, 64, 64) for volumes"
-        )
-    return shape
+def _with_roles(rule: _Rule, out: _Out, result: Any) -> _Out:
+    """A kernel op's output ``(N, C, *ndim locations)`` has those roles, whatever its handler
+    kept (a signal the model unsqueezed to ``(N, 1, L, 1)`` gets its channel dim here)."""
+    if rule.ndim is None:
+        return out
+    first = out[0] if isinstance(out, tuple) else out
+    if not isinstance(first, _Field) or len(first.dims) != rule.ndim + 2:
+        return out
+    fixed = replace(first, roles=(_BATCH, _CHANNEL) + (_LOCATION,) * rule.ndim)
+    return (fixed, *out[1:]) if isinstance(out, tuple) else fixed
 
 
 def _propagate(
     model: nn.Module, input_shape: Sequence[int], stop_at: str | None = None, strict: bool = True
-) -> tuple[dict[str, fx.Node], _Propagator]:
-    """Trace ``model`` and propagate fields over it (up to ``stop_at``'s node when given).
+) -> _Tracer:
+    """Run ``model`` (unwrapped) on a zero input of ``input_shape`` and propagate fields, up to
+    ``stop_at``'s output when given.
 
-    Returns the layers' nodes and the propagator holding every node's field.
+    Where torch.fx says the layer is called once, the forward stops at its output; otherwise
+    (a model torch.fx cannot trace) the rest runs without analysis, to count its calls.
     """
-    shape = _check_input_shape(input_shape)
-    traced = trace(model)
-    target = traced.node(stop_at) if stop_at is not None else None
-    prop = _Propagator(traced.graph_module, shape, stop_at=target)
-    param = next(model.parameters(), None)
-    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    device = model_device(model)
-    x = torch.zeros((1, *shape), dtype=dtype, device=device)
-    with preserved(model, freeze=False), torch.no_grad():
+    model = unwrap(model)
+    shape = check_input_shape(input_shape)
+    stop = True
+    if stop_at is not None:
+        get_layer(model, stop_at)
         try:
-            prop.run(x)
-        except _Done:
+            traced: Traced | None = trace(model)
+        except (TraceError, UsageError):
+            traced = None
+        if traced is not None and stop_at in traced.reused:
+            raise LayerError(reused_message(stop_at, traced.reused[stop_at], list(traced.outputs)))
+        stop = traced is not None and stop_at in traced.outputs
+    tracer = _Tracer(model, shape, stop_at, stop)
+    x = zero_input(model, shape)
+    tracer.fields[x] = _Field.identity(shape[1:])
+    with (
+        preserved(model, freeze=False),
+        torch.no_grad(),
+        module_calls(model, tracer.before, tracer.after),
+    ):
+        try:
+            with tracer:
+                model(x)
+        except StopForward:
             pass
         except ReceptiveFieldError as exc:
             if strict:
@@ -1512,7 +2629,127 @@ def _propagate(
             warnings.warn(
                 f"receptive fields stop at {exc}. Layers after it are left out.", stacklevel=3
             )
-    return traced.outputs, prop
+        except (LayerError, UsageError):
+            raise
+        except Exception as exc:
+            if tracer.passive:  # after the layer only its calls are counted: its field stands
+                pass
+            elif isinstance(exc, (RuntimeError, ValueError)):
+                raise rejected_shape(shape, exc) from exc
+            else:
+                raise
+    return tracer
+
+
+# --------------------------------------------------------------------------------------------
+# Layouts
+
+
+def _layout_of(f: _Field, shape: tuple[int, ...]) -> Layout | str:
+    """The layout of a layer output ``(1, *shape[1:])`` with field ``f``, or why there is none."""
+    nd = len(shape)
+    if nd < 2:
+        return f"its output of shape {shape} has no dim after the batch dim"
+    if f.roles[0] != _BATCH:
+        return "its dim 0 is not the batch dim (the model moved the batch elsewhere)"
+    if _is_location(f.dims[0]):
+        return (
+            "its batch dim also holds locations (the windows of a window partition): address "
+            "the layer after the windows are merged back"
+        )
+    channels = [d for d in range(1, nd) if f.roles[d] == _CHANNEL]
+    if not channels:  # no op said so, but one dim alone holds neither batch nor locations
+        channels = [
+            d for d in range(1, nd)
+            if f.dims[d] is None and f.roles[d] not in (_BATCH, _LOCATION)
+        ]  # fmt: skip
+    if len(channels) != 1:
+        which = "no dim" if not channels else f"dims {channels}"
+        return f"{which} of its output {shape[1:]} hold channels, by the trace"
+    c = channels[0]
+    axes: list[tuple[int, ...]] = []
+    grid: list[tuple[int, ...]] = []
+    prefix: list[int] = []
+    for d in range(1, nd):
+        if d == c:
+            continue
+        label = f.dims[d]
+        if label is None:
+            if shape[d] != 1:
+                return f"its dim {d} (size {shape[d]}) holds neither channels nor locations"
+            axes.append(())
+            grid.append(())
+            prefix.append(0)
+        elif isinstance(label, _Folded):
+            return f"its dim {d} holds attention scores over locations, not locations"
+        elif isinstance(label, int):
+            axes.append((label,))
+            grid.append((f.lengths[label],))
+            prefix.append(0)
+        else:
+            whole = len(label.axes) == len(label.parts) and all(
+                s == 1 and c_ == f.lengths[a] for a, s, c_ in label.parts
+            )
+            if not whole:
+                return (
+                    f"its dim {d} holds part of an axis's locations (a window partition): "
+                    "address the layer after the windows are merged back"
+                )
+            axes.append(label.axes)
+            grid.append(label.grid())
+            prefix.append(label.prefix)
+    if _is_location(f.dims[c]):
+        return f"its channel dim {c} also holds locations"
+    held = {a for group in axes for a in group}
+    lost = [a for a, n in enumerate(f.lengths) if n > 1 and a not in held]
+    if lost:
+        return f"the locations of input axis {lost[0]} are in no dim of its output"
+    locations = tuple(d for d in range(1, nd) if d != c)
+    return Layout(tuple(shape[1:]), c, locations, tuple(axes), tuple(grid), tuple(prefix))
+
+
+def _layout_error(layer: str, shape: tuple[int, ...], why: str) -> LayoutError:
+    dims = ", ".join(map(str, shape[1:]))
+    return LayoutError(
+        f"cannot establish the layout of layer {layer!r} (output (N, {dims})): {why}. State "
+        "which dim holds its channels with channel_dim= (every other dim after the batch is "
+        "then a location), or address another layer"
+    )
+
+
+def _to_value(f: _Field, spatial: tuple[int, ...], layout: Layout) -> ReceptiveField:
+    prefix_bounds: tuple[tuple[int, int], ...] = ()
+    for label in f.dims:
+        if isinstance(label, _Loc) and label.prefix:
+            spans = {a: (lo, hi) for a, lo, hi in zip(label.axes, label.prefix_first,
+                                                      label.prefix_last)}  # fmt: skip
+            prefix_bounds = tuple(
+                (int(s[0]), int(s[1])) if (s := spans.get(a)) and s[1] >= s[0] else (0, -1)
+                for a in range(len(spatial))
+            )
+    return ReceptiveField(
+        size=f.size,
+        stride=f.stride,
+        padding=f.padding,
+        input_shape=tuple(spatial),
+        output_shape=layout.location_shape,
+        is_global=f.covers(),
+        aligned=f.aligned,
+        layout=layout,
+        statistics=f.statistics,
+        anchored=f.anchored,
+        exact=not f.notes,
+        note="; ".join(f.notes),
+        bounds=tuple(
+            tuple((int(a), int(b)) if b >= a else (0, -1) for a, b in zip(fa, la))
+            for fa, la in zip(f.first, f.last)
+        ),
+        prefix_bounds=prefix_bounds,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry points
 
 
 def receptive_fields(
@@ -1523,24 +2760,28 @@ def receptive_fields(
     Parameters
     ----------
     model
-        Any traceable ``nn.Module`` (torch.fx); it is left exactly as given.
+        Any ``nn.Module`` (a ``torch.compile``, ``DataParallel`` or
+        ``DistributedDataParallel`` wrapper is unwrapped); it runs once on zeros and is left
+        exactly as given.
     input_shape
         ``(C, *spatial)`` without the batch dimension, e.g. ``(3, 224, 224)``.
     strict
-        With False, an unsupported operation or unaligned merge ends the table with a warning
-        naming it, instead of an error: the layers before it are returned.
+        With False, an unsupported operation, an unaligned merge or value-dependent control
+        flow ends the table with a warning naming it, instead of an error: the layers before
+        it are returned.
 
     Returns
     -------
     dict
-        ``{layer name: ReceptiveField}`` for :func:`featurelens.layer_names` ``(model)``;
-        layers whose output carries no field (a tuple, or a value that does not depend on the
-        input) are left out.
+        ``{layer name: ReceptiveField}`` for the layers the forward pass calls once, in the
+        order they return. Left out: layers whose output carries no field (a tuple, or a value
+        that does not depend on the input) or has no layout the trace can establish (attention
+        scores, the windows of a window partition).
 
     Raises
     ------
     TraceError
-        The model cannot be traced with torch.fx (the message names the line).
+        The forward's path depends on the input's values (the message names the line).
     UnsupportedOpError
         An operation whose effect on the receptive field is unknown (named, with its line).
     NotAlignedError
@@ -1548,63 +2789,175 @@ def receptive_fields(
     UsageError
         ``input_shape`` is not ``(C, *spatial)`` or the model rejects it (a ``ValueError``).
     """
-    outputs, prop = _propagate(model, input_shape, strict=strict)
-    spatial = prop.input_shape[1:]
-    return {
-        name: _to_value(f, spatial)
-        for name, node in outputs.items()
-        if isinstance(f := prop.fields.get(node), _Field)
-    }
+    tracer = _propagate(model, input_shape, strict=strict)
+    spatial = tracer.input_shape[1:]
+    out: dict[str, ReceptiveField] = {}
+    for name in tracer.layers():
+        entry = tracer.outputs[name]
+        if entry.field is None:
+            continue
+        layout = _layout_of(entry.field, entry.shape)
+        if isinstance(layout, Layout):
+            out[name] = _to_value(entry.field, spatial, layout)
+    return out
 
 
-def _to_value(f: _Field, spatial: tuple[int, ...]) -> ReceptiveField:
-    return ReceptiveField(
-        size=f.size,
-        stride=f.stride,
-        padding=f.padding,
-        input_shape=tuple(spatial),
-        output_shape=f.lengths,
-        is_global=f.covers(),
-        aligned=f.aligned,
-        channel_dim=next((i for i, d in enumerate(f.dims) if i >= 1 and d is None), 1),
-        statistics=f.statistics,
-        bounds=tuple(
-            tuple((int(a), int(b)) if b >= a else (0, -1) for a, b in zip(fa, la))
-            for fa, la in zip(f.first, f.last)
-        ),
-    )
+def _layer_output(
+    model: nn.Module, input_shape: Sequence[int], layer: str
+) -> tuple[_Tracer, _Output]:
+    """The propagation up to ``layer`` and what the layer returned.
+
+    Raises
+    ------
+    LayerError
+        Unknown, never called, or called several times.
+    ReceptiveFieldError
+        The layer returns a list/tuple, runs inside a module handled as a whole, or returns
+        something else than tensors; or the propagation fails before it.
+    """
+    tracer = _propagate(model, input_shape, stop_at=layer)
+    calls = tracer.calls.get(layer, 0)
+    if calls > 1:
+        raise LayerError(reused_message(layer, calls, tracer.layers()))
+    entry = tracer.outputs.get(layer)
+    if entry is None:
+        raise LayerError(
+            f"layer {layer!r} is never called by forward() on inputs of shape "
+            f"{tuple(input_shape)}; valid names: "
+            + ", ".join(repr(v) for v in tracer.layers()[:40])
+        )
+    if entry.kind in ("list", "tuple"):
+        raise ReceptiveFieldError(
+            sequence_message(layer, entry.kind, [
+                element_maker(m or None, tracer.calls.get(m, 1)) for m in entry.makers])
+        )  # fmt: skip
+    if entry.kind == "inside":
+        raise ReceptiveFieldError(
+            f"layer {layer!r} runs inside {entry.owner!r}, which featurelens handles as one "
+            f"operation: address {entry.owner!r} or a layer after it"
+        )
+    if entry.kind != "tensor":
+        raise ReceptiveFieldError(
+            f"layer {layer!r} returns {entry.owner}, not a tensor: address the layer that "
+            "makes the tensor you want"
+        )
+    return tracer, entry
 
 
-def receptive_field(model: nn.Module, input_shape: Sequence[int], layer: str) -> ReceptiveField:
+def receptive_field(
+    model: nn.Module, input_shape: Sequence[int], layer: str, *, channel_dim: int | None = None
+) -> ReceptiveField:
     """Receptive field of one layer (see :func:`receptive_fields`).
 
-    Only the graph up to ``layer`` is analysed, so operations after it do not matter.
+    Only the model up to ``layer`` is analysed (the forward stops there), so operations after
+    it do not matter, nor does Python control flow on shapes before it.
+
+    Parameters
+    ----------
+    model, input_shape
+        As for :func:`receptive_fields`.
+    layer
+        Dotted ``named_modules()`` name (of the unwrapped model).
+    channel_dim
+        The dim of the layer's output that you expect to hold its channels; checked against
+        the trace (None: not checked).
 
     Raises
     ------
     LayerError
         The model has no addressable layer ``layer``.
     ReceptiveFieldError
-        No analytic field: the model does not trace (:class:`TraceError`), an operation has
-        no known field (:class:`UnsupportedOpError`), branches do not align
-        (:class:`NotAlignedError`), or the layer's output is not one tensor that depends on
-        the input.
+        No analytic field: the forward's path depends on the input's values
+        (:class:`TraceError`), an operation has no known field (:class:`UnsupportedOpError`),
+        branches do not align (:class:`NotAlignedError`), or the layer's output is not one
+        tensor that depends on the input (the message says which layer makes each element of
+        a list or tuple).
+    LayoutError
+        The trace cannot tell which dims of the output hold channels and locations.
     UsageError
-        ``input_shape`` is not ``(C, *spatial)`` or the model rejects it.
+        ``input_shape`` is not ``(C, *spatial)``, the model rejects it, or ``channel_dim``
+        does not match the trace.
     """
-    outputs, prop = _propagate(model, input_shape, stop_at=layer)
-    f = prop.fields.get(outputs[layer])
-    if isinstance(f, _Field):
-        return _to_value(f, prop.input_shape[1:])
-    if isinstance(f, (list, tuple)):
+    tracer, entry = _layer_output(model, input_shape, layer)
+    f = entry.field
+    if f is None:
         raise ReceptiveFieldError(
-            f"layer {layer!r} outputs a {type(f).__name__} of tensors, not one tensor: address "
-            "the layer that takes the element you want"
+            f"layer {layer!r} does not output a tensor with a receptive field (its output does "
+            "not depend on the input's positions)"
         )
-    raise ReceptiveFieldError(
-        f"layer {layer!r} does not output a tensor with a receptive field (its output does not "
-        "depend on the input's positions)"
-    )
+    layout = _layout_of(f, entry.shape)
+    if not isinstance(layout, Layout):
+        raise _layout_error(layer, entry.shape, layout)
+    layout.check_channel_dim(channel_dim, layer)
+    return _to_value(f, tracer.input_shape[1:], layout)
+
+
+def layer_layout(
+    model: nn.Module, input_shape: Sequence[int], layer: str, channel_dim: int | None = None
+) -> Layout:
+    """The layout of ``layer``'s output: which dim holds channels, which locations.
+
+    Taken from the trace (the same truncated propagation as :func:`receptive_field`, without
+    building the field's value); a caller's ``channel_dim`` is checked against it. Where the
+    trace cannot say (an operation it does not know before the layer, a dim it cannot place),
+    a stated ``channel_dim`` gives :meth:`Layout.stated` (every other dim a location, not
+    mapped to the input).
+
+    Parameters
+    ----------
+    model, input_shape, layer
+        As for :func:`receptive_field`.
+    channel_dim
+        The dim that holds the channels, or None to take the trace's.
+
+    Returns
+    -------
+    Layout
+
+    Raises
+    ------
+    LayoutError
+        The trace cannot establish the layout and ``channel_dim`` is None.
+    UsageError
+        ``channel_dim`` does not match the trace or the output's rank.
+    LayerError
+        An unknown or ambiguous layer.
+    """
+    model = unwrap(model)
+    why = ""
+    shape: tuple[int, ...] | None = None
+    try:
+        _, entry = _layer_output(model, input_shape, layer)
+        shape = entry.shape
+        if entry.field is None:
+            why = "its output does not depend on the input"
+        else:
+            layout = _layout_of(entry.field, entry.shape)
+            if isinstance(layout, Layout):
+                layout.check_channel_dim(channel_dim, layer)
+                return layout
+            why = layout
+    except ReceptiveFieldError as exc:
+        why = f"the trace stops before it ({type(exc).__name__}: {exc})"
+    if shape is None:
+        shape = _output_shape(model, check_input_shape(input_shape), layer)
+    if channel_dim is not None:
+        return Layout.stated(shape[1:], channel_dim)
+    raise _layout_error(layer, shape, why)
+
+
+def _output_shape(model: nn.Module, shape: tuple[int, ...], layer: str) -> tuple[int, ...]:
+    """The layer's output shape on a zero batch of one (a plain truncated forward)."""
+    from featurelens.graph import capture
+
+    x = zero_input(model, shape)
+    with preserved(model, freeze=False), torch.no_grad(), capture(model, [layer]) as run:
+        try:
+            return tuple(run(x)[layer].shape)
+        except (RuntimeError, ValueError) as exc:
+            if isinstance(exc, (UsageError, LayerError)):
+                raise
+            raise rejected_shape(shape, exc) from exc
 
 
 def try_receptive_field(
@@ -1613,12 +2966,13 @@ def try_receptive_field(
     """The layer's receptive field, or ``(None, reason)`` when it cannot be computed.
 
     The one place that decides what "no analytic receptive field here" means: the engine
-    raises a :class:`ReceptiveFieldError` (the model does not trace, an operation has no known
-    field, branches do not align, the layer outputs no single tensor of the input) or a
-    :class:`UsageError` about the input shape (one the engine cannot analyse, such as inputs
-    without spatial axes, or one the model rejects). Projections, figures and scans fall back
-    on the whole input then and say ``reason``. An unknown layer name is not such a case:
-    :class:`LayerError` propagates, and so does anything else.
+    raises a :class:`ReceptiveFieldError` (the forward's path depends on values, an operation
+    has no known field, branches do not align, the layer outputs no single tensor of the
+    input) or a :class:`UsageError` about the input shape (one the engine cannot analyse, such
+    as inputs without spatial axes, or one the model rejects). Projections, figures and scans
+    fall back on the whole input then and say ``reason``. An unknown layer name is not such a
+    case: :class:`LayerError` propagates, and so does :class:`LayoutError` (a caller must not
+    read such a layer's channels at a guessed dim) and anything else.
 
     Returns
     -------
@@ -1642,16 +2996,17 @@ def receptive_field_table(fields: dict[str, ReceptiveField]) -> str:
     Returns
     -------
     str
-        One header line, a rule, and one line per layer.
+        One header line, a rule, and one line per layer. The output column is the layer's own
+        location shape (``-`` for logits), the others are per input axis.
     """
     rows = [("layer", "output", "size", "stride", "padding", "flags")]
     for name, rf in fields.items():
-        flags = ",".join(
-            f for f, on in (("global", rf.is_global), ("unaligned", not rf.aligned)) if on
-        )
+        flags = ",".join(rf._flags())
+        if rf.layout is not None and rf.layout.kind != "channels_first":
+            flags = ",".join(f for f in (rf.layout.kind.replace("_", "-"), flags) if f)
 
         def fmt(t: tuple[int, ...]) -> str:
-            return "x".join(map(str, t))
+            return "x".join(map(str, t)) or "-"
 
         rows.append(
             (name, fmt(rf.output_shape), fmt(rf.size), fmt(rf.stride), fmt(rf.padding), flags)

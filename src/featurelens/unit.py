@@ -1,4 +1,5 @@
-"""The unit: one value ``y[layer, channel, location]`` of a network, as a small frozen value.
+"""The unit: one value ``y[layer, channel, location]`` of a network, as a small frozen value,
+and the layout that says which dims of a layer's output hold its channels and its locations.
 
 Shared by projections, scans, figures, the explorer and the CLI.
 """
@@ -12,7 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
+from featurelens.errors import UsageError
+
 __all__ = [
+    "Layout",
     "Unit",
     "argmax_location",
     "as_integer",
@@ -140,3 +144,171 @@ def as_location(location: object, what: str) -> tuple[int, ...]:
                 f"{what} {shown} must hold integers, one per spatial axis; got {_describe(v)}"
             )
     return tuple(operator.index(v) for v in values)
+
+
+# --------------------------------------------------------------------------------------------
+# Layouts
+
+# What a layout is called, by its location dims and channel dim (see Layout.kind).
+CHANNELS_FIRST = "channels_first"
+CHANNELS_LAST = "channels_last"
+TOKENS = "tokens"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Which dims of a layer's output ``(N, ...)`` hold its channels and its locations.
+
+    A unit of the layer is one channel at one location; a location is one index per location
+    dim, in the layer's own rank (which need not be the input's: a ``(N, 1, L)`` signal that
+    the model unsqueezes to ``(N, 1, L, 1)`` has 2-D locations ``(u, 0)``).
+
+    Attributes
+    ----------
+    shape
+        The output's shape without the batch dim (as traced, or as stated).
+    channel_dim
+        The dim (batch dim included, so ``>= 1``) that holds the channels.
+    location_dims
+        Every other dim but the batch, in order; ``()`` for logits ``(N, K)``.
+    axes
+        Per location dim, the input's spatial axes it indexes: ``()`` for a size-1 dim that
+        holds none (the ``1`` of ``(L, 1)`` maps), ``(a,)`` for one axis, several for a
+        flattened grid (tokens, row-major: ``(0, 1)`` for the patches of an image). None when
+        the caller stated the layout and the trace could not say.
+    grid
+        Per location dim, the number of positions along each of its axes (row-major), so a
+        ViT's tokens over 14x14 patches have ``axes == ((0, 1),)`` and ``grid == ((14, 14),)``.
+        None where ``axes`` is.
+    prefix
+        Per location dim, the extra tokens before the grid (a ViT's class token: ``(1,)``). A
+        token ``t < prefix`` is not a grid position; it sees what the layer's receptive field
+        says for it (nothing before the first attention, the whole input after it).
+    """
+
+    shape: tuple[int, ...]
+    channel_dim: int
+    location_dims: tuple[int, ...]
+    axes: tuple[tuple[int, ...], ...] | None = None
+    grid: tuple[tuple[int, ...], ...] | None = None
+    prefix: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        n = len(self.shape) + 1
+        if not 1 <= self.channel_dim < n:
+            raise ValueError(f"channel_dim {self.channel_dim} is not a dim of (N, *{self.shape})")
+        expected = tuple(d for d in range(1, n) if d != self.channel_dim)
+        if self.location_dims != expected:
+            raise ValueError(f"location_dims {self.location_dims} should be {expected}")
+        if not self.prefix:
+            object.__setattr__(self, "prefix", (0,) * len(expected))
+
+    @classmethod
+    def stated(cls, shape: Sequence[int], channel_dim: int) -> Layout:
+        """The layout a caller states: channels at ``channel_dim``, every other dim a location.
+
+        Parameters
+        ----------
+        shape
+            The output's shape without the batch dim.
+        channel_dim
+            The channel dim of ``(N, *shape)``; negative values count from the end.
+
+        Raises
+        ------
+        UsageError
+            ``channel_dim`` is not an int naming a dim after the batch dim.
+        """
+        shape = tuple(int(v) for v in shape)
+        dim = normalized_channel_dim(channel_dim, len(shape) + 1)
+        locations = tuple(d for d in range(1, len(shape) + 1) if d != dim)
+        return cls(shape, dim, locations)
+
+    @property
+    def ndim(self) -> int:
+        """The output's rank, batch dim included."""
+        return len(self.shape) + 1
+
+    @property
+    def channels(self) -> int:
+        """The number of channels."""
+        return self.shape[self.channel_dim - 1]
+
+    @property
+    def location_shape(self) -> tuple[int, ...]:
+        """The sizes of the location dims: a location is one index per entry."""
+        return tuple(self.shape[d - 1] for d in self.location_dims)
+
+    @property
+    def kind(self) -> str:
+        """``"channels_first"`` ``(N, C, *locations)``, ``"channels_last"`` ``(N, *locations,
+        C)`` or ``"tokens"`` (a location dim holds a flattened grid of several input axes or
+        extra tokens, as in ``(N, T, C)`` of a ViT).
+
+        Logits ``(N, K)`` are channels first. A dim of tokens over one axis (a signal) counts
+        as a location dim like any other.
+        """
+        grids = self.axes or ()
+        if any(len(a) > 1 for a in grids) or any(self.prefix):
+            return TOKENS
+        if self.channel_dim == 1:
+            return CHANNELS_FIRST
+        return CHANNELS_LAST if self.channel_dim == self.ndim - 1 else TOKENS
+
+    @property
+    def traced(self) -> bool:
+        """Established by the trace (False: stated by the caller, locations not mapped)."""
+        return self.axes is not None
+
+    def to_channels_first(self, y: torch.Tensor) -> torch.Tensor:
+        """``y`` of this layout as ``(N, C, *location dims)`` (a view, no copy).
+
+        Raises
+        ------
+        UsageError
+            ``y`` is not of this layout's rank.
+        """
+        if y.dim() != self.ndim:
+            raise UsageError(
+                f"a tensor of shape {tuple(y.shape)} is not of this layout's rank {self.ndim} "
+                f"(N, *{self.shape})"
+            )
+        return y if self.channel_dim == 1 else y.movedim(self.channel_dim, 1)
+
+    def check_channel_dim(self, channel_dim: int | None, layer: str) -> None:
+        """Check a caller's ``channel_dim`` against this layout (None: nothing to check).
+
+        Raises
+        ------
+        UsageError
+            The caller's dim is not this layout's channel dim (the message names both).
+        """
+        if channel_dim is None:
+            return
+        stated = normalized_channel_dim(channel_dim, self.ndim)
+        if stated != self.channel_dim:
+            raise UsageError(
+                f"channel_dim={channel_dim} does not fit layer {layer!r}: its output "
+                f"(N, {', '.join(map(str, self.shape))}) holds its channels at dim "
+                f"{self.channel_dim} ({self.kind.replace('_', ' ')}), by the trace"
+            )
+
+
+def normalized_channel_dim(channel_dim: object, ndim: int) -> int:
+    """``channel_dim`` of an ``ndim``-dim output ``(N, ...)`` as a dim ``>= 1``.
+
+    Raises
+    ------
+    UsageError
+        Not an int, the batch dim, or out of range (the message gives the valid dims).
+    """
+    try:
+        dim = as_integer(channel_dim, "channel_dim")
+    except TypeError as exc:
+        raise UsageError(str(exc)) from None
+    if not -ndim <= dim < ndim or dim % ndim == 0:
+        raise UsageError(
+            f"channel_dim={channel_dim} is not a dim of a {ndim}-dim output (N, ...): valid "
+            f"1..{ndim - 1} or -{ndim - 1}..-1 (dim 0 is the batch)"
+        )
+    return dim % ndim
