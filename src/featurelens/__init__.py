@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
         FeaturelensError,
         FeaturelensWarning,
         LayerError,
+        LayoutError,
         NotAlignedError,
         ReceptiveFieldError,
         SpecError,
@@ -38,15 +39,20 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
         UsageError,
     )
     from featurelens.figures import layer_sheet, zf_figure, zf_grid
-    from featurelens.graph import get_layer, layer_names
+    from featurelens.graph import get_layer, layer_names, unwrap
     from featurelens.projection import project, project_units
-    from featurelens.receptive_field import ReceptiveField, receptive_field, receptive_fields
+    from featurelens.receptive_field import (
+        ReceptiveField,
+        layer_layout,
+        receptive_field,
+        receptive_fields,
+    )
     from featurelens.render import STYLES
     from featurelens.report import write_report
     from featurelens.rules import METHODS, Rule
     from featurelens.scan import SCORES, scan
     from featurelens.specs import DataSpec
-    from featurelens.unit import Unit
+    from featurelens.unit import Layout, Unit
 
 __all__ = [
     "SCORES",
@@ -71,6 +77,8 @@ __all__ = [
     "SpecError",
     "UsageError",
     "LayerError",
+    "Layout",
+    "LayoutError",
     "NotAlignedError",
     "ReceptiveField",
     "TraceError",
@@ -78,10 +86,12 @@ __all__ = [
     "__version__",
     "empirical_receptive_field",
     "get_layer",
+    "layer_layout",
     "layer_names",
     "receptive_field",
     "receptive_fields",
     "serve",
+    "unwrap",
     "layer_sheet",
     "write_report",
     "zf_figure",
@@ -103,6 +113,7 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "FeaturelensError": (_ERRORS, None),
     "FeaturelensWarning": (_ERRORS, None),
     "LayerError": (_ERRORS, None),
+    "LayoutError": (_ERRORS, None),
     "NotAlignedError": (_ERRORS, None),
     "ReceptiveFieldError": (_ERRORS, None),
     "SpecError": (_ERRORS, None),
@@ -111,17 +122,20 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "UsageError": (_ERRORS, None),
     "get_layer": ("featurelens.graph", None),
     "layer_names": ("featurelens.graph", None),
+    "unwrap": ("featurelens.graph", None),
     "project": ("featurelens.projection", None),
     "project_units": ("featurelens.projection", None),
     "ReceptiveField": ("featurelens.receptive_field", None),
     "receptive_field": ("featurelens.receptive_field", None),
     "receptive_fields": ("featurelens.receptive_field", None),
+    "layer_layout": ("featurelens.receptive_field", None),
     "METHODS": ("featurelens.rules", None),
     "Rule": ("featurelens.rules", None),
     "SCORES": ("featurelens.scan", None),
     "scan": ("featurelens.scan", None),
     "DataSpec": ("featurelens.specs", None),
     "Unit": ("featurelens.unit", None),
+    "Layout": ("featurelens.unit", None),
     "STYLES": ("featurelens.render", "figures"),
     "layer_sheet": ("featurelens.figures", "figures"),
     "zf_figure": ("featurelens.figures", "figures"),

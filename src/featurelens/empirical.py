@@ -9,7 +9,7 @@ float64 keeps the tiny contributions of border pixels from underflowing (float32
 deep nets).
 
 This module shares nothing with the analytic engine (:mod:`featurelens.receptive_field`): it
-needs no tracing, only a forward pass with the layer captured by a hook, and it replaces
+needs no tracing nor op tables, only a forward pass with the layer captured by a hook, and it replaces
 operations at the ``__torch_function__`` level, so functional calls (``F.relu``,
 ``F.max_pool2d``, ``x.sigmoid()``) are covered as much as modules. The forward stops at the
 layer, so the layers after it cost nothing. Forward hooks of your own on the model do run.
@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from featurelens.graph import capture, get_layer, model_device, preserved
-from featurelens.unit import check_location
+from featurelens.errors import UsageError
+from featurelens.graph import capture, check_input_shape, get_layer, model_device, preserved, unwrap
+from featurelens.unit import check_location, normalized_channel_dim
 
 __all__ = ["EmpiricalReceptiveField", "empirical_receptive_field"]
 
@@ -169,7 +170,25 @@ class _PositiveLinearMode(TorchFunctionMode):
             dim = args[1] if len(args) > 1 else kwargs.get("dim", ())
             keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
             return x.mean(dim=dim, keepdim=keepdim) if dim != () else x.mean()
+        if func in _EXTREMES:
+            return _extreme_as_mean(func, args, kwargs)
         return func(*args, **kwargs)
+
+
+_EXTREMES = {torch.max, torch.min, torch.Tensor.max, torch.Tensor.min}
+
+
+def _extreme_as_mean(func, args: tuple, kwargs: dict):  # noqa: ANN001, ANN202
+    """max/min as means: of everything, along a dim (real indices kept), or of two tensors."""
+    x = args[0]
+    dim = args[1] if len(args) > 1 else kwargs.get("dim", kwargs.get("other"))
+    if dim is None:
+        return x.mean()
+    if isinstance(dim, torch.Tensor):
+        return (x + dim) / 2
+    keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+    real = func(*args, **kwargs)  # a named tuple (values, indices)
+    return type(real)((x.mean(dim=dim, keepdim=keepdim), real[1]))
 
 
 def empirical_receptive_field(
@@ -182,44 +201,57 @@ def empirical_receptive_field(
     """Receptive field of ``layer`` at ``location`` from the support of an input gradient.
 
     Independent of :func:`featurelens.receptive_field` (no tracing); slower, and exact in the
-    sense that it reports precisely the positions the unit depends on. Dilated kernels can leave
-    holes: compare bounding boxes (``.region``) with the analytic region.
+    sense that it reports precisely the positions the unit depends on (the field of a
+    location is the union over its channels). Dilated kernels can leave holes: compare
+    bounding boxes (``.region``) with the analytic region.
 
     Parameters
     ----------
     model
         Left untouched: it runs in float64 with its parameters swapped for positive constants
-        call by call (no copy is made); its mode and hooks come back as they were.
+        call by call (no copy is made); its mode and hooks come back as they were. A
+        ``torch.compile``, ``DataParallel`` or ``DistributedDataParallel`` wrapper is
+        unwrapped (:func:`featurelens.graph.unwrap`).
     input_shape
         ``(C, *spatial)`` without the batch dimension.
     layer
         Dotted ``named_modules()`` name.
     location
-        One int per spatial axis of the layer's output (``()`` for a layer without spatial
-        axes, such as a classifier).
+        One int per location dim of the layer's output, in the layer's own rank: every dim
+        after the batch but ``channel_dim`` (``()`` for logits ``(N, K)``; ``(u, 0)`` for maps
+        ``(N, C, L, 1)`` of a signal the model unsqueezed; ``(t,)`` for tokens ``(N, T, C)``).
     channel_dim
-        The layer output's channel dim; the dims after it are spatial. Set it to -1 for a
-        channels-last layer (``(N, *spatial, C)``, as inside ConvNeXt blocks).
+        The layer output's channel dim (negative counts from the end): -1 for a
+        channels-last layer (``(N, *spatial, C)``, as inside ConvNeXt blocks) or tokens.
+
+    Returns
+    -------
+    EmpiricalReceptiveField
+        The mask and its bounding box on the input's spatial axes.
+
+    Raises
+    ------
+    UsageError
+        ``input_shape`` is not ``(C, *spatial)``, ``channel_dim`` is not a dim of the output
+        after the batch, or ``location`` does not fit the layer's output (``ValueError``).
+    LayerError
+        An unknown layer.
     """
-    shape = tuple(int(v) for v in input_shape)
-    if not 2 <= len(shape) <= 4:
-        raise ValueError(f"input_shape {shape} is not (C, *spatial) with 1 to 3 spatial axes")
+    shape = check_input_shape(input_shape)
+    model = unwrap(model)
     get_layer(model, layer)
     loc = (location,) if isinstance(location, int) else tuple(int(v) for v in location)
     device = model_device(model)
     x = torch.ones((1, *shape), dtype=torch.float64, device=device, requires_grad=True)
     with preserved(model), _PositiveLinearMode(), capture(model, [layer]) as run:
         y = run(x)[layer]
-    if y.dim() > 2 and channel_dim % y.dim() != 1:
-        y = y.movedim(channel_dim, 1)
-    spatial = y.shape[2:]
-    if y.dim() <= 2:
-        if any(loc):
-            raise ValueError(f"layer {layer!r} has no spatial axes; use location ()")
-        target = y.sum()
-    else:
-        loc = check_location(loc, spatial, where=f"layer {layer!r} outputs")
-        target = y[(0, slice(None), *loc)].sum()
+    dim = normalized_channel_dim(channel_dim, y.dim())
+    y = y.movedim(dim, 1)  # (1, C, *location dims)
+    try:
+        loc = check_location(loc, y.shape[2:], where=f"layer {layer!r} outputs")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    target = y[(0, slice(None), *loc)].sum()
     (grad,) = torch.autograd.grad(target, x)
     mask = (grad[0] != 0).any(dim=0).cpu()
     region = []

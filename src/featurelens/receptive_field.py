@@ -1457,6 +1457,15 @@ def _reduce(call: _Call) -> _Out:
     return out.with_dims(labels, roles)
 
 
+def _extreme(call: _Call) -> _Out:
+    """max/min: of everything, along a dim (values and indices), or of two tensors."""
+    dim = call.args["dim"]
+    if isinstance(dim, torch.Tensor):  # torch.max(a, b): elementwise
+        return _elementwise(call)
+    out = _reduce(replace(call, result=call.output))
+    return (out, None) if isinstance(call.result, tuple) else out
+
+
 def _variance(call: _Call) -> _Out:
     """std/var: like :func:`_reduce`; ``x.std(False)`` is the ``unbiased`` overload (all dims)."""
     if isinstance(call.args["dim"], bool):
@@ -2035,6 +2044,8 @@ _MOVEDIM = _Params(("input", "source", "destination"))
 _CAT = _Params(("tensors", "dim"), {"dim": 0})
 _REDUCE = _Params(("input", "dim", "keepdim"), {"dim": None, "keepdim": False})
 _VARIANCE = _Params(("input", "dim", "unbiased", "keepdim"), {"dim": None, "keepdim": False})
+_EXTREME = _Params(("input", "dim", "keepdim"), {"dim": None, "keepdim": False},
+                   aliases={"other": "dim"})  # fmt: skip
 _CHUNK = _Params(("input", "chunks", "dim"), {"dim": 0})
 _SPLIT = _Params(("input", "split_size", "dim"), {"dim": 0})
 _TENSOR_SPLIT = _Params(("input", "indices_or_sections", "dim"), {"dim": 0})
@@ -2248,6 +2259,8 @@ _FUNCTION_RULES: dict[Any, _Rule] = {
     torch.sum: _Rule(_reduce, params=_REDUCE),
     torch.amax: _Rule(_reduce, params=_REDUCE),
     torch.amin: _Rule(_reduce, params=_REDUCE),
+    torch.max: _Rule(_extreme, params=_EXTREME),
+    torch.min: _Rule(_extreme, params=_EXTREME),
     torch.logsumexp: _Rule(_reduce, params=_REDUCE),
     torch.std: _Rule(_variance, params=_VARIANCE),
     torch.var: _Rule(_variance, params=_VARIANCE),
@@ -2294,6 +2307,8 @@ _METHOD_RULES: dict[str, _Rule] = {
     "sum": _Rule(_reduce, params=_REDUCE),
     "amax": _Rule(_reduce, params=_REDUCE),
     "amin": _Rule(_reduce, params=_REDUCE),
+    "max": _Rule(_extreme, params=_EXTREME),
+    "min": _Rule(_extreme, params=_EXTREME),
     "logsumexp": _Rule(_reduce, params=_REDUCE),
     "std": _Rule(_variance, params=_VARIANCE),
     "var": _Rule(_variance, params=_VARIANCE),

@@ -59,7 +59,7 @@ from featurelens.atlas import (
 from featurelens.data import Batch, SizedDataset, data_size, iter_batches
 from featurelens.errors import DataError, UsageError
 from featurelens.fingerprint import data_fingerprint, model_fingerprint
-from featurelens.graph import capture, model_device, preserved, resolve_layers
+from featurelens.graph import capture, model_device, preserved, resolve_layers, unwrap
 from featurelens.receptive_field import try_receptive_field
 from featurelens.specs import DataSpec, ModelSpec, remembered_spec
 from featurelens.unit import first_argmax
@@ -907,6 +907,7 @@ def scan(
     ScanInterrupted
         Ctrl-C or SIGTERM during a checkpointed scan, after saving what was done.
     """
+    model = unwrap(model)  # a compiled / DataParallel model scans as the model it wraps
     names, size = _check_arguments(
         model,
         data,
