@@ -702,8 +702,8 @@ class _Layer:
     """What projecting units of one layer needs to know of it.
 
     From the probe forward (one example through the truncated model) and the layer's receptive
-    field: a pure function of the model's structure, the inputs' shape and the layer, so it
-    can be cached across calls.
+    field. All but ``chunk_size`` depends only on the model's structure, the inputs' shape and
+    the layer (and ``crop``): the value a cache across calls would keep.
 
     Attributes
     ----------
