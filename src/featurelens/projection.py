@@ -990,11 +990,10 @@ def _run_passes(
     for t in targets:
         groups.setdefault(t.placed[1].size, []).append(t)
     channels = context.inputs.shape[1]
-    with rule_mode(context.model, context.rule, context.other_activations):
-        for size, members in groups.items():
-            step = layer.chunk_size or max(1, AUTO_CHUNK_VALUES // (channels * math.prod(size)))
-            for lo in range(0, len(members), step):
-                _run_pass(context, run, layer, members[lo : lo + step], out)
+    for size, members in groups.items():
+        step = layer.chunk_size or max(1, AUTO_CHUNK_VALUES // (channels * math.prod(size)))
+        for lo in range(0, len(members), step):
+            _run_pass(context, run, layer, members[lo : lo + step], out)
 
 
 def _run_pass(
@@ -1007,7 +1006,10 @@ def _run_pass(
     crops = torch.stack([x[t.row][(slice(None), *sl)] for t, sl in zip(targets, slices)])
     crops = crops.to(context.device).requires_grad_(True)  # (m, C, *size)
     try:
-        y = run(crops)[layer.name]
+        # The rule's mode around the forward only, as the probe: the bookkeeping and the
+        # backward below have no rectifier to route.
+        with rule_mode(context.model, context.rule, context.other_activations):
+            y = run(crops)[layer.name]
     except RuntimeError as exc:
         if not _rejects_crops(context, run, layer.name, crops, exc):
             raise
