@@ -1361,6 +1361,7 @@ API_GETS = ("/api/info", "/api/top", "/api/input.png", "/api/activations", "/api
             "/api/unit", "/api/rf", "/api/projection.png", "/api/zf.png")  # fmt: skip
 
 
+@pytest.mark.filterwarnings("ignore::featurelens.errors.CropWarning")  # the untraceable model
 def test_no_answer_is_a_500_for_odd_models_and_data(tmp_path, atlas_dir, model, data):
     # raise_server_exceptions=True: a request reaching the catch-all raises here.
     for name, (app, unit) in _odd_apps(tmp_path, atlas_dir, model, data).items():
