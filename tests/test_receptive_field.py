@@ -420,9 +420,7 @@ class Unpooling(nn.Module):
 
 
 def test_ops_whose_field_depends_on_the_data_say_so():
-    with pytest.raises(
-        fl.UnsupportedOpError, match="MaxUnpool2d module 'unpool'.*pooling indices"
-    ):
+    with pytest.raises(fl.UnsupportedOpError, match="MaxUnpool2d module 'unpool'.*pooling indices"):
         fl.receptive_fields(Unpooling(), (1, 8, 8))
 
 

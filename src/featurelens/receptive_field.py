@@ -97,9 +97,13 @@ class ReceptiveField:
         ``(0, -1)`` for a location that sees only padding. :meth:`region` reads them: away from
         the borders they equal the clipped Distill interval, at the borders they are exact
         where the formula is not (explicit pads, crops, dilated taps that skip pixels,
-        reflected or replicated borders). Past circular padding (or ``torch.roll``) a location
-        can see both ends of an axis: its bounds then leave ``[0, n)`` and are read modulo
-        ``n`` (``(-1, 1)`` is positions ``n - 1``, 0 and 1); :meth:`regions` splits them.
+        reflected or replicated borders). They are bounding boxes: where a location sees both
+        ends of an axis (circular padding, ``torch.roll``) they span the axis.
+    arcs
+        Where some location sees both ends of an axis (:attr:`wraps`): per axis and location
+        the shortest arc of the axis, seen as a circle, that holds what the location reads, as
+        ``(first, last)`` positions read modulo ``n`` (``(-1, 1)`` is positions ``n - 1``, 0
+        and 1). :meth:`regions` cuts them into boxes. Empty when nothing wraps.
     channel_dim
         The output tensor's channel dim: 1 for ``(N, C, *spatial)``, the last dim for a
         channels-last layer (see :meth:`check_channels_first`).
@@ -119,6 +123,7 @@ class ReceptiveField:
     aligned: bool = True
     bounds: tuple[tuple[tuple[int, int], ...], ...] = field(default=(), repr=False, compare=False)
     channel_dim: int = 1
+    arcs: tuple[tuple[tuple[int, int], ...], ...] = field(default=(), repr=False, compare=False)
     statistics: tuple[str, ...] = field(default=(), compare=False)
 
     def check_channels_first(self, layer: str) -> None:
@@ -178,12 +183,7 @@ class ReceptiveField:
         :meth:`region` is then the bounding box of :meth:`regions`, which has one box per
         end.
         """
-        return any(
-            first < 0 or last >= n
-            for axis, n in zip(self.bounds, self.input_shape)
-            for first, last in axis
-            if last >= first
-        )
+        return bool(self.arcs)
 
     def _check_location(self, location: Sequence[int] | int) -> tuple[int, ...]:
         return check_location(location, self.output_shape)
@@ -213,27 +213,34 @@ class ReceptiveField:
             out.append((u * j - p, u * j - p + r - 1))
         return tuple(out)
 
-    def _segments(self, loc: tuple[int, ...]) -> list[list[tuple[int, int]]]:
-        """Per axis, the disjoint inclusive ``(first, last)`` pieces of ``loc``'s field.
-
-        One piece per axis, or two where the field wraps around the axis; no piece at all on
-        every axis for a location that sees only padding.
-        """
+    def _box(self, loc: tuple[int, ...]) -> list[tuple[int, int]] | None:
+        """Per axis the inclusive bounding box of ``loc``'s field; None if it sees only
+        padding."""
         if self.bounds:
             spans = [b[u] for b, u in zip(self.bounds, loc)]
         else:
             spans = [(max(a, 0), min(b, n - 1)) for (a, b), n in
                      zip(self.interval(loc), self.input_shape)]  # fmt: skip
-        if any(last < first for first, last in spans):  # sees only padding
-            return [[] for _ in spans]
+        return None if any(last < first for first, last in spans) else spans
+
+    def _pieces(self, loc: tuple[int, ...]) -> list[list[tuple[int, int]]] | None:
+        """Per axis the disjoint inclusive pieces of ``loc``'s field: its box, or on an axis
+        where it wraps the two ends of its arc (each cut to the box); None if it sees only
+        padding."""
+        box = self._box(loc)
+        if box is None:
+            return None
+        if not self.arcs:
+            return [[span] for span in box]
         out = []
-        for (first, last), n in zip(spans, self.input_shape):
-            if last - first + 1 >= n:
-                out.append([(0, n - 1)])
-                continue
-            shift = (first // n) * n  # bring ``first`` into [0, n)
+        for arc, (low, high), n in zip(self.arcs, box, self.input_shape):
+            first, last = arc[loc[len(out)]]
+            shift = (first // n) * n  # ``first`` into [0, n)
             first, last = first - shift, last - shift
-            out.append([(first, last)] if last < n else [(first, n - 1), (0, last - n)])
+            if last < n or last - first + 1 >= n:  # one piece: no wrap, or the whole axis
+                out.append([(low, high)])
+            else:  # the arc's two ends, cut to the box (which holds the first and last read)
+                out.append([(first, high), (low, last - n)])
         return out
 
     def region(self, location: Sequence[int] | int, clip: bool = True) -> tuple[slice, ...]:
@@ -254,12 +261,10 @@ class ReceptiveField:
         loc = self._check_location(location)
         if not clip:
             return tuple(slice(first, last + 1) for first, last in self.interval(loc))
-        out = []
-        for pieces in self._segments(loc):
-            if not pieces:
-                return tuple(slice(0, 0) for _ in self.input_shape)
-            out.append(slice(min(a for a, _ in pieces), max(b for _, b in pieces) + 1))
-        return tuple(out)
+        box = self._box(loc)
+        if box is None:
+            return tuple(slice(0, 0) for _ in self.input_shape)
+        return tuple(slice(first, last + 1) for first, last in box)
 
     def regions(self, location: Sequence[int] | int) -> list[tuple[slice, ...]]:
         """The exact field of ``location`` as disjoint boxes of half-open input slices.
@@ -270,8 +275,8 @@ class ReceptiveField:
         :meth:`region`). An empty list for a location that sees only padding.
         """
         loc = self._check_location(location)
-        pieces = self._segments(loc)
-        if any(not p for p in pieces):
+        pieces = self._pieces(loc)
+        if pieces is None:
             return []
         return [tuple(slice(a, b + 1) for a, b in box) for box in itertools.product(*pieces)]
 
@@ -336,19 +341,30 @@ class _Field:
     ``stride``, ``padding``; None past an op that is no sliding window, and None stays
     None but on an axis left with one location), the number of
     locations (``lengths``; an axis that no tensor dim holds any more has length 1: it has
-    been pooled or flattened away), the exact bounds of every location (``first[axis][u]``,
-    ``last[axis][u]``, inclusive; ``first`` is ``_EMPTY`` and ``last`` is ``_NOTHING`` for a
-    location that sees only padding) and the input's spatial shape (``extent``).
+    been pooled or flattened away), the exact bounds of every location, twice, and the input's
+    spatial shape (``extent``):
 
-    Bounds are positions of the input, read modulo its length ``n``: circular padding and
-    ``torch.roll`` give a location the far end of an axis as ``position - n`` (or ``+ n``), so
-    that min and max over neighbouring locations still give the tightest interval (an arc of
-    the circle); ``[-1, 1]`` is positions ``n - 1``, 0 and 1.
+    * ``low[axis][u]``, ``high[axis][u]``: the bounding box of the input positions location
+      ``u`` reads (inclusive, in ``[0, n)``);
+    * ``first[axis][u]``, ``last[axis][u]``: the shortest arc of the axis seen as a circle that
+      holds them, as positions read modulo ``n``: circular padding and ``torch.roll`` give a
+      location the far end of an axis as ``position - n`` (or ``+ n``), so that min and max
+      over neighbouring locations still give the tightest arc; ``[-1, 1]`` is positions
+      ``n - 1``, 0 and 1. Without wrapping both pairs are equal.
+
+    A location that sees only padding has ``_EMPTY`` as its first/low and ``_NOTHING`` as its
+    last/high.
 
     The geometry is what the layer does away from the borders; the bounds are exact everywhere,
     including border locations whose windows reach into padding, explicit pads and crops, and
     dilated windows whose taps skip the first input positions. A geometry is only reported
     where the Distill interval of every location holds its bounds (:meth:`reported`).
+
+    The field is the union over a location's channels, as the verifier's is. ``uniform``
+    says every channel of a location sees that same field: true after a convolution over all
+    channels, false after ``pixel_unshuffle`` or a concatenation of branches that see
+    different fields (each channel then sees its own part), until the next such convolution.
+    Pixel shuffle, which moves channels to locations, needs it.
     """
 
     dims: tuple[int | None, ...]
@@ -359,8 +375,11 @@ class _Field:
     first: tuple[np.ndarray, ...]
     last: tuple[np.ndarray, ...]
     extent: tuple[int, ...]
+    low: tuple[np.ndarray, ...] = ()
+    high: tuple[np.ndarray, ...] = ()
     aligned: bool = True
     statistics: tuple[str, ...] = ()  # ops before it that normalise over positions
+    uniform: bool = True  # every channel of a location sees the same field (see pixel shuffle)
 
     @classmethod
     def identity(cls, spatial: tuple[int, ...]) -> _Field:
@@ -375,6 +394,8 @@ class _Field:
             first=tuple(np.arange(n, dtype=np.int64) for n in spatial),
             last=tuple(np.arange(n, dtype=np.int64) for n in spatial),
             extent=tuple(spatial),
+            low=tuple(np.arange(n, dtype=np.int64) for n in spatial),
+            high=tuple(np.arange(n, dtype=np.int64) for n in spatial),
         )
 
     def _put(self, axis: int, **values: Any) -> _Field:
@@ -428,6 +449,8 @@ class _Field:
         safe = np.clip(taps, 0, max(n_in - 1, 0))
         lo, hi = self.first[axis][safe], self.last[axis][safe]
         valid = valid & (hi >= lo)  # a tap that itself sees only padding adds nothing
+        low = np.where(valid, self.low[axis][safe], _EMPTY).min(axis=1)
+        high = np.where(valid, self.high[axis][safe], _NOTHING).max(axis=1)
         if wrap is not None:
             move = np.asarray(wrap, dtype=np.int64) * self.extent[axis]
             lo, hi = lo + np.where(valid, move, 0), hi + np.where(valid, move, 0)
@@ -451,6 +474,8 @@ class _Field:
             lengths=n_out,
             first=first,
             last=last,
+            low=low,
+            high=high,
         )
 
     def window(self, axis: int, k: int, s: int, q: int, d: int, n_out: int) -> _Field:
@@ -522,24 +547,33 @@ class _Field:
             ro, jo, po = small.size[axis], small.stride[axis], small.padding[axis]
             first = np.minimum(big.first[axis], small.first[axis])
             last = np.maximum(big.last[axis], small.last[axis])
+            box = {
+                "low": np.minimum(big.low[axis], small.low[axis]),
+                "high": np.maximum(big.high[axis], small.high[axis]),
+            }
             if None in (r, j, p, ro, jo, po):
                 out = out._put(
-                    axis, size=None, stride=None, padding=None, lengths=n, first=first, last=last
-                )
+                    axis, size=None, stride=None, padding=None, lengths=n, first=first,
+                    last=last, **box,
+                )  # fmt: skip
                 continue
             assert r is not None and j is not None and p is not None  # for the type checker
             assert ro is not None and jo is not None and po is not None
-            if n_small == 1 and n > 1:
+            if n > 1 and (n_small == 1 or (0 in (j, jo) and j != jo)):
                 # One location reaches every location of the map (squeeze-and-excitation
-                # gating, strip pooling): the smallest geometry whose interval holds, at every
-                # location, both the map's interval and that location's fixed one.
+                # gating, strip pooling; a pooled branch upsampled back, as in ASPP: stride 0):
+                # the smallest geometry whose interval holds, at every location, both the
+                # map's interval and that location's fixed one.
+                if j == 0 and n_small == n:  # ``big`` is the repeated one
+                    (r, j, p), (ro, jo, po), small = (ro, jo, po), (r, j, p), big
                 pad = max(p, (n - 1) * j + po)
                 size = pad + max(r - p, ro - po)
-                if not small.sees_whole(axis)[0]:
+                if not small.sees_whole(axis).all():
                     aligned = False
                 out = out._put(
-                    axis, size=size, stride=j, padding=pad, lengths=n, first=first, last=last
-                )
+                    axis, size=size, stride=j, padding=pad, lengths=n, first=first, last=last,
+                    **box,
+                )  # fmt: skip
                 continue
             if j != jo and n > 1:
                 raise NotAlignedError(
@@ -550,13 +584,14 @@ class _Field:
             pad = max(p, po)
             size = max(r - p, ro - po) + pad
             out = out._put(
-                axis, size=size, stride=j, padding=pad, lengths=n, first=first, last=last
+                axis, size=size, stride=j, padding=pad, lengths=n, first=first, last=last, **box
             )
             if (r - 1) - 2 * p != (ro - 1) - 2 * po:
                 aligned = False
         self._check_separable(other, out)
         statistics = tuple(dict.fromkeys(self.statistics + other.statistics))
-        return replace(out, aligned=aligned, statistics=statistics)
+        uniform = self.uniform and other.uniform  # each channel: the union of its inputs
+        return replace(out, aligned=aligned, statistics=statistics, uniform=uniform)
 
     def _empty_axes(self) -> list[int]:
         """Axes with a location that sees only padding."""
@@ -586,8 +621,12 @@ class _Field:
                         n = out.lengths[ax]
                         ok = (
                             ok
-                            and np.array_equal(np.broadcast_to(y.first[ax], (n,)), out.first[ax])
-                            and np.array_equal(np.broadcast_to(y.last[ax], (n,)), out.last[ax])
+                            and all(
+                                np.array_equal(
+                                    np.broadcast_to(getattr(y, b)[ax], (n,)), getattr(out, b)[ax]
+                                )
+                                for b in ("first", "last", "low", "high")
+                            )  # fmt: skip
                         )
         if not ok:
             raise UnsupportedOpError(
@@ -854,19 +893,28 @@ def _slide(
     return _with_indices(call, out)
 
 
+def _mixing(out: _Out, groups: Any) -> _Out:
+    """A convolution's field: with one group every output channel reads every input channel,
+    so all channels of a location see the same field again (``_Field.uniform``)."""
+    if isinstance(out, _Field) and int(groups) == 1:
+        return replace(out, uniform=True)
+    return out
+
+
 def _conv_module(call: _Call) -> _Out:
     m = call.module(nn.modules.conv._ConvNd)
     if m.padding_mode == "zeros":
-        return _slide(call, m.kernel_size, m.stride, m.padding, m.dilation)
+        return _mixing(_slide(call, m.kernel_size, m.stride, m.padding, m.dilation), m.groups)
     # PyTorch pads first, F.pad(x, _reversed_padding_repeated_twice, padding_mode), then
     # convolves without padding.
     padded = _padded(call, m._reversed_padding_repeated_twice, m.padding_mode)
-    return _slide(call, m.kernel_size, m.stride, 0, m.dilation, field=padded)
+    return _mixing(_slide(call, m.kernel_size, m.stride, 0, m.dilation, field=padded), m.groups)
 
 
 def _conv_function(call: _Call) -> _Out:
     a = call.args
-    return _slide(call, tuple(a["weight"].shape[2:]), a["stride"], a["padding"], a["dilation"])
+    out = _slide(call, tuple(a["weight"].shape[2:]), a["stride"], a["padding"], a["dilation"])
+    return _mixing(out, a.get("groups") or 1)
 
 
 def _max_pool_module(call: _Call) -> _Out:
@@ -1100,13 +1148,14 @@ def _transposed(call: _Call, kernel: Any, stride: Any, padding: Any, dilation: A
 
 def _transposed_module(call: _Call) -> _Out:
     m = call.module(nn.modules.conv._ConvTransposeNd)
-    return _transposed(call, m.kernel_size, m.stride, m.padding, m.dilation)
+    return _mixing(_transposed(call, m.kernel_size, m.stride, m.padding, m.dilation), m.groups)
 
 
 def _transposed_function(call: _Call) -> _Out:
     a = call.args
-    return _transposed(call, tuple(a["weight"].shape[2:]), a["stride"], a["padding"],
-                       a["dilation"])  # fmt: skip
+    out = _transposed(call, tuple(a["weight"].shape[2:]), a["stride"], a["padding"],
+                      a["dilation"])  # fmt: skip
+    return _mixing(out, a["groups"])
 
 
 @dataclass(frozen=True)
@@ -1256,14 +1305,24 @@ def _upsample_module(call: _Call) -> _Out:
 def _pixel_shuffle(call: _Call, factor: int, up: bool) -> _Out:
     """PixelShuffle (``up``) and PixelUnshuffle: channels move into space and back.
 
-    ``(*, C*r*r, H, W) -> (*, C, H*r, W*r)``: output location ``o`` reads input location
-    ``o // r`` (every channel of a location comes from one input location; the location is
-    what the field is about), so the axis becomes irregular for ``r > 1``. Unshuffle pools
-    ``r`` locations into channels: a window of ``r`` with stride ``r``.
+    ``(*, C*r*r, H, W) -> (*, C, H*r, W*r)``: output location ``o`` reads the channels
+    ``o % r`` of input location ``o // r``, so the axis becomes irregular for ``r > 1``; exact
+    where every channel of a location sees the same field (``_Field.uniform``), refused
+    where not (a shuffle right after an unshuffle or a concatenation: each output location
+    would see only its own channels' part, and one field per location cannot say which).
+    Unshuffle pools ``r`` locations into channels: a window of ``r`` with stride ``r``, whose
+    channels then see different parts of it.
     """
     f, x, result = call.field, call.x, call.output
     if x.dim() < 3:
         raise call.unsupported(f"shuffles a tensor of shape {tuple(x.shape)}")
+    if up and factor > 1 and not f.uniform:
+        raise call.unsupported(
+            "moves channels to locations, but the channels of a location see different fields "
+            "here (after pixel_unshuffle or a concatenation, with no convolution over all "
+            "channels since): the field of each location cannot be told exactly. Use "
+            "featurelens.empirical_receptive_field"
+        )
     channels = x.dim() - 3
     if f.dims[channels] is not None and x.shape[channels] > 1:
         raise call.unsupported(
@@ -1281,6 +1340,7 @@ def _pixel_shuffle(call: _Call, factor: int, up: bool) -> _Out:
             continue
         if not up:
             out = out.window(axis, factor, factor, 0, 1, n_out)
+            out = replace(out, uniform=out.uniform and factor == 1)
         elif factor == 1:
             out = out.window(axis, 1, 1, 0, 1, n_out)
         else:
@@ -1506,14 +1566,26 @@ def _concatenate(call: _Call) -> _Out:
     for f, x in call.inputs:
         if f.dims[dim % x.dim()] is not None:
             raise call.unsupported("concatenates along a spatial axis")
-    return _elementwise(call)
+    return _side_by_side(call, _elementwise(call))
 
 
 def _stack(call: _Call) -> _Out:
     dim = int(call.args["dim"]) % call.output.dim()
     shifted = tuple((replace(f, dims=f.dims[:dim] + (None,) + f.dims[dim:]), x.unsqueeze(dim))
                     for f, x in call.inputs)  # fmt: skip
-    return _elementwise(replace(call, inputs=shifted))
+    return _side_by_side(call, _elementwise(replace(call, inputs=shifted)))
+
+
+def _side_by_side(call: _Call, merged: _Field) -> _Field:
+    """``merged`` (a concatenation), no longer uniform where its parts see different fields."""
+    first = call.field
+    same = all(
+        np.array_equal(getattr(f, b)[axis], getattr(first, b)[axis])
+        for f, _ in call.inputs
+        for b in ("first", "last", "low", "high")
+        for axis in range(len(first.lengths))
+    )
+    return replace(merged, uniform=merged.uniform and same)
 
 
 def _normalising(
@@ -2202,6 +2274,9 @@ def receptive_fields(
 
 def _to_value(f: _Field, spatial: tuple[int, ...]) -> ReceptiveField:
     size, stride, padding = zip(*(f.reported(axis) for axis in range(len(f.lengths))))
+    wraps = any(
+        ((lo < 0) | (hi >= n))[hi >= lo].any() for lo, hi, n in zip(f.first, f.last, spatial)
+    )
     return ReceptiveField(
         size=size,
         stride=stride,
@@ -2214,8 +2289,14 @@ def _to_value(f: _Field, spatial: tuple[int, ...]) -> ReceptiveField:
         statistics=f.statistics,
         bounds=tuple(
             tuple((int(a), int(b)) if b >= a else (0, -1) for a, b in zip(fa, la))
-            for fa, la in zip(f.first, f.last)
+            for fa, la in zip(f.low, f.high)
         ),
+        arcs=tuple(
+            tuple((int(a), int(b)) if b >= a else (0, -1) for a, b in zip(fa, la))
+            for fa, la in zip(f.first, f.last)
+        )
+        if wraps
+        else (),
     )
 
 
