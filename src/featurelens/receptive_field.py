@@ -14,6 +14,15 @@ are *aligned* when their centres coincide (Distill's alignment check). Branches 
 strides raise :class:`NotAlignedError`. Normalisation statistics do not count as dependencies
 (norms keep the field), the same convention as :func:`featurelens.empirical_receptive_field`.
 
+Beside the geometry, every location's exact bounds are tracked: each op says which locations
+of its input every output location reads (:meth:`_Field.gather`; a sliding window is one case).
+That is what makes upsampling exact: transposed convolutions, interpolation (read off
+PyTorch's own kernel), pixel shuffle and adaptive pooling with unequal windows read lists of
+locations that no single (size, stride, padding) describes. Those axes are *irregular*: their
+geometry is None from there on (:attr:`ReceptiveField.regular`) while :meth:`ReceptiveField.region`
+stays exact. Circular padding makes a border location read both ends of an axis: the bounds
+are then kept as an arc of the axis seen as a circle too (:meth:`ReceptiveField.regions`).
+
 An operation the engine does not know raises :class:`UnsupportedOpError` naming it; the engine
 never guesses.
 
@@ -99,11 +108,6 @@ class ReceptiveField:
         where the formula is not (explicit pads, crops, dilated taps that skip pixels,
         reflected or replicated borders). They are bounding boxes: where a location sees both
         ends of an axis (circular padding, ``torch.roll``) they span the axis.
-    arcs
-        Where some location sees both ends of an axis (:attr:`wraps`): per axis and location
-        the shortest arc of the axis, seen as a circle, that holds what the location reads, as
-        ``(first, last)`` positions read modulo ``n`` (``(-1, 1)`` is positions ``n - 1``, 0
-        and 1). :meth:`regions` cuts them into boxes. Empty when nothing wraps.
     channel_dim
         The output tensor's channel dim: 1 for ``(N, C, *spatial)``, the last dim for a
         channels-last layer (see :meth:`check_channels_first`).
@@ -112,6 +116,12 @@ class ReceptiveField:
         InstanceNorm, LayerNorm over spatial dims, BatchNorm with batch statistics). Their
         statistics do not count as dependencies (the empirical verifier agrees), but a unit
         computed on a crop of the input sees other statistics: projections do not crop then.
+    arcs
+        Where some location sees both ends of an axis (:attr:`wraps`): per axis and location
+        an arc of the axis, seen as a circle, that holds what the location reads, as
+        ``(first, last)`` positions read modulo ``n`` (``(-1, 1)`` is positions ``n - 1``, 0
+        and 1; the shortest such arc where the reads wrap as a circular border does).
+        :meth:`regions` cuts them into boxes. Empty when nothing wraps.
     """
 
     size: tuple[int | None, ...]
@@ -123,8 +133,8 @@ class ReceptiveField:
     aligned: bool = True
     bounds: tuple[tuple[tuple[int, int], ...], ...] = field(default=(), repr=False, compare=False)
     channel_dim: int = 1
-    arcs: tuple[tuple[tuple[int, int], ...], ...] = field(default=(), repr=False, compare=False)
     statistics: tuple[str, ...] = field(default=(), compare=False)
+    arcs: tuple[tuple[tuple[int, int], ...], ...] = field(default=(), repr=False, compare=False)
 
     def check_channels_first(self, layer: str) -> None:
         """Refuse a layer whose output is not ``(N, C, *spatial)``.
@@ -338,16 +348,15 @@ class _Field:
 
     ``dims[i]`` is the input spatial axis held by tensor dim ``i`` (None for batch, channel
     and other dims). Everything else is per input axis: the Distill geometry (``size``,
-    ``stride``, ``padding``; None past an op that is no sliding window, and None stays
-    None but on an axis left with one location), the number of
-    locations (``lengths``; an axis that no tensor dim holds any more has length 1: it has
-    been pooled or flattened away), the exact bounds of every location, twice, and the input's
-    spatial shape (``extent``):
+    ``stride``, ``padding``; None from an op that is no sliding window on, except on an axis
+    left with one location), the number of locations (``lengths``; an axis that no tensor dim
+    holds any more has length 1: it has been pooled or flattened away), the exact bounds of
+    every location, twice, and the input's spatial shape (``extent``):
 
     * ``low[axis][u]``, ``high[axis][u]``: the bounding box of the input positions location
       ``u`` reads (inclusive, in ``[0, n)``);
-    * ``first[axis][u]``, ``last[axis][u]``: the shortest arc of the axis seen as a circle that
-      holds them, as positions read modulo ``n``: circular padding and ``torch.roll`` give a
+    * ``first[axis][u]``, ``last[axis][u]``: an arc of the axis seen as a circle that holds
+      them, as positions read modulo ``n``: circular padding and ``torch.roll`` give a
       location the far end of an axis as ``position - n`` (or ``+ n``), so that min and max
       over neighbouring locations still give the tightest arc; ``[-1, 1]`` is positions
       ``n - 1``, 0 and 1. Without wrapping both pairs are equal.
@@ -1228,6 +1237,8 @@ def _resampled_taps(
     if x.device.type != "meta" and (x.dtype, x.device) != settings[0]:
         settings.append((x.dtype, x.device))
     pairs: list[tuple[np.ndarray, np.ndarray]] = []  # (output location, input location)
+    if how.mode in ("nearest", "nearest-exact"):  # index arithmetic in float32 whatever dtype
+        settings = list({device: (dtype, device) for dtype, device in settings}.values())
     for dtype, device in settings:
         if how.mode in ("nearest", "nearest-exact"):
             y = resample(torch.arange(n_in, dtype=torch.float32, device=device)[None])[0]
