@@ -609,6 +609,16 @@ def test_figures_show_the_whole_input_for_irregular_fields():
     assert zf_title("dec1", 0, "gradient", "rgb", rf).endswith("receptive field 12x16 (irregular)")
 
 
+def test_the_explorer_gives_no_interval_for_irregular_fields():
+    pytest.importorskip("PIL")
+    from featurelens.explorer import _box
+
+    rf = fl.receptive_field(UNet().eval(), (1, 12, 16), "dec1")
+    box = _box(rf, (3, 4))
+    assert box["interval"] is None
+    assert box["region"] == [[s.start, s.stop - 1] for s in rf.region((3, 4))]
+
+
 def test_vgg16_at_112_adaptive_pooling_3_to_7():
     torchvision = pytest.importorskip("torchvision")
     model = torchvision.models.vgg16(weights=None).eval()
