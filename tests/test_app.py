@@ -72,6 +72,17 @@ def digits():
     return torch.utils.data.Subset(MnistDigits(), range(40))
 '''
 
+#: What the page sends on every API request (besides its browser's Sec-Fetch-Site): the
+#: test clients behave like the page, on a loopback Host as a browser would name it.
+PAGE_HEADERS = {"X-Featurelens": "1"}
+BASE_URL = "http://127.0.0.1:8000"
+
+
+def page_client(app, **options) -> TestClient:
+    """A TestClient that asks like the explorer's page: loopback Host, the client header."""
+    return TestClient(app, base_url=BASE_URL, headers=PAGE_HEADERS, **options)
+
+
 LAYERS = ["features.0", "features.4", "features.5", "head.1"]
 N_EXAMPLES = 40
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -133,7 +144,7 @@ def app(atlas_dir: Path):
 @pytest.fixture(scope="module")
 def client(app) -> TestClient:
     # raise_server_exceptions=True: any request reaching the catch-all 500 fails the test.
-    with TestClient(app) as c:
+    with page_client(app) as c:
         yield c
 
 
@@ -457,7 +468,7 @@ def _noise_png(side: int) -> bytes:
 @pytest.fixture(scope="module")
 def strict_client(atlas_dir):
     app = create_app(atlas_dir, max_upload_bytes=4000, max_upload_pixels=100 * 100)
-    with TestClient(app) as c:
+    with page_client(app) as c:
         yield c
 
 
@@ -498,7 +509,7 @@ def test_unexpected_errors_are_json_without_traceback(atlas_dir, monkeypatch):
         raise RuntimeError("secret internals /home/user/model.py line 3")
 
     monkeypatch.setattr(app.state.explorer, "info", boom)
-    with TestClient(app, raise_server_exceptions=False) as c:
+    with page_client(app, raise_server_exceptions=False) as c:
         r = c.get("/api/info")
         assert r.status_code == 500
         assert r.json() == {"error": "internal error (RuntimeError); see the server log"}
@@ -509,7 +520,7 @@ def test_library_refusals_are_4xx(atlas_dir, atlas, data):
     # A model whose rectifier is a GELU: deconvnet/guided have no rule for it.
     gelu = atlas.build_model()
     gelu.features[4] = torch.nn.GELU()
-    with TestClient(create_app(atlas_dir, model=gelu, data=data)) as c:
+    with page_client(create_app(atlas_dir, model=gelu, data=data)) as c:
         params = {"input": "dataset:0", "layer": "features.5", "channel": 0, "method": "guided"}
         r = c.get("/api/projection.png", params=params)
         assert r.status_code == 422 and "GELU" in r.json()["error"]
@@ -521,11 +532,14 @@ def test_library_refusals_are_4xx(atlas_dir, atlas, data):
 # Serving, traversal, concurrency, caching, the atlas left alone
 
 
-def _raw_get(port: int, target: str, host: str = "127.0.0.1") -> tuple[int, bytes]:
+def _raw_get(
+    port: int, target: str, host: str = "127.0.0.1", headers: dict[str, str] = PAGE_HEADERS
+) -> tuple[int, bytes]:
     """Send ``GET target`` byte for byte (no client-side normalisation of ``..``)."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        request = f"GET {target} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n"
-        s.sendall(request.encode())
+        lines = [f"GET {target} HTTP/1.1", f"Host: {host}:{port}", "Connection: close"]
+        lines += [f"{k}: {v}" for k, v in headers.items()]
+        s.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
         chunks = []
         while chunk := s.recv(65536):
             chunks.append(chunk)
@@ -610,7 +624,7 @@ def test_signals_are_drawn_as_strips(tmp_path):
         ).eval()
         signals = torch.randn(12, 2, 32)
     featurelens.scan(net, signals, ["2"], top_k=3, progress=False).save(tmp_path / "atlas")
-    with TestClient(create_app(tmp_path / "atlas", model=net, data=signals)) as c:
+    with page_client(create_app(tmp_path / "atlas", model=net, data=signals)) as c:
         shown = png(c.get("/api/input.png", params={"input": "dataset:4"}))
         assert shown.shape == (1, 32, 3)
         layout = c.get("/api/activations", params={"input": "dataset:4", "layer": "2"}).json()
@@ -649,7 +663,7 @@ class _Flaky(torch.utils.data.Dataset):
 
 
 def test_examples_that_fail_to_load_are_4xx(atlas_dir, model, data):
-    with TestClient(create_app(atlas_dir, model=model, data=_Flaky(data))) as c:
+    with page_client(create_app(atlas_dir, model=model, data=_Flaky(data))) as c:
         r = c.get("/api/input.png", params={"input": "dataset:3"})
         assert r.status_code == 422 and "truncated file" in r.json()["error"]
         r = c.get("/api/activations", params={"input": "dataset:4", "layer": "features.0"})
@@ -681,7 +695,7 @@ def test_models_without_geometry_still_work(tmp_path):
     net = _Untraceable().eval()
     images = torch.rand(5, 1, 9, 9)
     featurelens.scan(net, images, ["conv"], top_k=2, progress=False).save(tmp_path / "atlas")
-    with TestClient(create_app(tmp_path / "atlas", model=net, data=images)) as c:
+    with page_client(create_app(tmp_path / "atlas", model=net, data=images)) as c:
         info = c.get("/api/info").json()
         assert info["layers"][0]["rf"] is None and "trace" in info["layers"][0]["rf_error"]
         unit = c.get("/api/unit", params={"input": "dataset:1", "layer": "conv", "channel": 1})
@@ -734,7 +748,10 @@ def test_concurrent_requests_are_serialised_and_correct(atlas_dir, atlas, data):
     try:
         import httpx
 
-        with httpx.Client(base_url=server.url, timeout=60) as http, ThreadPoolExecutor(8) as pool:
+        with (
+            httpx.Client(base_url=server.url, headers=PAGE_HEADERS, timeout=60) as http,
+            ThreadPoolExecutor(8) as pool,
+        ):
             concurrent = list(pool.map(lambda u: http.get(u), urls))
     finally:
         server.stop()
@@ -744,7 +761,7 @@ def test_concurrent_requests_are_serialised_and_correct(atlas_dir, atlas, data):
 
     assert_unchanged(tracked, before)
     # The same answers one request at a time, from a fresh app (no shared cache).
-    with TestClient(create_app(atlas_dir, model=atlas.build_model(), data=data)) as c:
+    with page_client(create_app(atlas_dir, model=atlas.build_model(), data=data)) as c:
         for url, r in zip(urls, concurrent):
             assert c.get("/" + url).content == r.content, url
 
@@ -753,7 +770,7 @@ def test_results_are_cached_per_input_and_unit(atlas_dir, atlas, data):
     tracked = _Tracking(atlas.build_model())
     app = create_app(atlas_dir, model=tracked, data=data)
     tracked.calls = 0  # torch.fx tracing for the receptive fields calls forward() too
-    with TestClient(app) as c:
+    with page_client(app) as c:
         params = {"input": "dataset:1", "layer": "features.4"}
         c.get("/api/activations", params=params)
         c.get("/api/activations.png", params=params)
@@ -773,7 +790,7 @@ def test_the_atlas_directory_is_never_written(tmp_path):
     before = dir_state(atlas_dir)
     parent_before = sorted(p.name for p in tmp_path.iterdir())
     app = create_app(atlas_dir)
-    with TestClient(app) as c:
+    with page_client(app) as c:
         layer = {"layer": "features.4"}
         for path, params in [
             ("/", {}),
@@ -861,7 +878,7 @@ def test_a_float64_model_works_end_to_end_and_agrees_with_the_scan(tmp_path):
     assert atlas.top("1", 0)[0].location == (4, 2)
     assert [h.location for h in atlas.top("1", 0) if h.index == 2] == [(2, 1)]
     atlas.save(tmp_path / "atlas")
-    with TestClient(create_app(tmp_path / "atlas", model=net, data=images)) as c:
+    with page_client(create_app(tmp_path / "atlas", model=net, data=images)) as c:
         base = {"input": "dataset:1", "layer": "1"}
         layout = c.get("/api/activations", params=base).json()
         assert layout["channel_argmax"] == [[4, 2], [4, 2]]
@@ -896,7 +913,7 @@ def test_a_channels_last_layer_is_refused_with_the_library_message(tmp_path):
     featurelens.scan(_permuting(False), images, ["permute", "relu"], top_k=2, progress=False).save(
         tmp_path / "atlas"
     )
-    with TestClient(create_app(tmp_path / "atlas", model=_permuting(True), data=images)) as c:
+    with page_client(create_app(tmp_path / "atlas", model=_permuting(True), data=images)) as c:
         for path, extra in (
             ("/api/activations", {}),
             ("/api/unit", {"channel": 0}),
@@ -909,3 +926,570 @@ def test_a_channels_last_layer_is_refused_with_the_library_message(tmp_path):
             assert "'permute' outputs its channels at dim 3" in r.json()["error"]
         ok = c.get("/api/unit", params={"input": "dataset:0", "layer": "relu", "channel": 2})
         assert ok.status_code == 200
+
+
+# --------------------------------------------------------------------------------------------
+# Who may ask: the origin rule, the Host check, the token, the security headers
+
+OWN_HOST = "127.0.0.1:8000"
+TOKEN = "test-token-0123456789abcdef"
+
+# (method, path, headers besides Host, allowed): the rule of featurelens.app.http.refusal.
+ORIGIN_RULE = [
+    # The page, in a browser that sends fetch metadata (to loopback and HTTPS servers).
+    ("GET", "/api/info", {"sec-fetch-site": "same-origin"}, True),
+    ("POST", "/api/inputs", {"sec-fetch-site": "same-origin", "origin": "http://127.0.0.1:8000"},
+     True),
+    # The page where the browser sends none (plain HTTP to another machine): its header.
+    ("GET", "/api/projection.png", {"x-featurelens": "1"}, True),
+    ("POST", "/api/inputs", {"x-featurelens": "1", "origin": "http://127.0.0.1:8000"}, True),
+    ("POST", "/api/inputs", {"x-featurelens": "1", "origin": "https://127.0.0.1:8000"}, True),
+    # A person typing an API address; a program (curl, a script, these tests).
+    ("GET", "/api/info", {"sec-fetch-site": "none"}, True),
+    ("GET", "/api/info", {"x-featurelens": "1"}, True),
+    ("GET", "/api/info", {}, False),
+    ("POST", "/api/inputs", {}, False),
+    ("GET", "/api/info", {"x-featurelens": ""}, False),
+    # Another page: <img>, no-cors fetch, a form; a page on another port of the same machine is
+    # "same-site" but another origin.
+    ("GET", "/api/projection.png", {"sec-fetch-site": "cross-site"}, False),
+    ("GET", "/api/projection.png", {"sec-fetch-site": "same-site"}, False),
+    ("GET", "/api/projection.png", {"sec-fetch-site": "same-site", "x-featurelens": "1"}, False),
+    ("POST", "/api/inputs", {"sec-fetch-site": "same-site", "origin": "http://127.0.0.1:9999"},
+     False),
+    ("POST", "/api/inputs", {"origin": "http://evil.example"}, False),  # no fetch metadata
+    ("POST", "/api/inputs", {"origin": "http://evil.example", "x-featurelens": "1"}, False),
+    ("POST", "/api/inputs", {"origin": "http://127.0.0.1:9999", "x-featurelens": "1"}, False),
+    ("POST", "/api/inputs", {"origin": "null", "x-featurelens": "1"}, False),
+    ("POST", "/api/inputs", {"sec-fetch-site": "none", "x-featurelens": "1"}, False),
+    ("GET", "/api/info", {"sec-fetch-site": "same-origin", "origin": "http://evil.example"},
+     False),
+    ("OPTIONS", "/api/inputs", {"sec-fetch-site": "cross-site", "origin": "http://evil.example",
+                                "access-control-request-headers": "x-featurelens"}, False),
+    # The page and its files: from anywhere (a link), nothing needed.
+    ("GET", "/", {"sec-fetch-site": "cross-site"}, True),
+    ("GET", "/static/app.js", {"sec-fetch-site": "cross-site"}, True),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("method", "path", "headers", "allowed"), ORIGIN_RULE)
+def test_the_origin_rule(method, path, headers, allowed):
+    from featurelens.app.http import refusal
+
+    why = refusal(method, path, {"host": OWN_HOST, **headers})
+    assert (why is None) == allowed, why
+    if not allowed:
+        assert "refused" in why or "X-Featurelens" in why
+
+
+def test_cross_site_requests_cause_no_work(atlas_dir):
+    app = create_app(atlas_dir)
+    ex = app.state.explorer
+    raw = image_bytes(np.zeros((28, 28), np.uint8))
+    unit = {"input": "dataset:0", "layer": "features.4", "channel": 1, "method": "guided"}
+    with TestClient(app, base_url=BASE_URL) as c:  # a browser, sending what browsers send
+        before = (ex.cache.misses, ex.uploads_added)
+        foreign = "http://127.0.0.1:9999"
+        attacks = [
+            # no-cors POSTs from a page on another port, a form-like multipart one from afar
+            c.post("/api/inputs", content=raw, headers={
+                "content-type": "text/plain", "origin": foreign, "sec-fetch-site": "same-site"}),
+            c.post("/api/inputs", files={"f": ("a.png", raw, "image/png")},
+                   headers={"origin": "http://evil.example"}),
+            # <img src=.../api/projection.png> on another site, and over plain HTTP (no metadata)
+            c.get("/api/projection.png", params=unit,
+                  headers={"sec-fetch-site": "cross-site", "sec-fetch-dest": "image"}),
+            c.get("/api/projection.png", params=unit),
+            c.get("/api/info", headers={"sec-fetch-site": "same-site"}),
+            # a CORS preflight for the header: refused, and never granted
+            c.options("/api/inputs", headers={
+                "origin": foreign, "sec-fetch-site": "same-site",
+                "access-control-request-method": "POST",
+                "access-control-request-headers": "x-featurelens"}),
+        ]  # fmt: skip
+        assert [r.status_code for r in attacks] == [403] * len(attacks)
+        assert all("error" in r.json() for r in attacks)
+        assert not any("access-control-allow-origin" in r.headers for r in attacks)
+        assert (ex.cache.misses, ex.uploads_added) == before
+        assert app.state.refusals["origin"] == len(attacks)
+        # The same requests from the page do the work: the counters can move.
+        page = c.get("/api/projection.png", params=unit, headers={"sec-fetch-site": "same-origin"})
+        assert page.status_code == 200 and ex.cache.misses > before[0]
+        up = c.post("/api/inputs", content=raw, headers={
+            "content-type": "image/png", "origin": "http://127.0.0.1:8000", **PAGE_HEADERS})  # fmt: skip
+        assert up.status_code == 201 and ex.uploads_added == before[1] + 1
+
+
+def test_security_headers_on_every_answer(atlas_dir, monkeypatch):
+    from featurelens.app.http import SECURITY_HEADERS
+
+    csp = SECURITY_HEADERS["Content-Security-Policy"]
+    for directive in ("default-src 'self'", "script-src 'self'", "object-src 'none'",
+                      "frame-ancestors 'none'", "base-uri 'none'"):  # fmt: skip
+        assert directive in csp
+    assert "unsafe" not in csp
+    app = create_app(atlas_dir)
+    monkeypatch.setattr(app.state.explorer, "rf", lambda *a: 1 / 0)  # a bug: the catch-all
+    with page_client(app, raise_server_exceptions=False) as c:
+        answers = {
+            "page": c.get("/"),
+            "script": c.get("/static/app.js"),
+            "json": c.get("/api/top", params={"layer": "features.0", "channel": 0}),
+            "png": c.get("/api/input.png", params={"input": "dataset:0"}),
+            "404": c.get("/api/nothing"),
+            "400": c.get("/api/top"),
+            "405": c.post("/api/info"),
+            "403": c.get("/api/info", headers={"sec-fetch-site": "cross-site"}),
+            "host": c.get("/api/info", headers={"host": "evil.example"}),
+            "500": c.get("/api/rf", params={"layer": "features.0", "location": "0,0"}),
+        }
+    statuses = {name: r.status_code for name, r in answers.items()}
+    assert statuses == {"page": 200, "script": 200, "json": 200, "png": 200, "404": 404,
+                        "400": 400, "405": 405, "403": 403, "host": 400, "500": 500}  # fmt: skip
+    for name, r in answers.items():
+        for key, value in SECURITY_HEADERS.items():
+            assert r.headers.get(key) == value, (name, key)
+        assert r.headers["x-content-type-options"] == "nosniff"
+
+
+def test_the_page_has_no_inline_script_and_builds_no_html_from_strings():
+    import re
+
+    from featurelens.app.http import STATIC_DIR
+
+    html = (STATIC_DIR / "index.html").read_text()
+    scripts = re.findall(r"<script\b([^>]*)>(.*?)</script>", html, re.S)
+    assert scripts and all('src="/static/' in attrs and not body.strip() for attrs, body in scripts)
+    assert not re.search(r"\son[a-z]+\s*=", html, re.I)  # no inline event handlers
+    assert not re.search(r"\sstyle\s*=", html, re.I) and "<style" not in html
+    assert not re.search(r"javascript:", html, re.I)
+    code = re.sub(r"(^|\s)//.*$", "", (STATIC_DIR / "app.js").read_text(), flags=re.M)
+    for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(",
+                 "new Function", "setTimeout(\"", ".setAttribute(\"on", "srcdoc"):  # fmt: skip
+        assert sink not in code, sink
+    assert "textContent" in code  # how server text gets into the page
+    assert code.count("fetch(") == 1 and "X-Featurelens" in code  # one fetch, with the header
+
+
+def test_a_token_guards_the_page_and_the_api(atlas_dir):
+    app = create_app(atlas_dir, token=TOKEN)
+    unit = {"input": "dataset:0", "layer": "features.4", "channel": 0}
+    with page_client(app) as c:
+        refused = c.get("/")
+        assert refused.status_code == 403 and "text/plain" in refused.headers["content-type"]
+        assert "?token=" in refused.text
+        assert c.get("/api/info").status_code == 403
+        assert c.get("/static/app.js").status_code == 200  # the package's own files
+        assert c.get("/", params={"token": "wrong-token-0123456789ab"}).status_code == 403
+        page = c.get("/", params={"token": TOKEN})
+        assert page.status_code == 200 and page.headers["cache-control"] == "no-store"
+        cookie = page.headers["set-cookie"]
+        assert cookie.startswith(f"featurelens-token-8000={TOKEN};")
+        assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/" in cookie
+        assert c.get("/api/info").status_code == 200  # the client keeps the cookie, as a browser
+        assert c.get("/api/unit", params=unit).status_code == 200
+        c.cookies.clear()
+        assert c.get("/api/info").status_code == 403
+        assert c.get("/api/info", params={"token": TOKEN}).status_code == 200
+        assert c.get("/api/info", headers={"authorization": f"token {TOKEN}"}).status_code == 200
+        assert c.get("/api/info", headers={"authorization": f"Bearer {TOKEN}"}).status_code == 200
+        wrong = f"token {TOKEN[:-1]}x"
+        assert c.get("/api/info", headers={"authorization": wrong}).status_code == 403
+        # The token is no pass for another origin: a page on another port of this machine
+        # (same site, so the browser sends the cookie) is still refused, before the token.
+        other = c.get("/api/projection.png", params=unit, headers={
+            "sec-fetch-site": "same-site", "cookie": f"featurelens-token-8000={TOKEN}"})  # fmt: skip
+        assert other.status_code == 403 and "Sec-Fetch-Site" in other.json()["error"]
+    assert app.state.refusals["token"] == 5 and app.state.refusals["origin"] == 1
+
+
+@pytest.mark.parametrize("token", ["short", "x" * 15, "with space 0123456789", "é" * 20, 10**20])
+def test_weak_tokens_are_refused(atlas_dir, token):
+    from featurelens.app.http import check_token
+    from featurelens.errors import UsageError
+
+    with pytest.raises(UsageError, match="at least 16 characters"):
+        check_token(token)
+    with pytest.raises(UsageError):
+        create_app(atlas_dir, token=token)
+    assert check_token("a" * 16) == "a" * 16
+
+
+def test_serve_off_loopback_needs_a_token_and_names_the_machine(atlas_dir, model, data):
+    from featurelens.app.server import machine_hosts
+    from featurelens.errors import UsageError
+
+    with pytest.raises(UsageError, match="needs an access token"):
+        serve(atlas_dir, host="0.0.0.0", port=0, model=model, data=data, token=False)
+    names = machine_hosts("0.0.0.0")
+    assert names[:3] == ("127.0.0.1", "localhost", "[::1]")
+    assert socket.gethostname().lower() in names
+    for info in socket.getaddrinfo(socket.gethostname(), None):
+        address = info[4][0]
+        assert (f"[{address}]" if ":" in address else address) in names
+    assert "192.0.2.7" in machine_hosts("192.0.2.7")  # the address bound to, if specific
+    # On loopback: no token unless asked for; a token asked for is in the URL.
+    with serve(atlas_dir, port=0, model=model, data=data) as server:
+        assert server.token is None and server.url == server.base_url
+    with serve(atlas_dir, port=0, model=model, data=data, token=True) as server:
+        assert len(server.token) >= 32 and server.url == f"{server.base_url}?token={server.token}"
+        assert _raw_get(server.port, "/api/info")[0] == 403
+        assert _raw_get(server.port, f"/api/info?token={server.token}")[0] == 200
+
+
+def test_serving_on_every_interface_needs_the_host_and_the_token(atlas_dir):
+    import signal
+    from urllib.parse import parse_qs, urlsplit
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("FEATURELENS_TOKEN", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "featurelens.cli", "serve", str(atlas_dir), "--host", "0.0.0.0",
+         "--port", "0", "--allow-host", "Explorer.Example"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        line = proc.stdout.readline()  # featurelens explorer: http://HOSTNAME:PORT/?token=...
+        assert line.startswith("featurelens explorer: http://"), line + proc.stderr.read()
+        url = urlsplit(line.split(": ", 1)[1].strip())
+        port, token = url.port, parse_qs(url.query)["token"][0]
+        assert url.hostname == socket.gethostname().lower() and len(token) >= 32
+        assert proc.stdout.readline().strip() == f"or: http://127.0.0.1:{port}/?token={token}"
+        # A foreign Host (DNS rebinding) learns nothing, token or not.
+        for target in ("/api/info", f"/api/info?token={token}", f"/?token={token}"):
+            status, response = _raw_get(port, target, host="evil.example")
+            assert status == 400 and b"layers" not in response and b"tiny" not in response
+        # The machine's names and the one allowed: the token is required.
+        for host in ("127.0.0.1", "localhost", socket.gethostname(), "explorer.example"):
+            assert _raw_get(port, "/api/info", host=host)[0] == 403, host
+            assert _raw_get(port, "/", host=host, headers={})[0] == 403, host
+            status, response = _raw_get(port, f"/api/info?token={token}", host=host)
+            assert status == 200 and b'"layers"' in response, host
+        assert _raw_get(port, "/api/info?token=" + "x" * len(token))[0] == 403
+        # The page: the printed URL sets the cookie, and the cookie opens the API.
+        status, response = _raw_get(port, f"/?token={token}", headers={})
+        head = response.split(b"\r\n\r\n", 1)[0].decode()
+        cookie = next(v for k, v in (h.split(": ", 1) for h in head.split("\r\n")[1:])
+                      if k.lower() == "set-cookie")  # fmt: skip
+        assert status == 200 and "HttpOnly" in cookie and "SameSite=strict" in cookie
+        name_value = cookie.split(";", 1)[0]
+        assert _raw_get(port, "/api/info", headers={**PAGE_HEADERS, "Cookie": name_value})[0] == 200
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_cli_serve_takes_the_token_from_the_environment(atlas_dir):
+    import signal
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "FEATURELENS_TOKEN": TOKEN}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "featurelens.cli", "serve", str(atlas_dir), "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        line = proc.stdout.readline()
+        assert line.strip().endswith(f"/?token={TOKEN}"), line + proc.stderr.read()
+        port = int(line.rsplit(":", 1)[1].split("/")[0])
+        assert _raw_get(port, "/api/info")[0] == 403
+        assert _raw_get(port, f"/api/info?token={TOKEN}")[0] == 200
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_cli_serve_refuses_a_weak_token_in_one_line(atlas_dir, monkeypatch, capsys):
+    from featurelens.cli import main
+
+    monkeypatch.setenv("FEATURELENS_TOKEN", "short")
+    assert main(["serve", str(atlas_dir), "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "at least 16 characters" in err and "Traceback" not in err
+
+
+# --------------------------------------------------------------------------------------------
+# What answers say: no absolute paths, no object reprs
+
+
+def _strings(value) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in _strings(k) + _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+def test_info_names_no_absolute_path(client, atlas_dir):
+    info = client.get("/api/info").json()
+    assert info["model"]["spec"] == "tiny_model.py:tiny"  # the manifest has the absolute path
+    assert info["data"]["spec"] == "tiny_model.py:digits"
+    assert Atlas.load(atlas_dir).model_spec.spec == f"{atlas_dir.parent}/tiny_model.py:tiny"
+    strings = _strings(info)
+    assert not any(str(atlas_dir.parent) in s or s.startswith("/") for s in strings)
+
+
+class _Reader:
+    """An object with the default repr (with its address)."""
+
+
+class _Leaky(torch.utils.data.Dataset):
+    """The atlas's digits, but item 3 fails with a message naming a path and an object."""
+
+    def __init__(self, data, secret: Path) -> None:
+        self.data, self.secret = data, secret
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int):
+        if index == 3:
+            raise OSError(f"cannot read {self.secret / 'digits' / '3.png'} with {_Reader()!r}")
+        return self.data[index]
+
+
+@pytest.mark.parametrize(
+    ("message", "sent", "expected"),
+    [
+        ("<featurelens.x.Thing object at 0x7f3a2b1c9d>", "", "<Thing object>"),
+        ("<function f at 0x7f3a2b1c9d>", "", "<function f>"),
+        ("id 0x7f3a2b1c9d0e", "", "id 0x..."),
+        ("at /home/me/nets/model.py:12 (if x)", "", "at .../model.py:12 (if x)"),
+        ("spec '/srv/x/m.py:build' failed", "", "spec '.../m.py:build' failed"),
+        ("no file C:\\Users\\me\\m.py", "", "no file .../m.py"),
+        ("input '/etc/passwd' is not valid", "/api/input.png?input=/etc/passwd",
+         "input '/etc/passwd' is not valid"),
+        ("truncated file digits/3.png", "", "truncated file digits/3.png"),
+        ("see /api/zf.png or /static/app.js", "", "see /api/zf.png or /static/app.js"),
+        ("open http://HOST:PORT/?token=...", "", "open http://HOST:PORT/?token=..."),
+        ("k=1/2 of 3 and/or 4", "", "k=1/2 of 3 and/or 4"),
+    ],
+)  # fmt: skip
+def test_scrub(message, sent, expected):
+    from featurelens.app.http import scrub
+
+    assert scrub(message, sent) == expected
+
+
+def test_error_messages_carry_no_paths_or_reprs(tmp_path, atlas_dir, model, data):
+    secret = tmp_path / "private-project"
+    app = create_app(atlas_dir, model=model, data=_Leaky(data, secret))
+    with page_client(app) as c:
+        r = c.get("/api/input.png", params={"input": "dataset:3"})
+        error = r.json()["error"]
+        assert r.status_code == 422 and "cannot read .../3.png with <_Reader object>" in error
+        assert str(tmp_path) not in error and "0x" not in error and "test_app." not in error
+        # A path the client sent itself is quoted back.
+        r = c.get("/api/input.png", params={"input": "/etc/passwd"})
+        assert r.status_code == 400 and "'/etc/passwd'" in r.json()["error"]
+    # torch.fx names the model's source file in its message (with an absolute path).
+    net, images = _Untraceable().eval(), torch.rand(3, 1, 9, 9)
+    featurelens.scan(net, images, ["conv"], top_k=2, progress=False).save(tmp_path / "atlas")
+    app = create_app(tmp_path / "atlas", model=net, data=images)
+    here = str(Path(__file__).parent)
+    assert here in app.state.explorer.field_errors["conv"]  # the library's message has it
+    with page_client(app) as c:
+        rf_error = c.get("/api/info").json()["layers"][0]["rf_error"]
+        r = c.get("/api/rf", params={"layer": "conv", "location": "0,0"})
+        assert r.status_code == 422
+        for text in (rf_error, r.json()["error"]):
+            assert ".../test_app.py:" in text and here not in text
+
+
+# --------------------------------------------------------------------------------------------
+# Never a 500 for what an atlas, a model or a request can contain
+
+
+class _InfiniteOut(torch.nn.Module):
+    """A conv whose outputs are all infinite (or NaN where the conv gives 0)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 2, 3)
+        self.out = torch.nn.Identity()
+
+    def forward(self, x):
+        return self.out(self.conv(x) * float("inf"))
+
+
+def _odd_apps(tmp_path: Path, atlas_dir: Path, model, data) -> dict[str, tuple[object, dict]]:
+    """Apps over atlases and models the explorer must answer without a 500, with a valid unit."""
+    torch.manual_seed(0)
+    apps = {}
+
+    def add(name, net, inputs, layers, unit):
+        featurelens.scan(net, inputs, layers, top_k=2, progress=False).save(tmp_path / name)
+        apps[name] = (create_app(tmp_path / name, model=net, data=inputs), unit)
+
+    signal = torch.nn.Sequential(torch.nn.Conv1d(2, 3, 5, padding=2), torch.nn.ReLU()).eval()
+    add("signal", signal, torch.randn(6, 2, 32), ["1"], {"layer": "1", "channel": 1})
+    volume = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3, padding=1), torch.nn.ReLU()).eval()
+    add("volume", volume, torch.randn(4, 1, 6, 7, 8), ["1"], {"layer": "1", "channel": 0})
+    add("infinite", _InfiniteOut().eval(), torch.rand(4, 1, 9, 9), ["out"],
+        {"layer": "out", "channel": 1})  # fmt: skip
+    add("untraceable", _Untraceable().eval(), torch.rand(4, 1, 9, 9), ["conv"],
+        {"layer": "conv", "channel": 1})  # fmt: skip
+    images = torch.rand(4, 1, 9, 8)
+    featurelens.scan(_permuting(False), images, ["permute", "relu"], top_k=2,
+                     progress=False).save(tmp_path / "channels-last")  # fmt: skip
+    apps["channels-last"] = (
+        create_app(tmp_path / "channels-last", model=_permuting(True), data=images),
+        {"layer": "permute", "channel": 0},
+    )
+    lacking = copy.deepcopy(model)
+    lacking.head = torch.nn.Sequential(torch.nn.Flatten())
+    apps["lacking"] = (create_app(atlas_dir, model=lacking, data=data),
+                       {"layer": "head.1", "channel": 0})  # fmt: skip
+    apps["flaky"] = (create_app(atlas_dir, model=model, data=_Flaky(data)),
+                     {"layer": "features.4", "channel": 0})  # fmt: skip
+    return apps
+
+
+ODD_VALUES = ["", "-1", "0", "1", "99999999999999999999", "1e3", "nan", "x", "0,0", "0,0,0",
+              "-1,-1", ",", "dataset:", "upload:", "dataset:3", "dataset:-0", "\u00e9\u00e9",
+              "<script>", "../../etc/passwd", "%00"]  # fmt: skip
+
+
+API_GETS = ("/api/info", "/api/top", "/api/input.png", "/api/activations", "/api/activations.png",
+            "/api/unit", "/api/rf", "/api/projection.png", "/api/zf.png")  # fmt: skip
+
+
+@pytest.mark.filterwarnings("ignore::featurelens.errors.CropWarning")  # the untraceable model
+def test_no_answer_is_a_500_for_odd_models_and_data(tmp_path, atlas_dir, model, data):
+    # raise_server_exceptions=True: a request reaching the catch-all raises here.
+    for name, (app, unit) in _odd_apps(tmp_path, atlas_dir, model, data).items():
+        statuses = set()
+        with page_client(app) as c:
+            base = {"input": "dataset:3", **unit, "k": "2"}
+            for path in API_GETS:
+                for params in (base, {**base, "input": "dataset:4", "location": "0,0"},
+                               {**base, "method": "deconvnet", "style": "signed"}):  # fmt: skip
+                    r = c.get(path, params=params)
+                    assert r.status_code < 500, (name, path, params, r.text)
+                    statuses.add(r.status_code)
+            assert c.post("/api/inputs", content=b"\x89PNG\r\n").status_code < 500
+        assert 200 in statuses, name  # each app answers some requests
+
+
+def test_no_answer_is_a_500_for_odd_parameters(client):
+    base = {"input": "dataset:3", "layer": "features.4", "channel": "1", "location": "2,3",
+            "k": "1", "method": "gradient", "style": "rgb"}  # fmt: skip
+    uses = {"/api/top": "layer channel", "/api/input.png": "input",
+            "/api/activations": "input layer scale", "/api/activations.png": "input layer scale",
+            "/api/unit": "input layer channel location", "/api/rf": "layer location",
+            "/api/projection.png": "input layer channel location method style",
+            "/api/zf.png": "layer channel method style k"}  # fmt: skip
+    for path, keys in uses.items():
+        for key in keys.split():
+            for value in ODD_VALUES:
+                r = client.get(path, params={**base, key: value})
+                assert r.status_code < 500, (path, key, value, r.text)
+
+
+def test_projections_of_signals_are_strips_and_of_volumes_a_422(tmp_path):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv1d(2, 3, 5, padding=2), torch.nn.ReLU()).eval()
+    signals = torch.randn(6, 2, 32)
+    featurelens.scan(net, signals, ["1"], top_k=2, progress=False).save(tmp_path / "signal")
+    with page_client(create_app(tmp_path / "signal", model=net, data=signals)) as c:
+        params = {"input": "dataset:2", "layer": "1", "channel": 1, "location": "7",
+                  "method": "gradient", "style": "signed"}  # fmt: skip
+        shown = png(c.get("/api/projection.png", params=params))
+        x = signals[2:3].clone().requires_grad_(True)
+        net(x)[0, 1, 7].backward()  # plain autograd: the gradient of the unit
+        expected = np.round(render_projection(x.grad[0], "signed") * 255)[None]  # one row
+        assert shown.shape == (1, 32, 3)
+        np.testing.assert_array_equal(shown, expected.astype(np.uint8))
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3, padding=1), torch.nn.ReLU()).eval()
+    volumes = torch.randn(4, 1, 6, 7, 8)
+    featurelens.scan(net, volumes, ["1"], top_k=2, progress=False).save(tmp_path / "volume")
+    app = create_app(tmp_path / "volume", model=net, data=volumes)
+    with page_client(app) as c:
+        r = c.get("/api/projection.png", params={"input": "dataset:1", "layer": "1", "channel": 0})
+        assert r.status_code == 422
+        assert "1-D and 2-D inputs" in r.json()["error"] and "(1, 6, 7, 8)" in r.json()["error"]
+        assert app.state.explorer.cache.misses <= 1  # refused before projecting
+        assert c.get("/api/zf.png", params={"layer": "1", "channel": 0}).status_code == 200
+
+
+# --------------------------------------------------------------------------------------------
+# Memory: concurrent uploads of a small file with huge dimensions
+
+UPLOAD_SERVER = r"""
+import sys, torch, featurelens
+from featurelens.app import serve
+torch.manual_seed(0)
+net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval()
+data = torch.rand(8, 3, 64, 64)
+featurelens.scan(net, data, ["1"], top_k=2, progress=False).save(sys.argv[1])
+server = serve(sys.argv[1], port=0, model=net, data=data)
+print(server.port, flush=True)
+server.wait()
+"""
+
+
+def huge_jpeg(side: int = 4000) -> bytes:
+    """A ``side`` x ``side`` progressive JPEG of a few strokes: about 110 KB at 4000."""
+    from PIL import ImageDraw
+
+    image = Image.new("RGB", (side, side), (20, 30, 40))
+    draw = ImageDraw.Draw(image)
+    points = [(side // 5, side // 5), (4 * side // 5, side // 5), (2 * side // 5, 4 * side // 5)]
+    draw.line(points, fill=(250, 250, 250), width=side // 12)
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", progressive=True, quality=20)
+    return buf.getvalue()
+
+
+def _memory_mb(pid: int, key: str) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(key)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+def test_concurrent_huge_uploads_keep_memory_flat(tmp_path):
+    import httpx
+
+    body = huge_jpeg()
+    with Image.open(io.BytesIO(body)) as probe:
+        assert probe.size == (4000, 4000) and probe.info.get("progressive")
+    assert len(body) < 150_000
+    proc = subprocess.Popen([sys.executable, "-c", UPLOAD_SERVER, str(tmp_path / "atlas")],
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        port = int(proc.stdout.readline())
+        url = f"http://127.0.0.1:{port}/api/inputs"
+        headers = {"content-type": "image/jpeg", **PAGE_HEADERS}
+        n = 16
+        with httpx.Client(timeout=300, limits=httpx.Limits(max_connections=n)) as http:
+
+            def post(_: int) -> httpx.Response:
+                return http.post(url, content=body, headers=headers)
+
+            first = post(0)  # warm-up: imports and first allocations
+            assert first.status_code == 201 and first.json()["width"] == 4000
+            before = _memory_mb(proc.pid, "VmRSS")
+            Path(f"/proc/{proc.pid}/clear_refs").write_text("5")  # peak := now
+            with ThreadPoolExecutor(n) as pool:
+                answers = list(pool.map(post, range(n)))
+            peak = _memory_mb(proc.pid, "VmHWM")
+            after = _memory_mb(proc.pid, "VmRSS")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert [r.status_code for r in answers] == [201] * n
+    assert {r.json()["input"] for r in answers} == {first.json()["input"]}
+    print(f"RSS {before:.0f} MB, peak {peak:.0f} MB (+{peak - before:.0f}), after {after:.0f} MB")
+    # Decoded at full size and all at once, 8 such uploads took about 860 MB more (measured
+    # before the fix, bench/upload_memory.py); at reduced size, two at a time: ~40-130 MB.
+    assert peak - before < 200
+    assert after - before < 200

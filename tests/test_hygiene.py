@@ -66,7 +66,8 @@ def _explorer(model: nn.Module, x: torch.Tensor, requests: list[tuple[str, dict]
         warnings.simplefilter("ignore")
         from starlette.testclient import TestClient
 
-    with TestClient(create_app(_atlas(x), model=model, data=x)) as client:
+    app = create_app(_atlas(x), model=model, data=x)  # asked as the page asks (docs/explorer.md)
+    with TestClient(app, base_url="http://127.0.0.1", headers={"X-Featurelens": "1"}) as client:
         for path, params in requests:
             r = client.get(path, params={"input": "dataset:1", "layer": LAYER, **params})
             if r.status_code >= 400:

@@ -373,12 +373,27 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--host",
         default="127.0.0.1",
-        help="address to bind (default 127.0.0.1; the explorer has no authentication, so "
-        "anything else exposes the model and data to the network)",
+        help="address to bind (default 127.0.0.1: this machine only). Any other address "
+        "(0.0.0.0: every interface) requires an access token, printed in the URL",
     )
     p.add_argument("--port", type=_port, default=8000, help="port (default 8000; 0: any free one)")
     p.add_argument(
         "--device", type=_device, default=None, help="where the model runs (default cpu)"
+    )
+    p.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also answer requests for this host name or address (repeatable): a DNS alias or "
+        "a proxy's name. The machine's own names and addresses are always answered",
+    )
+    p.add_argument(
+        "--token",
+        action="store_true",
+        help="require an access token on 127.0.0.1 too (always required on other addresses). "
+        "The token is random, or the value of the environment variable FEATURELENS_TOKEN "
+        "(16+ characters of A-Z a-z 0-9 - _ . ~), and is printed in the URL",
     )
     p.set_defaults(func=_run_serve)
 
@@ -387,10 +402,18 @@ def _run_serve(args: argparse.Namespace) -> int:
     require_extra("serve", "the explorer")
     from featurelens.app import serve
 
+    # A token from the environment, not from an argument: arguments are visible in `ps`.
+    token = os.environ.get("FEATURELENS_TOKEN") or (True if args.token else None)
     server = None
     try:
-        server = serve(args.atlas, host=args.host, port=args.port, device=args.device)
+        server = serve(
+            args.atlas, host=args.host, port=args.port, device=args.device,
+            allow_hosts=args.allow_host, token=token,
+        )  # fmt: skip
         print(f"featurelens explorer: {server.url}", flush=True)
+        loopback = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(args.host)
+        if loopback is not None:  # every interface: this machine's loopback one too
+            print(f"  or: http://{loopback}:{server.port}/?token={server.token}", flush=True)
         print("press Ctrl-C to stop", file=sys.stderr, flush=True)
         server.wait()
     except KeyboardInterrupt:  # Ctrl-C is how a user stops the explorer: not an error

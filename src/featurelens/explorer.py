@@ -12,6 +12,11 @@ forward or backward pass (activations, sprites, projections, Zeiler-Fergus grids
 input and unit. :func:`featurelens.graph.capture` and the projection rules install hooks on the
 *shared* model, so every use of the model holds :attr:`Explorer.model_lock`: concurrent callers
 run one model call at a time, and the model never sees two sets of hooks.
+
+Uploads are decoded at most :data:`DECODE_SLOTS` at a time and at reduced size (JPEG's DCT
+scaling, an integer box reduction otherwise), so that many concurrent uploads of a small file
+with huge dimensions keep memory flat. The result cache charges what its entries really occupy
+(payloads, Python objects, tensor storages), so its budget is a real bound.
 """
 
 from __future__ import annotations
@@ -19,12 +24,14 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, NamedTuple, TypedDict
 
 import numpy as np
 import torch
@@ -53,10 +60,12 @@ from featurelens.unit import argmax_location, first_argmax
 
 __all__ = [
     "CACHE_BYTES",
+    "DECODE_SLOTS",
     "MAX_UPLOADS",
     "MAX_UPLOAD_BYTES",
     "MAX_UPLOAD_PIXELS",
     "SCALES",
+    "Decoded",
     "Explorer",
     "InputRef",
     "LRUCache",
@@ -69,6 +78,7 @@ MAX_UPLOAD_BYTES = 8 * 1024 * 1024
 MAX_UPLOAD_PIXELS = 4096 * 4096
 MAX_UPLOADS = 64
 CACHE_BYTES = 256 * 1024 * 1024
+DECODE_SLOTS = 2  # uploads decoded at once: decoding a huge JPEG briefly needs tens of MB
 SCALES = ("layer", "channel")  # activation sprites: one peak per layer, or one per channel
 
 
@@ -77,19 +87,31 @@ SCALES = ("layer", "channel")  # activation sprites: one peak per layer, or one 
 
 
 class LRUCache:
-    """Least-recently-used cache bounded by the total size of its values.
+    """Least-recently-used cache bounded by the memory its entries occupy.
+
+    Each entry is charged :meth:`size_of` its key and its value plus :data:`ENTRY_OVERHEAD`:
+    what the entry really costs in the process, Python objects and tensor storages included
+    (``tests/test_explorer.py`` compares the charge with the growth of the resident memory of
+    a process filling a cache).
 
     Parameters
     ----------
     max_bytes
-        Budget: the least recently used values are dropped while the sizes of the kept ones add
-        up to more. A value larger than the whole budget is returned but not kept.
+        Budget: the least recently used entries are dropped while the charges of the kept ones
+        add up to more. A value larger than the whole budget is returned but not kept.
 
     Attributes
     ----------
     hits, misses
         Lookups answered from the cache, and those that computed.
     """
+
+    #: Bytes a tensor costs beyond its storage: the Python object, TensorImpl, StorageImpl and
+    #: allocator bookkeeping (measured: about 400-480 bytes on CPython 3.11 / torch 2.x).
+    TENSOR_OVERHEAD = 480
+    #: Bytes an entry costs beyond its key and value: the ``(value, size)`` pair, the size
+    #: integer, the ordered dict's slot and link.
+    ENTRY_OVERHEAD = 120
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = int(max_bytes)
@@ -99,16 +121,32 @@ class LRUCache:
         self.hits = 0
         self.misses = 0
 
-    @staticmethod
-    def size_of(value: Any) -> int:
-        """Bytes charged for ``value``: tensor storage, ``bytes`` length, 256 for anything else."""
+    @property
+    def nbytes(self) -> int:
+        """Bytes charged for the entries kept now (at most ``max_bytes``)."""
+        return self._bytes
+
+    @classmethod
+    def size_of(cls, value: Any) -> int:
+        """Bytes ``value`` occupies: tensors (storage + object), bytes, strings, numbers, arrays
+        and tuples, lists, dicts and sets of them, recursively.
+
+        A tensor is charged its whole storage (a view keeps all of it alive). Objects of other
+        types are charged ``sys.getsizeof``, which does not see inside them: the explorer caches
+        only tensors and bytes.
+        """
         if isinstance(value, torch.Tensor):
-            return value.element_size() * value.nelement()
-        if isinstance(value, (bytes, bytearray)):
-            return len(value)
-        if isinstance(value, tuple):
-            return sum(LRUCache.size_of(v) for v in value) + 64
-        return 256
+            return value.untyped_storage().nbytes() + cls.TENSOR_OVERHEAD
+        if isinstance(value, np.ndarray):
+            base = value if value.base is None else value.base
+            owned = base.nbytes if isinstance(base, np.ndarray) else value.nbytes
+            return sys.getsizeof(value) + (0 if value.base is None else owned)
+        if isinstance(value, (tuple, list, set, frozenset)):
+            return sys.getsizeof(value) + sum(cls.size_of(v) for v in value)
+        if isinstance(value, dict):
+            items = value.items()
+            return sys.getsizeof(value) + sum(cls.size_of(k) + cls.size_of(v) for k, v in items)
+        return sys.getsizeof(value)
 
     def get_or_compute(self, key: Hashable, compute: Callable[[], Any]) -> Any:
         """The value cached under ``key``, or ``compute()``'s, kept if it fits the budget.
@@ -133,7 +171,7 @@ class LRUCache:
                 return self._items[key][0]
             self.misses += 1
         value = compute()
-        size = self.size_of(value)
+        size = self.size_of(key) + self.size_of(value) + self.ENTRY_OVERHEAD
         with self._lock:
             if key in self._items:
                 return self._items[key][0]
@@ -186,7 +224,7 @@ class RFBox(TypedDict):
     """
 
     location: list[int]
-    interval: list[list[int]]
+    interval: list[list[int]] | None  # None: an irregular field has no Distill interval
     region: list[list[int]]
     is_global: bool
 
@@ -234,10 +272,24 @@ def parse_int(text: str | None, what: str) -> int:
         raise UsageError(f"{what} {text!r} is not an integer") from None
 
 
-def decode_image(raw: bytes, max_pixels: int) -> Image.Image:
+class Decoded(NamedTuple):
+    """What :func:`decode_image` returns: the image, possibly reduced, and its full size."""
+
+    image: Image.Image  # at least min_side pixels on its shorter side, when the file had them
+    width: int  # of the file's full image, after the EXIF orientation
+    height: int
+
+
+def decode_image(raw: bytes, max_pixels: int, min_side: int | None = None) -> Decoded:
     """Open ``raw`` as a PNG or JPEG of at most ``max_pixels`` pixels, EXIF orientation applied.
 
     The size is read from the header before any pixel is decoded, and Pillow verifies the file.
+    With ``min_side``, the image is decoded at reduced size: a JPEG by the decoder's DCT scaling
+    (``Image.draft``: 1/2, 1/4 or 1/8 of each side), other formats by an integer box reduction
+    after decoding; either way its shorter side stays at least ``min_side`` pixels, so that a
+    resize to the model's input size that follows gives nearly the picture a full decode would.
+    A progressive JPEG still needs its full-size coefficients while it decodes (a few bytes per
+    pixel); :class:`Explorer` bounds how many decode at once.
 
     Parameters
     ----------
@@ -245,11 +297,13 @@ def decode_image(raw: bytes, max_pixels: int) -> Image.Image:
         The file's bytes.
     max_pixels
         Most width x height accepted.
+    min_side
+        Shorter side the decoded image keeps at least; None: full size.
 
     Returns
     -------
-    PIL.Image.Image
-        The decoded image, loaded.
+    Decoded
+        The decoded image (loaded) and the full image's width and height.
 
     Raises
     ------
@@ -270,12 +324,19 @@ def decode_image(raw: bytes, max_pixels: int) -> Image.Image:
                 )
             probe.verify()
         with Image.open(io.BytesIO(raw)) as image:
+            if min_side is not None and fmt == "JPEG":
+                image.draft(image.mode, (min_side, min_side))  # both sides >= min_side
             image.load()
-            return ImageOps.exif_transpose(image)
+            factor = 1 if min_side is None else min(image.size) // max(1, min_side)
+            reduced = image.reduce(factor) if factor > 1 else image
+            upright = ImageOps.exif_transpose(reduced)
     except (FormatError, LimitError):
         raise
     except Exception as exc:  # Pillow reports corrupt data with many exception types
         raise FormatError(f"upload is not a readable PNG or JPEG image ({exc})") from None
+    if upright.size != reduced.size and upright.size == reduced.size[::-1]:
+        width, height = height, width  # the orientation turned the picture a quarter
+    return Decoded(upright, width, height)
 
 
 def encode_png(image: Image.Image) -> bytes:
@@ -310,6 +371,9 @@ class Explorer:
         Budget of the result cache (activations, sprites, projections, grids).
     max_upload_bytes, max_upload_pixels, max_uploads
         Upload limits: bytes of one upload, width x height of one image, images kept.
+    decode_slots
+        Uploads decoded at once, on threads of their own (more wait their turn): bounds the
+        memory decoding takes.
     device
         Where the model runs; the model is moved there. Default: where it already is.
 
@@ -324,6 +388,15 @@ class Explorer:
         Layer -> why no request may use it (a channels-last layer of the model given).
     model_lock
         Held by every use of the model.
+    uploads_added
+        Uploads accepted so far (with ``cache.misses``, the computations started: what a test
+        counts to show that a refused request caused none).
+
+    Raises
+    ------
+    AtlasError
+        The atlas's hits do not fit its own layers (arrays of the wrong rank, locations outside
+        a layer's map) or index examples the data does not have.
     """
 
     def __init__(
@@ -336,6 +409,7 @@ class Explorer:
         max_upload_bytes: int = MAX_UPLOAD_BYTES,
         max_upload_pixels: int = MAX_UPLOAD_PIXELS,
         max_uploads: int = MAX_UPLOADS,
+        decode_slots: int = DECODE_SLOTS,
         device: str | torch.device | None = None,
     ) -> None:
         self.atlas = atlas
@@ -354,6 +428,13 @@ class Explorer:
         self.max_upload_bytes = int(max_upload_bytes)
         self.max_upload_pixels = int(max_upload_pixels)
         self.max_uploads = int(max_uploads)
+        if int(decode_slots) < 1:
+            raise UsageError(f"decode_slots must be at least 1, got {decode_slots!r}")
+        # Decoding runs on its own few threads: at most decode_slots images at once, and the
+        # memory a decode frees stays with these threads for the next one (spread over the
+        # web server's many threads, each would keep its own).
+        self._decoder = ThreadPoolExecutor(int(decode_slots), "featurelens-decode")
+        self.uploads_added = 0
         self.model_lock = threading.RLock()
         self.cache = LRUCache(cache_bytes)
         self._uploads: OrderedDict[str, torch.Tensor] = OrderedDict()
@@ -361,6 +442,7 @@ class Explorer:
         self.fields: dict[str, ReceptiveField | None] = {}
         self.field_errors: dict[str, str] = {}
         self.refused: dict[str, str] = {}
+        _check_hits(atlas, len(self.data))
         for layer in self.layers:
             try:
                 field, error = layer_field(self.model, self.input_shape, layer)
@@ -577,15 +659,41 @@ class Explorer:
             )
         if not raw:
             raise UsageError("empty upload: send a PNG or JPEG image")
-        image = decode_image(raw, self.max_upload_pixels)
-        x = self.preprocess(image, invert)
+        self._check_image_model()
+        x, width, height = self._decoder.submit(self._decode, raw, invert).result()
         key = hashlib.sha256(x.numpy().tobytes()).hexdigest()[:16]
         with self._uploads_lock:
             self._uploads[key] = x
             self._uploads.move_to_end(key)
             while len(self._uploads) > self.max_uploads:
                 self._uploads.popitem(last=False)
-        return {"input": f"upload:{key}", "width": image.width, "height": image.height}
+            self.uploads_added += 1
+        return {"input": f"upload:{key}", "width": width, "height": height}
+
+    def _decode(self, raw: bytes, invert: bool) -> tuple[torch.Tensor, int, int]:
+        """Decode at reduced size and preprocess: the input tensor and the full image's size."""
+        decoded = decode_image(raw, self.max_upload_pixels, self._decode_side())
+        return self.preprocess(decoded.image, invert), decoded.width, decoded.height
+
+    def _check_image_model(self) -> None:
+        """AtlasError unless the model takes 2-D images of 1 or 3 channels (before decoding)."""
+        channels, *spatial = self.input_shape
+        if len(spatial) != 2:
+            raise AtlasError(f"uploads need a 2-D image model; this one takes {self.input_shape}")
+        if channels not in (1, 3):
+            raise AtlasError(f"uploads need a 1- or 3-channel model, this one has {channels}")
+
+    def _decode_side(self) -> int:
+        """Shorter side an upload is decoded at, at least: twice what :meth:`preprocess` keeps.
+
+        An image folder's data is resized on its shorter side to ``input_size`` and then
+        centre-cropped; other data straight to the input size. Decoding at twice that, the
+        resize still averages over the pixels as it would from the full-size image.
+        """
+        _, height, width = self.input_shape
+        spec = self.atlas.data_spec
+        size = spec.input_size if spec is not None and spec.kind == "folder" else 0
+        return 2 * max(height, width, size or 0)
 
     def preprocess(self, image: Image.Image, invert: bool = False) -> torch.Tensor:
         """Resize and normalise ``image`` like the atlas's data: (C, H, W) in the model's dtype.
@@ -597,11 +705,8 @@ class Explorer:
         """
         from torchvision.transforms import functional as F
 
+        self._check_image_model()
         channels, *spatial = self.input_shape
-        if len(spatial) != 2:
-            raise AtlasError(f"uploads need a 2-D image model; this one takes {self.input_shape}")
-        if channels not in (1, 3):
-            raise AtlasError(f"uploads need a 1- or 3-channel model, this one has {channels}")
         image = image.convert("L" if channels == 1 else "RGB")
         if invert:
             image = ImageOps.invert(image)
@@ -780,20 +885,35 @@ class Explorer:
         method, style
             Names in ``METHODS`` and ``STYLES``; None: the first of each.
 
+        Returns
+        -------
+        bytes
+            A PNG of the input's size; a signal's projection is one row of pixels.
+
         Raises
         ------
         ActivationError
             A rectifier without a rule for ``method``.
+        AtlasError
+            A model of 3-D inputs (the picture would be a volume).
         """
         channel = self.check_channel(self.check_layer(layer), channel)
         method, style = self.check_method(method), self.check_style(style)
+        if len(self.input_shape) > 3:
+            raise AtlasError(
+                f"projection images are drawn for 1-D and 2-D inputs; this model's inputs are "
+                f"{self.input_shape} (3 spatial axes): call featurelens.project(...) from Python, "
+                "or see the Zeiler-Fergus grid (/api/zf.png), which draws volumes slice by slice"
+            )
         loc = self.location(ref, layer, channel, location)
 
         def compute() -> bytes:
             x = self.input_tensor(ref).to(self.device)[None]
             with self._using_model():
                 maps = project(self.model, x, layer, channel, location=loc, method=method)
-            rgb = render_projection(maps[0].detach().cpu(), style)  # (H, W, 3) in [0, 1]
+            rgb = render_projection(maps[0].detach().cpu(), style)  # (*spatial, 3) in [0, 1]
+            if rgb.ndim == 2:  # a signal: one row of pixels, as /api/input.png draws it
+                rgb = rgb[None]
             return encode_png(Image.fromarray(np.round(rgb * 255).astype(np.uint8), "RGB"))
 
         key = ("proj", str(ref), layer, channel, loc, method, style)
@@ -811,12 +931,20 @@ class Explorer:
 
         ``method``/``style`` None: the first of each registry; ``k`` None: every hit of the
         atlas.
+
+        Raises
+        ------
+        DataError
+            One of the hits' examples fails to load or is not of the atlas's input shape (the
+            data changed since the scan).
         """
         channel = self.check_channel(self.check_layer(layer), channel)
         method, style = self.check_method(method), self.check_style(style)
         k = self.check_k(layer, channel, k)
 
         def compute() -> bytes:
+            for hit in self.atlas.top(layer, channel)[:k]:  # DataError for a broken example
+                self.input_tensor(InputRef("dataset", hit.index))
             with self._using_model():
                 image = zf_grid(
                     self.model, self.data, self.atlas, layer, channel, method=method, k=k,
@@ -835,14 +963,19 @@ class Explorer:
         ]
 
     def info(self) -> dict[str, Any]:
-        """What the page needs to start: specs, sizes, layers with their fields, menus, limits."""
+        """What the page needs to start: specs, sizes, layers with their fields, menus, limits.
+
+        Model and data specs are shown with the file names they mention, never their
+        absolute paths (``/home/me/nets/model.py:build`` is shown as ``model.py:build``): the
+        page is for looking at features, not for learning where files are.
+        """
         layers = []
         for layer in self.layers:
             field = self.fields[layer]
             layers.append({
                 "name": layer,
                 "channels": int(self.atlas.channels(layer)),
-                "rf": None if field is None else {
+                "rf": None if field is None or not field.regular else {
                     "size": list(field.size), "stride": list(field.stride),
                     "padding": list(field.padding), "output_shape": list(field.output_shape),
                     "is_global": field.is_global,
@@ -851,8 +984,8 @@ class Explorer:
             })  # fmt: skip
         spec = self.atlas.data_spec
         return {
-            "model": _describe(getattr(self.atlas, "model_spec", None)),
-            "data": _describe(spec),
+            "model": _public_spec(getattr(self.atlas, "model_spec", None)),
+            "data": _public_spec(spec),
             "data_size": len(self.data),
             "input_shape": list(self.input_shape),
             "top_k": int(getattr(self.atlas, "top_k", 9)),
@@ -867,12 +1000,74 @@ class Explorer:
         }
 
 
-def _describe(spec: Any) -> Any:
+def _public_spec(spec: Any) -> Any:
+    """A spec's fields as JSON values, every absolute path in them cut to its file name."""
     if spec is None:
         return None
-    if hasattr(spec, "to_dict"):
-        return spec.to_dict()
-    return str(spec)
+    fields = spec.to_dict() if hasattr(spec, "to_dict") else {"spec": str(spec)}
+    return {k: public_name(v) if isinstance(v, str) else v for k, v in fields.items()}
+
+
+def public_name(text: str) -> str:
+    """``text`` (a spec, a file or folder) with an absolute path cut to its last component.
+
+    ``/home/me/nets/model.py:build`` -> ``model.py:build``, ``/data/photos`` -> ``photos``,
+    ``C:\\nets\\m.py:f`` -> ``m.py:f``; names that are not absolute paths
+    (``torchvision:resnet18``, ``mnist``, ``pkg.module:factory``, ``../model/net.pt``) are
+    returned as they are.
+    """
+    where, sep, name = text.rpartition(":")
+    if not sep or not name.isidentifier() or len(where) < 2:
+        where, sep, name = text, "", ""  # no ':factory' part (a drive letter is not one)
+    windows = len(where) > 2 and where[1] == ":" and where[2] in "/\\"
+    if not (where.startswith(("/", "\\")) or windows):
+        return text
+    base = where.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1] or "/"
+    return base + sep + name
+
+
+def _check_hits(atlas: Any, data_size: int) -> None:
+    """AtlasError unless every layer's hits fit the layer and index examples of the data.
+
+    What the explorer reads of an atlas (:meth:`featurelens.Atlas.top`) must hold together:
+    (C, K) indices and scores, (C, K, D) locations inside the layer's (D-dimensional) map, and
+    indices in ``0..data_size - 1`` (or -1 for an empty slot). Checked once, when the explorer
+    starts, so that no request can fail on it later.
+    """
+    for layer in atlas.layers:
+        top = atlas.layer(layer)
+        indices, scores = np.asarray(top.indices), np.asarray(top.scores)
+        locations, shape = np.asarray(top.locations), tuple(top.output_shape)
+        where = f"atlas layer {layer!r}"
+        if indices.ndim != 2 or scores.shape != indices.shape:
+            raise AtlasError(
+                f"{where}: hit indices must be (channels, k) with scores of the same shape, got "
+                f"indices {indices.shape} and scores {scores.shape}"
+            )
+        if locations.shape != (*indices.shape, len(shape)):
+            raise AtlasError(
+                f"{where}: hit locations must be {(*indices.shape, len(shape))} for a map of "
+                f"spatial shape {shape}, got {locations.shape}"
+            )
+        integers = [np.issubdtype(a.dtype, np.integer) for a in (indices, locations)]
+        if not all(integers):
+            raise AtlasError(f"{where}: hit indices and locations must be integers")
+        used = indices >= 0
+        bad = (indices < -1) | (indices >= data_size)
+        if bad.any():
+            channel, k = (int(v) for v in np.argwhere(bad)[0])
+            raise AtlasError(
+                f"{where}: hit {k} of channel {channel} is example {int(indices[channel, k])}, "
+                f"but the data has examples 0..{data_size - 1}: is this the atlas of this data?"
+            )
+        outside = used[..., None] & ((locations < 0) | (locations >= np.asarray(shape, int)))
+        if outside.any():
+            channel, k, _ = (int(v) for v in np.argwhere(outside)[0])
+            raise AtlasError(
+                f"{where}: hit {k} of channel {channel} is at "
+                f"{tuple(int(v) for v in locations[channel, k])}, outside the layer's map "
+                f"{shape}"
+            )
 
 
 def _check_location(location: Sequence[int], shape: Sequence[int], layer: str) -> tuple[int, ...]:
@@ -896,13 +1091,13 @@ def _box(field: ReceptiveField, location: tuple[int, ...]) -> RFBox:
     """The field of ``location`` (in the layer's own rank, as the field takes it)."""
     rf_loc = location
     try:
-        interval = field.interval(rf_loc)
+        interval = field.interval(rf_loc) if field.regular else None
         region = field.region(rf_loc)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     return {
         "location": list(rf_loc),
-        "interval": [list(v) for v in interval],
+        "interval": None if interval is None else [list(v) for v in interval],
         "region": [[s.start, s.stop - 1] for s in region],
         "is_global": field.is_global,
     }

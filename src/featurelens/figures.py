@@ -137,9 +137,37 @@ def project_hits(
 ) -> HitBatch:
     """Project every ``(channel, hit)`` unit of ``layer`` on its example, in one call.
 
-    The unit of a hit is ``(layer, channel, hit.location)`` on example ``hit.index``. With
-    ``rf`` None (no computable receptive field) every box is the whole input. Examples are
-    cast to the model's parameter dtype (:func:`model_dtype`).
+    The unit of a hit is ``(layer, channel, hit.location)`` on example ``hit.index``. ``rf``
+    is the layer's receptive field for the examples' shape (:func:`layer_field`): it gives the
+    boxes and the projections' crops (passed to :func:`featurelens.project` as ``field``).
+    With ``rf`` None (no computable receptive field) every box is the whole input. Examples
+    are cast to the model's parameter dtype (:func:`model_dtype`).
+
+    Parameters
+    ----------
+    model, data
+        The scanned model and dataset (a tensor ``(N, C, *spatial)`` or indexable examples).
+    layer
+        Dotted layer name.
+    units
+        ``(channel, hit)`` per unit.
+    rf
+        The layer's receptive field for the examples' shape, or None.
+    method
+        A key of :data:`featurelens.rules.METHODS`.
+    device
+        Where the projections run (default: the model's device).
+
+    Returns
+    -------
+    HitBatch
+        Examples, projections and boxes, one row per unit, on the CPU.
+
+    Raises
+    ------
+    ValueError
+        ``rf`` computed for inputs of another spatial shape than the examples', or whose
+        output grid is not the layer's; the errors of :func:`featurelens.project`.
     """
     from featurelens.projection import project
 
@@ -152,8 +180,8 @@ def project_hits(
     else:
         locations = torch.tensor([list(hit.location) for _, hit in units], dtype=torch.long)
     projections = project(
-        model, examples, layer, channels, locations, method=method, device=device
-    ).detach()
+        model, examples, layer, channels, locations, method=method, device=device, field=rf
+    ).detach()  # the field the boxes use: project() does not trace the model again
     projections = projections.to("cpu")
     if rf is None:
         boxes = (whole_input_box(examples.shape[2:]),) * len(units)
@@ -188,7 +216,10 @@ def zf_title(layer: str, channel: int, method: str, style: str, rf: ReceptiveFie
     if rf is None:
         field = "receptive field not computable: whole input shown"
     else:
-        field = "receptive field " + "x".join(map(str, rf.input_shape if rf.is_global else rf.size))
+        size = rf.input_shape if rf.is_global or not rf.regular else rf.size
+        field = (
+            "receptive field " + "x".join(map(str, size)) + ("" if rf.regular else " (irregular)")
+        )
     return f"{layer} · channel {channel} · {method} · {style} · {field}"
 
 

@@ -20,6 +20,15 @@ pass from that one value to ``x``, with the rectifier rule of the chosen method
   through one forward and one backward of the *sum* of the selected units: rows are
   independent in eval mode, so each row's gradient is its own unit's.
 
+How a call runs: the public functions check their arguments and turn them into one
+:class:`_Context` (what the whole call shares: model, inputs, rule, device, crop, chunking,
+receptive fields given by the caller) and one :class:`_Target` per unit (its example, its row
+of the result, channel, location, label, and later its crop window). Each layer then gets one
+:func:`~featurelens.graph.capture`, under which a probe forward (one example) measures the
+layer (:class:`_Layer`: channels, output grid, crop plan), arg-max forwards fill in missing
+locations, and batched passes project the targets. Reasons to compute on the whole input are
+collected and warned once, from the public call, as :class:`CropWarning`.
+
 The model is used in eval mode with frozen parameters and comes back exactly as it was given,
 also after an error (:func:`featurelens.graph.preserved`).
 """
@@ -29,9 +38,9 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -39,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from featurelens.errors import CropWarning
+from featurelens.errors import CropWarning, FeaturelensError, UsageError
 from featurelens.graph import capture, model_device, preserved, resolve_layers
 from featurelens.receptive_field import ReceptiveField, try_receptive_field
 from featurelens.rules import Rule, check_other_activations, get_rule, rule_mode
@@ -67,6 +76,7 @@ def project(
     chunk_size: int | None = None,
     device: torch.device | str | None = None,
     other_activations: str = "error",
+    field: ReceptiveField | None = None,
 ) -> torch.Tensor:
     """Project one unit per example back to the input.
 
@@ -111,6 +121,13 @@ def project(
         Under ``deconvnet``/``guided``, what a non-rectifier activation (GELU, SiLU, sigmoid,
         LeakyReLU, ReLU6, ...) does: ``"error"`` (default, :class:`ActivationError` naming the
         activation and the module running it) or ``"gradient"`` (plain gradient through it).
+    field
+        The receptive field of ``layer`` for inputs of this spatial shape, as
+        :func:`featurelens.receptive_field` ``(model, inputs.shape[1:], layer)`` returns it,
+        when the caller has it already (figures and the explorer do): the call then does not
+        trace the model for it. Default None: computed here when ``crop`` is on. It is
+        checked against the inputs' spatial shape and the layer's output grid; that it
+        belongs to ``layer`` is the caller's word.
 
     Returns
     -------
@@ -125,15 +142,23 @@ def project(
     ValueError
         Unknown method; channel or location out of range or of the wrong rank; inputs whose
         shape the model rejects; a channels-last layer (``(N, *spatial, C)``, found when the
-        crop's receptive field is computed). The message names the bad value and the valid
-        range.
+        crop's receptive field is computed); a ``field`` computed for inputs of another
+        spatial shape, or whose output grid is not the layer's. The message names the bad
+        value and the valid range.
     TypeError
-        A channel, location or row that is not an integer (``1.7``, ``True``), naming it.
+        A channel, location or row that is not an integer (``1.7``, ``True``), naming it; a
+        ``field`` that is not a :class:`~featurelens.ReceptiveField`.
     ActivationError
         An activation without a rule for ``method`` (see ``other_activations``).
     RuntimeError
         Errors that are not about the input's shape (``torch.OutOfMemoryError``, a dtype or
         device mismatch between inputs and model) propagate unchanged, never retried.
+
+    Warns
+    -----
+    CropWarning
+        Once per reason the call computed some units on the whole input (see ``crop``),
+        attributed to the line that called :func:`project`.
 
     Examples
     --------
@@ -145,8 +170,31 @@ def project(
     n = x.shape[0]
     channels = _per_example_channel(channel, n)
     locations = _per_example_location(location, n)
-    jobs = [_Job(i, layer, channels[i], locations[i], f"example {i}") for i in range(n)]
-    return _project(model, x, jobs, method, crop, chunk_size, device, other_activations)
+    targets = [
+        _Target(
+            out_row=i,
+            row=i,
+            layer=layer,
+            channel=channels[i],
+            location=locations[i],
+            label=f"example {i}",
+        )
+        for i in range(n)
+    ]
+    context = _Context.create(
+        model,
+        x,
+        method,
+        crop=crop,
+        chunk_size=chunk_size,
+        device=device,
+        other_activations=other_activations,
+        fields=None if field is None else {layer: field},
+    )
+    maps, fallbacks = _project(context, targets)
+    for message in fallbacks:
+        warnings.warn(message, CropWarning, stacklevel=2)  # the caller's line
+    return maps
 
 
 def project_units(
@@ -160,6 +208,7 @@ def project_units(
     chunk_size: int | None = None,
     device: torch.device | str | None = None,
     other_activations: str = "error",
+    fields: Mapping[str, ReceptiveField] | None = None,
 ) -> torch.Tensor:
     """Project many units, of any layers, channels and examples, in few batched passes.
 
@@ -167,22 +216,43 @@ def project_units(
 
     Parameters
     ----------
+    model
+        As in :func:`project`.
     inputs
         ``(N, C, *spatial)``.
     units
         M :class:`featurelens.Unit` values; ``location=None`` means the arg-max of that
         channel on that unit's example (one truncated forward per example and layer, shared
         by all its units).
+    method
+        As in :func:`project`.
     rows
         The example of ``inputs`` each unit belongs to, ``(M,)`` integers. Default: unit ``i``
         belongs to example ``i`` (then M must equal N).
-    method, crop, chunk_size, device, other_activations
+    crop, chunk_size, device, other_activations
         As in :func:`project`.
+    fields
+        Receptive fields the caller has already, by layer name: each as
+        :func:`featurelens.receptive_field` ``(model, inputs.shape[1:], layer)`` returns it
+        (``featurelens.receptive_fields(model, inputs.shape[1:])`` fits as it is: layers
+        without units are ignored). Layers not in it get theirs computed when ``crop`` is on.
+        Checked as ``field`` is in :func:`project`.
 
     Returns
     -------
     torch.Tensor
         ``(M, C, *spatial)``: one map per unit, on ``inputs.device``.
+
+    Raises
+    ------
+    LayerError, ValueError, TypeError, ActivationError, RuntimeError
+        As in :func:`project`; also a unit that is not a :class:`featurelens.Unit`, and
+        ``rows`` of the wrong length or out of range.
+
+    Warns
+    -----
+    CropWarning
+        As in :func:`project`, attributed to the line that called :func:`project_units`.
 
     Examples
     --------
@@ -212,24 +282,186 @@ def project_units(
         for i, r in enumerate(row_list):
             if not 0 <= r < n:
                 raise ValueError(f"rows[{i}] = {r} is out of range: valid 0..{n - 1}")
-    jobs = [
-        _Job(r, u.layer, u.channel, u.location, f"units[{i}] (example {r})")
+    targets = [
+        _Target(
+            out_row=i,
+            row=r,
+            layer=u.layer,
+            channel=u.channel,
+            location=u.location,
+            label=f"units[{i}] (example {r})",
+        )
         for i, (u, r) in enumerate(zip(units, row_list))
     ]
-    return _project(model, x, jobs, method, crop, chunk_size, device, other_activations)
+    context = _Context.create(
+        model,
+        x,
+        method,
+        crop=crop,
+        chunk_size=chunk_size,
+        device=device,
+        other_activations=other_activations,
+        fields=fields,
+    )
+    maps, fallbacks = _project(context, targets)
+    for message in fallbacks:
+        warnings.warn(message, CropWarning, stacklevel=2)  # the caller's line
+    return maps
 
 
 # --------------------------------------------------------------------------------------------
-# Argument checks
+# The call's context and its targets
 
 
 @dataclass(frozen=True)
-class _Job:
+class _Context:
+    """What every layer and every pass of one projection call shares.
+
+    Built (and checked) once per public call by :meth:`create`; functions below take it as
+    their first argument instead of a positional chain of its parts.
+
+    Attributes
+    ----------
+    model
+        The caller's model; in eval mode with frozen parameters while the call runs.
+    inputs
+        ``(N, C, *spatial)``, detached; never an inference tensor while the call runs.
+    rule
+        The rectifier rule of the method.
+    device
+        Where forwards and backwards run.
+    crop
+        Whether units are computed on receptive-field crops.
+    chunk_size
+        Units per pass; None: from :data:`AUTO_CHUNK_VALUES`.
+    other_activations
+        As in :func:`project`.
+    fields
+        Receptive fields given by the caller, by layer, checked against ``inputs``.
+    """
+
+    model: nn.Module
+    inputs: torch.Tensor
+    rule: Rule
+    device: torch.device
+    crop: bool
+    chunk_size: int | None
+    other_activations: str
+    fields: Mapping[str, ReceptiveField]
+
+    @classmethod
+    def create(
+        cls,
+        model: nn.Module,
+        inputs: torch.Tensor,
+        method: str | Rule,
+        *,
+        crop: bool,
+        chunk_size: int | None,
+        device: torch.device | str | None,
+        other_activations: str,
+        fields: Mapping[str, ReceptiveField] | None,
+    ) -> _Context:
+        """Check the call's options and bundle them; ``inputs`` checked by the caller."""
+        rule = get_rule(method)
+        check_other_activations(other_activations)
+        if chunk_size is not None and (
+            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+        ):
+            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        where = torch.device(device) if device is not None else model_device(model, inputs.device)
+        given = _check_fields(fields, tuple(inputs.shape[1:]))
+        return cls(model, inputs, rule, where, bool(crop), chunk_size, other_activations, given)
+
+    @property
+    def spatial(self) -> tuple[int, ...]:
+        """The inputs' spatial shape."""
+        return tuple(self.inputs.shape[2:])
+
+
+def _check_fields(
+    fields: Mapping[str, ReceptiveField] | None, input_shape: tuple[int, ...]
+) -> dict[str, ReceptiveField]:
+    """Receptive fields given by the caller; refused when not for inputs ``(C, *spatial)``."""
+    if fields is None:
+        return {}
+    if not isinstance(fields, Mapping):
+        raise TypeError(
+            f"fields must map layer names to ReceptiveField values, got {type(fields).__name__}"
+        )
+    spatial = tuple(input_shape[1:])
+    for layer, rf in fields.items():
+        if not isinstance(rf, ReceptiveField):
+            raise TypeError(
+                f"the receptive field given for layer {layer!r} is a {type(rf).__name__}, not "
+                "a featurelens.ReceptiveField"
+            )
+        if tuple(rf.input_shape) != spatial:
+            raise UsageError(
+                f"the receptive field given for layer {layer!r} was computed for inputs of "
+                f"spatial shape {tuple(rf.input_shape)}, but these inputs are {spatial}: pass "
+                f"receptive_field(model, {input_shape}, {layer!r}), or none"
+            )
+    return dict(fields)
+
+
+@dataclass(frozen=True)
+class _Target:
+    """One unit to project, and where its map goes.
+
+    Attributes
+    ----------
+    out_row
+        Its row of the result.
+    row
+        Its example: a row of the inputs.
+    layer, channel
+        The unit's layer and channel.
+    location
+        Its location on the layer's output grid; None until the call finds the arg-max.
+    label
+        How messages name it: ``"example 3"``, ``"units[5] (example 2)"``.
+    window
+        The input crop it is computed on; None until its layer's crops are planned.
+    """
+
+    out_row: int
     row: int
     layer: str
     channel: int
     location: tuple[int, ...] | None
     label: str
+    window: _Window | None = None
+
+    @property
+    def placed(self) -> tuple[tuple[int, ...], _Window]:
+        """``(location, window)``, once both are known."""
+        if self.location is None or self.window is None:
+            raise AssertionError(f"{self.label} has no location or window yet")
+        return self.location, self.window
+
+
+class _Window(NamedTuple):
+    """Where a crop lies in the input: ``start`` and ``size`` per spatial axis."""
+
+    start: tuple[int, ...]
+    size: tuple[int, ...]
+
+    @classmethod
+    def whole(cls, spatial: tuple[int, ...]) -> _Window:
+        """The whole input of spatial shape ``spatial``."""
+        return cls((0,) * len(spatial), tuple(spatial))
+
+    @property
+    def slices(self) -> tuple[slice, ...]:
+        """Spatial slices of the input."""
+        return _slices(self.start, self.size)
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks
 
 
 def _check_inputs(inputs: Any) -> torch.Tensor:
@@ -414,6 +646,7 @@ class _CropHazards(TorchFunctionMode):
     * Adaptive pooling to a fixed size larger than 1: on a smaller crop it would still output
       that size, with other windows. (Size 1 is global pooling, None keeps the size: both crop
       exactly, and the receptive field then spans the whole axis.)
+    * Interpolation: its grid follows the input's size (``size=``, ``align_corners``).
 
     Normalisations over positions (GroupNorm, InstanceNorm, LayerNorm over spatial dims) come
     from the receptive-field trace (:attr:`ReceptiveField.statistics`), which knows which dims
@@ -424,6 +657,7 @@ class _CropHazards(TorchFunctionMode):
         super().__init__()
         self.batch_statistics = False
         self.pools: list[str] = []
+        self.resampled = False
 
     def reasons(self, rf: ReceptiveField) -> list[str]:
         out = []
@@ -431,6 +665,8 @@ class _CropHazards(TorchFunctionMode):
             out.append(
                 f"the network normalises over positions before it ({', '.join(rf.statistics)})"
             )
+        if self.resampled:
+            out.append("the network resamples before it (F.interpolate), on a grid a crop changes")
         if self.pools:
             out.append(
                 "the network pools to a fixed size before it, which a crop would change "
@@ -443,6 +679,8 @@ class _CropHazards(TorchFunctionMode):
         if func is F.batch_norm:
             if args[5] if len(args) > 5 else kwargs.get("training", False):
                 self.batch_statistics = True
+        elif func is F.interpolate:
+            self.resampled = True
         elif func in _ADAPTIVE_POOLS:
             size = args[1] if len(args) > 1 else kwargs.get("output_size")
             sizes = tuple(size) if isinstance(size, (list, tuple)) else (size,)
@@ -453,83 +691,184 @@ class _CropHazards(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _field(model: nn.Module, x: torch.Tensor, layer: str) -> tuple[ReceptiveField | None, str]:
-    """The layer's receptive field, or None and why it cannot be computed."""
-    rf, why = try_receptive_field(model, tuple(x.shape[1:]), layer)
+def _fallback(layer: str, why: str) -> str:
+    """The text of a :class:`CropWarning`: ``layer`` was (partly) computed on the whole input."""
+    return (
+        f"projection of layer {layer!r} computed on the whole input (exact, slower): {why}. "
+        "Pass crop=False to silence this warning."
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# One layer, as the probe forward measures it
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """What projecting units of one layer needs to know of it.
+
+    From the probe forward (one example through the truncated model) and the layer's receptive
+    field. All but ``chunk_size`` depends only on the model's structure, the inputs' shape and
+    the layer (and ``crop``): the value a cache across calls would keep.
+
+    Attributes
+    ----------
+    name
+        Dotted layer name.
+    channels
+        Channels of its output (dim 1).
+    spatial
+        Spatial shape of its output, ``()`` for ``(N, K)``.
+    crops
+        Where each unit's crop lies (:meth:`_Crop.full` when units are not cropped).
+    chunk_size
+        Units per pass: the call's, or 1 when the network uses batch statistics.
+    fallback
+        Why the layer is computed on the whole input although crops were asked for; ``""``
+        when they are used or were not asked for.
+    """
+
+    name: str
+    channels: int
+    spatial: tuple[int, ...]
+    crops: _Crop
+    chunk_size: int | None
+    fallback: str = ""
+
+
+def _field(context: _Context, layer: str) -> tuple[ReceptiveField | None, str]:
+    """The layer's receptive field (the caller's, else computed), or None and why not."""
+    if layer in context.fields:
+        return context.fields[layer], ""
+    rf, why = try_receptive_field(context.model, tuple(context.inputs.shape[1:]), layer)
     return rf, "" if rf is not None else f"its receptive field cannot be computed ({why})"
 
 
-def _plan_crop(
-    layer: str,
-    input_shape: tuple[int, ...],
-    rf: ReceptiveField | None,
-    why: str,
-    out_spatial: tuple[int, ...],
+def _analyse(
+    context: _Context,
+    name: str,
+    field: tuple[ReceptiveField | None, str],
+    probe: torch.Tensor,
     hazards: _CropHazards,
-) -> _Crop:
-    full = _Crop.full(input_shape)
-    if rf is not None:
+) -> _Layer:
+    """The layer as measured by ``probe`` (its output for one example) and its ``field``."""
+    shape = tuple(probe.shape[1:])
+    if len(shape) < 1:
+        raise ValueError(f"layer {name!r} outputs shape {tuple(probe.shape)}: no channel axis")
+    channels, spatial = shape[0], shape[1:]
+    chunk_size = 1 if hazards.batch_statistics else context.chunk_size  # rows would mix
+    whole = _Crop.full(context.spatial)
+    if not context.crop or len(spatial) != len(context.spatial):
+        return _Layer(name, channels, spatial, whole, chunk_size)
+    rf, why = field
+    if rf is not None:  # an untraceable model keeps reading channels at dim 1, unchecked
+        rf.check_channels_first(name)
+        if tuple(rf.output_shape) != spatial and name in context.fields:
+            raise UsageError(
+                f"the receptive field given for layer {name!r} has the output grid "
+                f"{tuple(rf.output_shape)}, but the layer outputs {spatial} on these inputs: "
+                f"is it another layer's? Pass receptive_field(model, "
+                f"{tuple(context.inputs.shape[1:])}, {name!r}), or none"
+            )
         if rf.is_global:
-            return full
+            return _Layer(name, channels, spatial, whole, chunk_size)
         why = "; ".join(hazards.reasons(rf))
-        if not why and tuple(rf.output_shape) != out_spatial:
+        if not rf.regular or rf.wraps:  # crops need one (size, stride, padding), unwrapped
+            why = "its receptive field is irregular or wraps around the input (upsampling, "
+            why += "circular padding): no crop is known to reproduce its units"
+        if not why and tuple(rf.output_shape) != spatial:
             why = (
-                f"its output's spatial shape {out_spatial} does not match the receptive-field "
+                f"its output's spatial shape {spatial} does not match the receptive-field "
                 f"grid {rf.output_shape}"
             )
-    if why:
-        _crop_warning(layer, why, stacklevel=6)
-        return full
-    return _Crop.for_field(rf)
+    if rf is None or why:  # without a field, why says why
+        return _Layer(name, channels, spatial, whole, chunk_size, fallback=why)
+    return _Layer(name, channels, spatial, _Crop.for_field(rf), chunk_size)
 
 
-def _crop_warning(layer: str, why: str, stacklevel: int) -> None:
-    # stacklevel: the caller of project()/project_units()
-    warnings.warn(
-        f"projection of layer {layer!r} computed on the whole input (exact, slower): {why}. "
-        "Pass crop=False to silence this warning.",
-        CropWarning,
-        stacklevel=stacklevel,
+def _check_target(target: _Target, layer: _Layer) -> None:
+    if not 0 <= target.channel < layer.channels:
+        raise ValueError(
+            f"channel {target.channel} of {target.label} is out of range: layer "
+            f"{layer.name!r} has {layer.channels} channels, valid 0..{layer.channels - 1}"
+        )
+    if target.location is not None:
+        check_location(
+            target.location, layer.spatial, f" of {target.label}", f"layer {layer.name!r} outputs"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Which errors mean "this shape is rejected"
+#
+# PyTorch types some errors, never the one we need most: a shape mismatch is a plain
+# RuntimeError, like a dtype or device mismatch. So the types below pass through unchanged
+# (an out-of-memory error retried on the whole input would only get worse), and for the rest
+# the call's own forwards decide:
+#
+# * The probe is the call's first forward of the caller's inputs (one example, full size).
+#   When it raises while nothing but the shape can be at fault -- the inputs have the dtype of
+#   every floating parameter and buffer and go where all of them live -- the model rejects
+#   the inputs' shape. Otherwise the error is the caller's to see as it is. (One blind spot:
+#   PyTorch's CPU allocator reports running out of memory as a plain RuntimeError; on the
+#   probe it reads as a rejected shape, with the allocator's message quoted and chained.)
+# * Every later forward runs on inputs the probe accepted, so only a crop can be rejected: a
+#   pass of crops that raises is retried on one crop alone, which is smaller than the probe
+#   and differs from it in its spatial size only. When that crop is refused too, the model
+#   rejects crops of that size and the layer falls back to the whole input; when it runs, the
+#   failure was about the batch (memory, most likely) and the pass's error propagates as it is.
+
+_NOT_ABOUT_SHAPE: tuple[type[BaseException], ...] = (
+    torch.OutOfMemoryError,
+    torch.AcceleratorError,  # a CUDA/MPS fault
+    NotImplementedError,  # no kernel for this dtype or device
+    FeaturelensError,
+)
+
+
+def _about_shape(exc: BaseException) -> bool:
+    """Whether ``exc`` may mean a rejected shape: a RuntimeError of no more telling type."""
+    return isinstance(exc, RuntimeError) and not isinstance(exc, _NOT_ABOUT_SHAPE)
+
+
+def _only_the_shape_can_be_wrong(context: _Context) -> bool:
+    """Whether the inputs match every floating parameter and buffer in dtype and device."""
+    device = torch.empty(0, device=context.device).device  # "cuda" -> "cuda:0"
+    dtype = context.inputs.dtype
+    return all(
+        t.dtype == dtype and t.device == device
+        for t in (*context.model.parameters(), *context.model.buffers())
+        if t.is_floating_point() or t.is_complex()
     )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class _CropRejected(Exception):
+    """The truncated model does not run on receptive-field crops."""
 
 
 # --------------------------------------------------------------------------------------------
 # The core
 
 
-def _project(
-    model: nn.Module,
-    x: torch.Tensor,
-    jobs: list[_Job],
-    method: str | Rule,
-    crop: bool,
-    chunk_size: int | None,
-    device: torch.device | str | None,
-    other_activations: str,
-) -> torch.Tensor:
-    rule = get_rule(method)
-    check_other_activations(other_activations)
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-    ):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    device = torch.device(device) if device is not None else model_device(model, x.device)
-    layers = list(dict.fromkeys(job.layer for job in jobs))
-    with preserved(model), _grad_enabled():
-        if x.is_inference():  # made under inference_mode: autograd cannot record it
-            x = x.clone()
+def _project(context: _Context, targets: list[_Target]) -> tuple[torch.Tensor, list[str]]:
+    """The maps of ``targets`` (one row each) and the reasons some ran on the whole input."""
+    fallbacks: list[str] = []
+    with preserved(context.model), _grad_enabled():
+        if context.inputs.is_inference():  # made under inference_mode: autograd cannot record it
+            context = replace(context, inputs=context.inputs.clone())
+        x = context.inputs
         # Created here, not under a caller's inference_mode, so that it can be written to.
-        out = torch.zeros((len(jobs), *x.shape[1:]), dtype=x.dtype, device=x.device)
-        for layer in layers:
-            resolve_layers(model, [layer])
-            idx = [i for i, job in enumerate(jobs) if job.layer == layer]
-            _project_layer(
-                model, x, [jobs[i] for i in idx], idx, out, rule, crop, chunk_size, device,
-                other_activations,
-            )  # fmt: skip
-    return out
+        out = torch.zeros((len(targets), *x.shape[1:]), dtype=x.dtype, device=x.device)
+        for layer in dict.fromkeys(t.layer for t in targets):
+            resolve_layers(context.model, [layer])
+            mine = [t for t in targets if t.layer == layer]
+            fallbacks += _project_layer(context, layer, mine, out)
+    return out, list(dict.fromkeys(fallbacks))
 
 
 @contextlib.contextmanager
@@ -539,180 +878,155 @@ def _grad_enabled() -> Iterator[None]:
         yield
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-# Substrings (lower case) of PyTorch's messages. Out of memory, dtype and device errors are
-# the caller's to see as they are (a retry on the whole input would only make an OOM worse);
-# only an error about the input's size may become "rejects inputs of shape" or a crop retry.
-_NOT_SHAPE = (
-    "out of memory", "allocate", "dtype", "scalar type", "type (", "device", "cuda", "mps",
-)  # fmt: skip
-_SHAPE = (
-    "size", "shape", "dimension", "channels", "must match", "cannot be multiplied",
-    "expected input", "too small", "kernel", "padding",
-)  # fmt: skip
-
-
-def _is_shape_error(exc: BaseException) -> bool:
-    if isinstance(exc, torch.OutOfMemoryError):
-        return False
-    text = str(exc).lower()
-    return not any(s in text for s in _NOT_SHAPE) and any(s in text for s in _SHAPE)
-
-
-def _rejected(exc: BaseException, shape: tuple[int, ...]) -> ValueError:
-    return ValueError(f"the model rejects inputs of shape {shape}: {_first_line(exc)}")
-
-
-def _forward(run: Any, x: torch.Tensor, layer: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """The layer's output for ``x``; ``shape`` is the caller's input shape, for the error."""
-    try:
-        return run(x)[layer]
-    except RuntimeError as exc:
-        if _is_shape_error(exc):
-            raise _rejected(exc, shape) from exc
-        raise
-
-
 def _project_layer(
-    model: nn.Module,
-    x: torch.Tensor,
-    jobs: list[_Job],
-    out_index: list[int],
-    out: torch.Tensor,
-    rule: Rule,
-    crop: bool,
-    chunk_size: int | None,
-    device: torch.device,
-    other_activations: str,
-) -> None:
-    layer = jobs[0].layer
-    # 1. One example through the truncated model: the layer's shape, errors for activations
-    #    without a rule, operations a crop would change.
-    probe_row = next((job.row for job in jobs if job.location is None), jobs[0].row)
+    context: _Context, name: str, targets: list[_Target], out: torch.Tensor
+) -> list[str]:
+    """Project the targets of one layer into their rows of ``out``; returns fallback texts."""
+    # The field first: computing it runs the model, which must not meet capture's hooks.
+    field = _field(context, name) if context.crop else (None, "")
+    fallbacks = []
+    with capture(context.model, [name]) as run:
+        # 1. One example through the truncated model: the layer's shape, errors for
+        #    activations without a rule, operations a crop would change.
+        probe_row = next((t.row for t in targets if t.location is None), targets[0].row)
+        probe, hazards = _probe(context, run, name, probe_row)
+        layer = _analyse(context, name, field, probe, hazards)
+        if layer.fallback:
+            fallbacks.append(_fallback(name, layer.fallback))
+        for target in targets:
+            _check_target(target, layer)
+
+        # 2. Arg-max locations: one truncated forward per example, shared by all its units.
+        targets = _find_locations(context, run, layer, targets, probe_row, probe[0])
+
+        # 3. Crops, then batched forward/backward passes.
+        targets, missed = _place(context, layer, targets)
+        if missed:
+            fallbacks.append(_fallback(name, missed))
+        try:
+            _run_passes(context, run, layer, targets, out)
+        except _CropRejected as exc:
+            fallbacks.append(_fallback(name, str(exc)))
+            whole = _Window.whole(context.spatial)
+            _run_passes(context, run, layer, [replace(t, window=whole) for t in targets], out)
+    return fallbacks
+
+
+def _probe(context: _Context, run: Any, layer: str, row: int) -> tuple[torch.Tensor, _CropHazards]:
+    """The layer's output ``(1, K, *spatial_l)`` for example ``row``, and what it ran."""
     hazards = _CropHazards()
-    with (
-        torch.no_grad(),
-        capture(model, [layer]) as run,
-        rule_mode(model, rule, other_activations),
-        hazards,
-    ):
-        y = _forward(run, x[probe_row : probe_row + 1].to(device), layer, tuple(x.shape))
-    shape = tuple(y.shape[1:])
-    if len(shape) < 1:
-        raise ValueError(f"layer {layer!r} outputs shape {tuple(y.shape)}: no channel axis")
-    n_channels, out_spatial = shape[0], shape[1:]
-    cropping = crop and len(out_spatial) == x.dim() - 2
-    rf, why = _field(model, x, layer) if cropping else (None, "")
-    if rf is not None:  # an untraceable model keeps reading channels at dim 1, unchecked
-        rf.check_channels_first(layer)
-    for job in jobs:
-        _check_unit(job, layer, n_channels, out_spatial)
-
-    # 2. Arg-max locations: one truncated forward per example, shared by all its units.
-    if hazards.batch_statistics:
-        chunk_size = 1  # statistics over the batch would mix the units of one pass
-    whole = chunk_size or max(1, AUTO_CHUNK_VALUES // x[0].numel())
-    locations = _argmax_locations(model, x, jobs, layer, whole, device, probe_row, y)
-
-    # 3. Crops.
-    input_shape = tuple(x.shape[2:])
-    if cropping:
-        plan = _plan_crop(layer, input_shape, rf, why, out_spatial, hazards)
-    else:
-        plan = _Crop.full(input_shape)
-
-    # 4. Batched forward/backward, chunk by chunk.
-    args = (model, x, jobs, out_index, out, rule, locations, out_spatial, device, other_activations)
+    x = context.inputs[row : row + 1].to(context.device)
     try:
-        _run_chunks(*args, plan, chunk_size)
-    except _CropRejected as exc:
-        _crop_warning(layer, str(exc), stacklevel=5)
-        _run_chunks(*args, _Crop.full(input_shape), chunk_size)
-
-
-class _CropRejected(Exception):
-    """The truncated model does not run on receptive-field crops."""
-
-
-def _run_chunks(
-    model: nn.Module,
-    x: torch.Tensor,
-    jobs: list[_Job],
-    out_index: list[int],
-    out: torch.Tensor,
-    rule: Rule,
-    locations: list[tuple[int, ...]],
-    out_spatial: tuple[int, ...],
-    device: torch.device,
-    other_activations: str,
-    plan: _Crop,
-    chunk_size: int | None,
-) -> None:
-    layer = jobs[0].layer
-    windows = [plan.window(loc) for loc in locations]
-    missed = [k for k, (loc, w) in enumerate(zip(locations, windows)) if not plan.holds(loc, w)]
-    if missed:  # a geometry the crop arithmetic got wrong: those units go uncropped
-        whole = ((0,) * len(plan.input_shape), plan.input_shape)
-        k = missed[0]
-        _crop_warning(
-            layer,
-            f"the crop {_show(_slices(*windows[k]))} of {jobs[k].label} at {locations[k]} does "
-            f"not hold its receptive field {_show(plan.field.region(locations[k]))} (nor do the "
-            f"crops of {len(missed) - 1} more units)",
-            stacklevel=6,
-        )
-        for k in missed:
-            windows[k] = whole
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for k, (_, size) in enumerate(windows):
-        groups.setdefault(size, []).append(k)
-    with capture(model, [layer]) as run:
-        for size, members in groups.items():
-            step = chunk_size or max(1, AUTO_CHUNK_VALUES // (x.shape[1] * math.prod(size)))
-            for lo in range(0, len(members), step):
-                part = members[lo : lo + step]
-                _run_chunk(run, x, jobs, part, windows, plan, locations, out_index, out,
-                           rule, model, layer, out_spatial, device, other_activations)  # fmt: skip
-
-
-def _run_chunk(
-    run: Any,
-    x: torch.Tensor,
-    jobs: list[_Job],
-    part: list[int],
-    windows: list[tuple[tuple[int, ...], tuple[int, ...]]],
-    plan: _Crop,
-    locations: list[tuple[int, ...]],
-    out_index: list[int],
-    out: torch.Tensor,
-    rule: Rule,
-    model: nn.Module,
-    layer: str,
-    out_spatial: tuple[int, ...],
-    device: torch.device,
-    other_activations: str,
-) -> None:
-    """One forward and one backward for the units ``part`` (crops of equal size)."""
-    slices = [_slices(*windows[k]) for k in part]
-    crops = torch.stack([x[jobs[k].row][(slice(None), *sl)] for k, sl in zip(part, slices)])
-    crops = crops.to(device).requires_grad_(True)  # (m, C, *size)
-    local = [plan.local(locations[k], windows[k][0]) for k in part]
-    try:
-        with rule_mode(model, rule, other_activations):
-            y = run(crops)[layer]
+        with (
+            torch.no_grad(),
+            rule_mode(context.model, context.rule, context.other_activations),
+            hazards,
+        ):
+            return run(x)[layer], hazards
     except RuntimeError as exc:
-        if not _is_shape_error(exc):
+        if not (_about_shape(exc) and _only_the_shape_can_be_wrong(context)):
             raise
-        if crops.shape[2:] == x.shape[2:]:
-            raise _rejected(exc, tuple(x.shape)) from exc
+        raise UsageError(
+            f"the model rejects inputs of shape {tuple(context.inputs.shape)}: {_first_line(exc)}"
+        ) from exc
+
+
+def _find_locations(
+    context: _Context,
+    run: Any,
+    layer: _Layer,
+    targets: list[_Target],
+    probe_row: int,
+    probe: torch.Tensor,
+) -> list[_Target]:
+    """``targets`` with every missing location set to its channel's first arg-max.
+
+    One truncated forward per example, shared by all its targets; ``probe`` ``(K, *spatial_l)``
+    is example ``probe_row``'s output, already computed.
+    """
+    wanted: dict[int, list[int]] = {}  # example -> indices of its targets without a location
+    for k, t in enumerate(targets):
+        if t.location is None:
+            wanted.setdefault(t.row, []).append(k)
+    located = list(targets)
+
+    def take(row: int, y: torch.Tensor) -> None:  # y: (K, *spatial_l) of one example
+        for k in wanted[row]:
+            t = targets[k]  # the first maximum, NaN ignored
+            located[k] = replace(t, location=argmax_location(y[t.channel]))
+
+    if probe_row in wanted:
+        take(probe_row, probe)
+    rest = [r for r in wanted if r != probe_row]
+    step = layer.chunk_size or max(1, AUTO_CHUNK_VALUES // context.inputs[0].numel())
+    with torch.no_grad():
+        for lo in range(0, len(rest), step):
+            part = rest[lo : lo + step]
+            y = run(context.inputs[part].to(context.device))[layer.name]
+            for i, row in enumerate(part):
+                take(row, y[i])
+    return located
+
+
+def _place(context: _Context, layer: _Layer, targets: list[_Target]) -> tuple[list[_Target], str]:
+    """``targets`` with their crop windows, and why some units' crops were not used."""
+    crops = layer.crops
+    whole = _Window.whole(context.spatial)
+    placed, missed = [], []
+    for t in targets:
+        assert t.location is not None
+        window = _Window(*crops.window(t.location))
+        if not crops.holds(t.location, window):  # the crop arithmetic got it wrong: uncropped
+            missed.append((t, window))
+            window = whole
+        placed.append(replace(t, window=window))
+    if not missed:
+        return placed, ""
+    t, window = missed[0]
+    assert t.location is not None and crops.field is not None
+    return placed, (
+        f"the crop {_show(window.slices)} of {t.label} at {t.location} does not hold its "
+        f"receptive field {_show(crops.field.region(t.location))} (nor do the crops of "
+        f"{len(missed) - 1} more units)"
+    )
+
+
+def _run_passes(
+    context: _Context, run: Any, layer: _Layer, targets: list[_Target], out: torch.Tensor
+) -> None:
+    """Project ``targets`` in passes of crops of equal size, at most a chunk each."""
+    groups: dict[tuple[int, ...], list[_Target]] = {}
+    for t in targets:
+        groups.setdefault(t.placed[1].size, []).append(t)
+    channels = context.inputs.shape[1]
+    for size, members in groups.items():
+        step = layer.chunk_size or max(1, AUTO_CHUNK_VALUES // (channels * math.prod(size)))
+        for lo in range(0, len(members), step):
+            _run_pass(context, run, layer, members[lo : lo + step], out)
+
+
+def _run_pass(
+    context: _Context, run: Any, layer: _Layer, targets: list[_Target], out: torch.Tensor
+) -> None:
+    """One forward and one backward for ``targets`` (crops of equal size)."""
+    x = context.inputs
+    placed = [t.placed for t in targets]  # (location, window) per target
+    slices = [window.slices for _, window in placed]
+    crops = torch.stack([x[t.row][(slice(None), *sl)] for t, sl in zip(targets, slices)])
+    crops = crops.to(context.device).requires_grad_(True)  # (m, C, *size)
+    try:
+        # The rule's mode around the forward only, as the probe: the bookkeeping and the
+        # backward below have no rectifier to route.
+        with rule_mode(context.model, context.rule, context.other_activations):
+            y = run(crops)[layer.name]
+    except RuntimeError as exc:
+        if not _rejects_crops(context, run, layer.name, crops, exc):
+            raise
         raise _CropRejected(
             f"the model rejects receptive-field crops of shape {tuple(crops.shape)} "
             f"({_first_line(exc)})"
         ) from exc
+    local = [layer.crops.local(location, window.start) for location, window in placed]
     if any(not 0 <= u < n for loc in local for u, n in zip(loc, y.shape[2:])):
         raise _CropRejected(  # a geometry the receptive-field engine got wrong
             f"crops of shape {tuple(crops.shape)} give a {tuple(y.shape[2:])} grid that misses "
@@ -720,55 +1034,31 @@ def _run_chunk(
         )
     coords = torch.tensor(local, dtype=torch.long, device=y.device)
     index = (
-        torch.arange(len(part), device=y.device),
-        torch.tensor([jobs[k].channel for k in part], device=y.device),
-        *coords.reshape(len(part), len(out_spatial)).T,
+        torch.arange(len(targets), device=y.device),
+        torch.tensor([t.channel for t in targets], device=y.device),
+        *coords.reshape(len(targets), len(layer.spatial)).T,
     )
     (grad,) = torch.autograd.grad(y[index].sum(), crops)
     grad = grad.to(out.device)
-    for g, k, sl in zip(grad, part, slices):
-        out[out_index[k]][(slice(None), *sl)] = g
+    for g, t, sl in zip(grad, targets, slices):
+        out[t.out_row][(slice(None), *sl)] = g
 
 
-def _check_unit(job: _Job, layer: str, n_channels: int, out_spatial: tuple[int, ...]) -> None:
-    if not 0 <= job.channel < n_channels:
-        raise ValueError(
-            f"channel {job.channel} of {job.label} is out of range: layer {layer!r} has "
-            f"{n_channels} channels, valid 0..{n_channels - 1}"
-        )
-    if job.location is None:
-        return
-    check_location(job.location, out_spatial, f" of {job.label}", f"layer {layer!r} outputs")
+def _rejects_crops(
+    context: _Context, run: Any, layer: str, crops: torch.Tensor, exc: RuntimeError
+) -> bool:
+    """Whether a pass of ``crops`` failed with ``exc`` because of the crops' spatial size.
 
-
-def _argmax_locations(
-    model: nn.Module,
-    x: torch.Tensor,
-    jobs: list[_Job],
-    layer: str,
-    chunk_size: int,
-    device: torch.device,
-    probe_row: int,
-    probe: torch.Tensor,
-) -> list[tuple[int, ...]]:
-    wanted: dict[int, list[int]] = {}
-    for k, job in enumerate(jobs):
-        if job.location is None:
-            wanted.setdefault(job.row, []).append(k)
-    found: dict[int, tuple[int, ...]] = {}
-
-    def take(row: int, y: torch.Tensor) -> None:  # y: (K, *spatial_l) of one example
-        for k in wanted[row]:
-            found[k] = argmax_location(y[jobs[k].channel])  # the first maximum, NaN ignored
-
-    if probe_row in wanted:
-        take(probe_row, probe[0])
-    rest = [r for r in wanted if r != probe_row]
-    if rest:
-        with torch.no_grad(), capture(model, [layer]) as run:
-            for lo in range(0, len(rest), chunk_size):
-                part = rest[lo : lo + chunk_size]
-                y = _forward(run, x[part].to(device), layer, tuple(x.shape))
-                for i, row in enumerate(part):
-                    take(row, y[i])
-    return [found[k] if job.location is None else job.location for k, job in enumerate(jobs)]
+    The rule (see "Which errors mean ..." above): full-size inputs already ran in the probe,
+    so they cannot be rejected; smaller crops are, when one of them alone fails too.
+    """
+    if not _about_shape(exc) or tuple(crops.shape[2:]) == context.spatial:
+        return False
+    try:
+        with torch.no_grad():
+            run(crops[:1].detach())
+    except RuntimeError as again:
+        if isinstance(again, _NOT_ABOUT_SHAPE):
+            raise
+        return True
+    return False

@@ -1,7 +1,13 @@
-// featurelens explorer: a thin page over the JSON/PNG API of featurelens.app.server.
+// featurelens explorer: a thin page over the JSON/PNG API of featurelens.app.http.
 // No build step, no dependencies. Receptive-field boxes are computed here from the
 // size/stride/padding that /api/info serves (Araujo et al., Distill 2019):
 // location u sees input positions [u*stride - padding, u*stride - padding + size - 1].
+//
+// Security: every API request is a fetch() carrying the X-Featurelens header, which a page
+// of another origin cannot send (the server refuses API requests without it when the browser
+// sends no Sec-Fetch-Site); images are fetched that way too and shown from blob: URLs. The
+// access token, when the server needs one, travels in an HttpOnly cookie set by /?token=...
+// Text from the server is only ever put in the page with textContent (never innerHTML).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -30,8 +36,24 @@ function api(path, params) {
   return `/api/${path}?${q.toString()}`;
 }
 
+const CLIENT_HEADERS = { "X-Featurelens": "1" };
+
+function apiFetch(url, options = {}) {
+  const headers = { ...CLIENT_HEADERS, ...(options.headers || {}) };
+  return fetch(url, { ...options, headers, credentials: "same-origin" });
+}
+
+// The error message of a failed answer: its JSON "error", else the status line.
+async function errorOf(response) {
+  try {
+    const body = await response.json();
+    if (body && body.error) return body.error;
+  } catch (e) { /* not JSON */ }
+  return `${response.status} ${response.statusText}`;
+}
+
 async function getJSON(url, options) {
-  const response = await fetch(url, options);
+  const response = await apiFetch(url, options);
   let body = null;
   try { body = await response.json(); } catch (e) { body = null; }
   if (!response.ok) {
@@ -40,24 +62,37 @@ async function getJSON(url, options) {
   return body;
 }
 
-// Load url into img. A newer load into the same element supersedes this one, which then
-// resolves to null (so that no promise is left pending and callers can tell).
+// Load the API image at url into img: fetched with the client header, shown from a blob:
+// URL (img.dataset.src keeps the API URL). A newer load into the same element supersedes
+// this one, which then resolves to null (so that no promise is left pending and callers can
+// tell).
 function loadImage(img, url) {
   if (img.supersede) img.supersede();
+  const seq = (img.loadSeq = (img.loadSeq || 0) + 1);
+  const current = () => seq === img.loadSeq;
   return new Promise((resolve, reject) => {
     img.supersede = () => resolve(null);
-    img.onload = () => { img.supersede = null; resolve(img); };
-    img.onerror = async () => {
+    const fail = (message) => {
+      if (!current()) return;
       img.supersede = null;
-      let message = `could not load ${url}`;
-      try {
-        const r = await fetch(url);
-        const b = await r.json();
-        if (b && b.error) message = b.error;
-      } catch (e) { /* keep the generic message */ }
       reject(new Error(message));
     };
-    img.src = url;
+    apiFetch(url).then(async (response) => {
+      if (!response.ok) return fail(await errorOf(response));
+      const blob = await response.blob();
+      if (!current()) return;
+      const previous = img.objectURL;
+      img.objectURL = URL.createObjectURL(blob);
+      img.onload = () => {
+        if (previous) URL.revokeObjectURL(previous);
+        if (!current()) return;
+        img.supersede = null;
+        resolve(img);
+      };
+      img.onerror = () => fail(`could not draw ${url}`);
+      img.dataset.src = url;
+      img.src = img.objectURL;
+    }, () => fail(`could not load ${url}`));
   });
 }
 
@@ -384,7 +419,8 @@ async function refreshTop() {
   for (const hit of result.hits) {
     const fig = document.createElement("figure");
     const img = document.createElement("img");
-    img.src = api("input.png", { input: `dataset:${hit.index}` });
+    loadImage(img, api("input.png", { input: `dataset:${hit.index}` })).catch(
+      (err) => status(err.message, true));
     img.alt = `example ${hit.index}`;
     img.title = `example ${hit.index}: score ${num(hit.score, 4)} at (${hit.location.join(", ")})`;
     const cap = document.createElement("figcaption");
@@ -423,6 +459,11 @@ function setMethod(method) {
 }
 
 async function init() {
+  // Opened as /?token=...: the server has set the token cookie; keep the token out of the
+  // address bar and the history.
+  if (new URLSearchParams(location.search).has("token")) {
+    history.replaceState(null, "", location.pathname);
+  }
   const info = await task("loading", () => getJSON("/api/info"));
   if (!info) return;
   state.info = info;
