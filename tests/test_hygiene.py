@@ -18,6 +18,7 @@ from featurelens import (
     LayerError,
     Unit,
     empirical_receptive_field,
+    layer_layout,
     layer_names,
     project,
     project_units,
@@ -79,6 +80,8 @@ EXPLORE = [("/api/activations", {}), ("/api/unit", {"channel": 2}),
 
 CALLS: list[tuple[str, Call]] = [
     ("layer_names", lambda m, x: layer_names(m)),
+    ("layer_names[input_shape]", lambda m, x: layer_names(m, tuple(x.shape[1:]))),
+    ("layer_layout", lambda m, x: layer_layout(m, tuple(x.shape[1:]), LAYER)),
     ("receptive_field", lambda m, x: receptive_field(m, tuple(x.shape[1:]), LAYER)),
     ("receptive_fields", lambda m, x: receptive_fields(m, tuple(x.shape[1:]))),
     ("empirical_receptive_field",
@@ -87,6 +90,7 @@ CALLS: list[tuple[str, Call]] = [
     *[(f"project[{k}, no crop]",
        lambda m, x, k=k: project(m, x, LAYER, torch.tensor([1, 2]), (1, 1), k, crop=False))
       for k in METHODS],
+    ("project[channel_dim]", lambda m, x: project(m, x, LAYER, 3, channel_dim=1)),
     ("project_units", lambda m, x: project_units(
         m, x, [Unit(LAYER, 1), Unit("features.1", 0, (0, 3)), Unit(LAYER, 2)], "guided",
         rows=[0, 1, 1])),
@@ -107,6 +111,8 @@ FAILING: list[tuple[str, Call, type[Exception]]] = [
     ("project: bad location", lambda m, x: project(m, x, LAYER, 0, (99, 0)), ValueError),
     ("project: bad layer", lambda m, x: project(m, x, "features.44", 0), LayerError),
     ("project: bad method", lambda m, x: project(m, x, LAYER, 0, method="lrp"), ValueError),
+    ("project: bad channel_dim", lambda m, x: project(m, x, LAYER, 0, channel_dim=-1),
+     ValueError),
     ("project: bad input", lambda m, x: project(m, x[:, :2], LAYER, 0, method="deconvnet"),
      ValueError),
     ("project_units: bad unit", lambda m, x: project_units(m, x, [Unit(LAYER, 1), Unit(LAYER, 77)]),

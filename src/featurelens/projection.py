@@ -48,11 +48,18 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from featurelens.errors import CropWarning, FeaturelensError, UsageError
+from featurelens.errors import CropWarning, FeaturelensError, LayoutError, UsageError
 from featurelens.graph import capture, model_device, preserved, resolve_layers
-from featurelens.receptive_field import ReceptiveField, try_receptive_field
+from featurelens.receptive_field import ReceptiveField, layer_layout, try_receptive_field
 from featurelens.rules import Rule, check_other_activations, get_rule, rule_mode
-from featurelens.unit import Unit, argmax_location, as_integer, as_location, check_location
+from featurelens.unit import (
+    Layout,
+    Unit,
+    argmax_location,
+    as_integer,
+    as_location,
+    check_location,
+)
 
 __all__ = ["CropWarning", "project", "project_units"]
 
@@ -77,6 +84,7 @@ def project(
     device: torch.device | str | None = None,
     other_activations: str = "error",
     field: ReceptiveField | None = None,
+    channel_dim: int | None = None,
 ) -> torch.Tensor:
     """Project one unit per example back to the input.
 
@@ -128,6 +136,14 @@ def project(
         trace the model for it. Default None: computed here when ``crop`` is on. It is
         checked against the inputs' spatial shape and the layer's output grid; that it
         belongs to ``layer`` is the caller's word.
+    channel_dim
+        The dim of the layer's output that holds its channels (negative counts from the end):
+        1 for ``(N, C, *spatial)``, -1 for channels-last maps ``(N, *spatial, C)`` and tokens
+        ``(N, T, C)``. Default None: the layout the receptive-field trace establishes
+        (:func:`featurelens.layer_layout`); a stated dim is checked against it. Locations are
+        one index per other dim after the batch, in the layer's own rank (a token index for
+        ``(N, T, C)``). A layer whose layout the trace cannot establish (the model's path
+        depends on values, an operation the engine does not know) needs it stated.
 
     Returns
     -------
@@ -141,13 +157,16 @@ def project(
         ``layer`` is not an addressable layer (the message lists valid names).
     ValueError
         Unknown method; channel or location out of range or of the wrong rank; inputs whose
-        shape the model rejects; a channels-last layer (``(N, *spatial, C)``, found when the
-        crop's receptive field is computed); a ``field`` computed for inputs of another
-        spatial shape, or whose output grid is not the layer's. The message names the bad
+        shape the model rejects; a ``channel_dim`` that is not the traced one or not a dim of
+        the layer's output; a ``field`` computed for inputs of another spatial shape, or whose
+        output grid is not the layer's. The message names the bad
         value and the valid range.
     TypeError
         A channel, location or row that is not an integer (``1.7``, ``True``), naming it; a
         ``field`` that is not a :class:`~featurelens.ReceptiveField`.
+    LayoutError
+        ``channel_dim`` is None and the trace cannot establish which dim of the layer's
+        output holds its channels (the message says how to state it).
     ActivationError
         An activation without a rule for ``method`` (see ``other_activations``).
     RuntimeError
@@ -190,6 +209,7 @@ def project(
         device=device,
         other_activations=other_activations,
         fields=None if field is None else {layer: field},
+        channel_dim=channel_dim,
     )
     maps, fallbacks = _project(context, targets)
     for message in fallbacks:
@@ -209,6 +229,7 @@ def project_units(
     device: torch.device | str | None = None,
     other_activations: str = "error",
     fields: Mapping[str, ReceptiveField] | None = None,
+    channel_dim: int | Mapping[str, int] | None = None,
 ) -> torch.Tensor:
     """Project many units, of any layers, channels and examples, in few batched passes.
 
@@ -237,6 +258,9 @@ def project_units(
         (``featurelens.receptive_fields(model, inputs.shape[1:])`` fits as it is: layers
         without units are ignored). Layers not in it get theirs computed when ``crop`` is on.
         Checked as ``field`` is in :func:`project`.
+    channel_dim
+        As in :func:`project`: one dim for every layer, or a mapping from layer names to
+        dims (layers not in it take the traced layout).
 
     Returns
     -------
@@ -302,6 +326,7 @@ def project_units(
         device=device,
         other_activations=other_activations,
         fields=fields,
+        channel_dim=channel_dim,
     )
     maps, fallbacks = _project(context, targets)
     for message in fallbacks:
@@ -338,6 +363,8 @@ class _Context:
         As in :func:`project`.
     fields
         Receptive fields given by the caller, by layer, checked against ``inputs``.
+    channel_dims
+        Channel dims stated by the caller (:meth:`stated_channel_dim`).
     """
 
     model: nn.Module
@@ -348,6 +375,7 @@ class _Context:
     chunk_size: int | None
     other_activations: str
     fields: Mapping[str, ReceptiveField]
+    channel_dims: int | Mapping[str, int] | None = None
 
     @classmethod
     def create(
@@ -361,6 +389,7 @@ class _Context:
         device: torch.device | str | None,
         other_activations: str,
         fields: Mapping[str, ReceptiveField] | None,
+        channel_dim: int | Mapping[str, int] | None = None,
     ) -> _Context:
         """Check the call's options and bundle them; ``inputs`` checked by the caller."""
         rule = get_rule(method)
@@ -373,12 +402,34 @@ class _Context:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         where = torch.device(device) if device is not None else model_device(model, inputs.device)
         given = _check_fields(fields, tuple(inputs.shape[1:]))
-        return cls(model, inputs, rule, where, bool(crop), chunk_size, other_activations, given)
+        _check_channel_dims(channel_dim)
+        return cls(
+            model, inputs, rule, where, bool(crop), chunk_size, other_activations, given,
+            channel_dim,
+        )  # fmt: skip
+
+    def stated_channel_dim(self, layer: str) -> int | None:
+        """The channel dim the caller stated for ``layer``, or None (take the trace's)."""
+        if isinstance(self.channel_dims, Mapping):
+            return self.channel_dims.get(layer)
+        return self.channel_dims
 
     @property
     def spatial(self) -> tuple[int, ...]:
         """The inputs' spatial shape."""
         return tuple(self.inputs.shape[2:])
+
+
+def _check_channel_dims(channel_dim: object) -> None:
+    """Refuse a ``channel_dim`` that is neither None, an integer, nor a mapping of layer names
+    to integers (whether it fits a layer's output is checked per layer)."""
+    if channel_dim is None:
+        return
+    values = channel_dim.items() if isinstance(channel_dim, Mapping) else [("", channel_dim)]
+    for layer, dim in values:
+        if not isinstance(layer, str):
+            raise TypeError(f"channel_dim maps layer names to dims, got the key {layer!r}")
+        as_integer(dim, f"channel_dim{f' of layer {layer!r}' if layer else ''}")
 
 
 def _check_fields(
@@ -602,7 +653,10 @@ class _Crop:
         return tuple(start), tuple(size)
 
     def local(self, location: tuple[int, ...], start: tuple[int, ...]) -> tuple[int, ...]:
-        """The unit's location on the crop's grid."""
+        """The unit's location on the crop's grid (its own on the whole input, whatever the
+        layer's rank)."""
+        if self.is_full:
+            return location
         return tuple(u - a // j if a else u for u, a, j in zip(location, start, self.stride))
 
     def holds(
@@ -716,9 +770,10 @@ class _Layer:
     name
         Dotted layer name.
     channels
-        Channels of its output (dim 1).
+        Channels of its output (at its layout's channel dim).
     spatial
-        Spatial shape of its output, ``()`` for ``(N, K)``.
+        Location shape of its output in its own rank (the dims but the batch and channel
+        dims), ``()`` for ``(N, K)``.
     crops
         Where each unit's crop lies (:meth:`_Crop.full` when units are not cropped).
     chunk_size
@@ -740,8 +795,41 @@ def _field(context: _Context, layer: str) -> tuple[ReceptiveField | None, str]:
     """The layer's receptive field (the caller's, else computed), or None and why not."""
     if layer in context.fields:
         return context.fields[layer], ""
-    rf, why = try_receptive_field(context.model, tuple(context.inputs.shape[1:]), layer)
+    try:
+        rf, why = try_receptive_field(context.model, tuple(context.inputs.shape[1:]), layer)
+    except LayoutError as exc:  # the layout is the caller's to state (see _layout)
+        if context.stated_channel_dim(layer) is None:
+            raise
+        rf, why = None, f"{type(exc).__name__}: {_first_line(exc)}"
     return rf, "" if rf is not None else f"its receptive field cannot be computed ({why})"
+
+
+def _layout(context: _Context, layer: str, rf: ReceptiveField | None) -> Layout:
+    """Which dim of the layer's output holds its channels: the trace's (a stated
+    ``channel_dim`` checked against it), else the caller's; never guessed.
+
+    Raises
+    ------
+    LayoutError
+        Neither the trace nor the caller says (the message says how to state it).
+    UsageError
+        The stated dim is not the traced one, or not a dim of the output.
+    """
+    stated = context.stated_channel_dim(layer)
+    if rf is not None and rf.layout is not None:
+        rf.layout.check_channel_dim(stated, layer)
+        return rf.layout
+    return layer_layout(context.model, tuple(context.inputs.shape[1:]), layer, stated)
+
+
+def _channels_first(run: Any, layer: str, layout: Layout) -> Any:
+    """``run`` (of :func:`~featurelens.graph.capture`) with the layer's output moved to
+    ``(N, C, *locations)`` (a view: gradients flow through it)."""
+
+    def channels_first(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {layer: layout.to_channels_first(run(x)[layer])}
+
+    return channels_first
 
 
 def _analyse(
@@ -750,19 +838,23 @@ def _analyse(
     field: tuple[ReceptiveField | None, str],
     probe: torch.Tensor,
     hazards: _CropHazards,
+    layout: Layout,
 ) -> _Layer:
-    """The layer as measured by ``probe`` (its output for one example) and its ``field``."""
+    """The layer as measured by ``probe`` (its output for one example, channels first) and
+    its ``field``."""
     shape = tuple(probe.shape[1:])
     if len(shape) < 1:
         raise ValueError(f"layer {name!r} outputs shape {tuple(probe.shape)}: no channel axis")
     channels, spatial = shape[0], shape[1:]
     chunk_size = 1 if hazards.batch_statistics else context.chunk_size  # rows would mix
     whole = _Crop.full(context.spatial)
-    if not context.crop or len(spatial) != len(context.spatial):
+    in_order = layout.axes == tuple((a,) for a in range(len(context.spatial)))
+    if not context.crop or len(spatial) != len(context.spatial) or not in_order:
+        # crops go by input axis: a layer whose location dims are not the input's axes in
+        # order (tokens, another rank, a transposed map) runs on the whole input
         return _Layer(name, channels, spatial, whole, chunk_size)
     rf, why = field
-    if rf is not None:  # an untraceable model keeps reading channels at dim 1, unchecked
-        rf.check_channels_first(name)
+    if rf is not None:
         if tuple(rf.output_shape) != spatial and name in context.fields:
             raise UsageError(
                 f"the receptive field given for layer {name!r} has the output grid "
@@ -773,6 +865,12 @@ def _analyse(
         if rf.is_global:
             return _Layer(name, channels, spatial, whole, chunk_size)
         why = "; ".join(hazards.reasons(rf))
+        if rf.anchored:
+            why = "; ".join(w for w in (why, "the network depends on absolute positions "
+                                        f"before it ({', '.join(rf.anchored)})") if w)  # fmt: skip
+        if not rf.exact:
+            why = "; ".join(w for w in (why, f"its receptive field is over-approximated "
+                                        f"({rf.note})") if w)  # fmt: skip
         if not rf.regular or rf.wraps:  # crops need one (size, stride, padding), unwrapped
             why = "its receptive field is irregular or wraps around the input (upsampling, "
             why += "circular padding): no crop is known to reproduce its units"
@@ -884,13 +982,15 @@ def _project_layer(
     """Project the targets of one layer into their rows of ``out``; returns fallback texts."""
     # The field first: computing it runs the model, which must not meet capture's hooks.
     field = _field(context, name) if context.crop else (None, "")
+    layout = _layout(context, name, field[0])
     fallbacks = []
-    with capture(context.model, [name]) as run:
+    with capture(context.model, [name]) as captured:
+        run = _channels_first(captured, name, layout)
         # 1. One example through the truncated model: the layer's shape, errors for
         #    activations without a rule, operations a crop would change.
         probe_row = next((t.row for t in targets if t.location is None), targets[0].row)
         probe, hazards = _probe(context, run, name, probe_row)
-        layer = _analyse(context, name, field, probe, hazards)
+        layer = _analyse(context, name, field, probe, hazards, layout)
         if layer.fallback:
             fallbacks.append(_fallback(name, layer.fallback))
         for target in targets:
