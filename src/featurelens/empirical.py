@@ -9,8 +9,8 @@ to it is non-zero. No cancellation can hide a pixel, and float64 keeps the tiny 
 of border pixels from underflowing (float32 does not on deep nets).
 
 This module shares nothing with the analytic engine (:mod:`featurelens.receptive_field`): it
-needs no tracing nor op tables, only a forward pass with the layer captured by a hook, and it replaces
-operations at the ``__torch_function__`` level, so functional calls (``F.relu``,
+needs no tracing nor op tables, only a forward pass with the layer captured by a hook, and it
+replaces operations at the ``__torch_function__`` level, so functional calls (``F.relu``,
 ``F.max_pool2d``, ``x.sigmoid()``) are covered as much as modules. The forward stops at the
 layer, so the layers after it cost nothing. Forward hooks of your own on the model do run.
 """

@@ -142,8 +142,10 @@ def project(
         ``(N, T, C)``. Default None: the layout the receptive-field trace establishes
         (:func:`featurelens.layer_layout`); a stated dim is checked against it. Locations are
         one index per other dim after the batch, in the layer's own rank (a token index for
-        ``(N, T, C)``). A layer whose layout the trace cannot establish (the model's path
-        depends on values, an operation the engine does not know) needs it stated.
+        ``(N, T, C)``). A layer the trace reaches but whose channel dim it cannot tell
+        (per-head tensors ``(N, heads, T, d)``) needs it stated. Where the trace does not
+        reach the layer (the model's path depends on values, an unknown operation comes
+        first) channels are read at dim 1 unless stated.
 
     Returns
     -------
@@ -165,8 +167,8 @@ def project(
         A channel, location or row that is not an integer (``1.7``, ``True``), naming it; a
         ``field`` that is not a :class:`~featurelens.ReceptiveField`.
     LayoutError
-        ``channel_dim`` is None and the trace cannot establish which dim of the layer's
-        output holds its channels (the message says how to state it).
+        ``channel_dim`` is None and the trace reaches the layer but cannot tell which dim
+        of its output holds its channels (the message says how to state it).
     ActivationError
         An activation without a rule for ``method`` (see ``other_activations``).
     RuntimeError
@@ -806,20 +808,29 @@ def _field(context: _Context, layer: str) -> tuple[ReceptiveField | None, str]:
 
 def _layout(context: _Context, layer: str, rf: ReceptiveField | None) -> Layout:
     """Which dim of the layer's output holds its channels: the trace's (a stated
-    ``channel_dim`` checked against it), else the caller's; never guessed.
+    ``channel_dim`` checked against it), else the caller's.
+
+    Where the trace does not reach the layer at all (the model's path depends on values, an
+    operation the engine does not know comes first) and the caller states nothing, channels
+    are read at dim 1, as before layouts were traced (the documented gap: say
+    ``channel_dim=``).
 
     Raises
     ------
     LayoutError
-        Neither the trace nor the caller says (the message says how to state it).
+        The trace reaches the layer but cannot tell its channel dim, and none is stated (the
+        message says how to state it).
     UsageError
         The stated dim is not the traced one, or not a dim of the output.
     """
     stated = context.stated_channel_dim(layer)
+    if rf is None and not context.crop:
+        rf, _ = _field(context, layer)  # a LayoutError, unless stated, refuses the layer
     if rf is not None and rf.layout is not None:
         rf.layout.check_channel_dim(stated, layer)
         return rf.layout
-    return layer_layout(context.model, tuple(context.inputs.shape[1:]), layer, stated)
+    shape = tuple(context.inputs.shape[1:])
+    return layer_layout(context.model, shape, layer, 1 if stated is None else stated)
 
 
 def _channels_first(run: Any, layer: str, layout: Layout) -> Any:
@@ -848,12 +859,13 @@ def _analyse(
     channels, spatial = shape[0], shape[1:]
     chunk_size = 1 if hazards.batch_statistics else context.chunk_size  # rows would mix
     whole = _Crop.full(context.spatial)
-    in_order = layout.axes == tuple((a,) for a in range(len(context.spatial)))
-    if not context.crop or len(spatial) != len(context.spatial) or not in_order:
-        # crops go by input axis: a layer whose location dims are not the input's axes in
-        # order (tokens, another rank, a transposed map) runs on the whole input
+    if not context.crop or len(spatial) != len(context.spatial):
         return _Layer(name, channels, spatial, whole, chunk_size)
     rf, why = field
+    if rf is not None and layout.axes != tuple((a,) for a in range(len(context.spatial))):
+        # crops go by input axis: a layer whose location dims are not the input's axes in
+        # order (tokens over a grid, a transposed map) runs on the whole input
+        return _Layer(name, channels, spatial, whole, chunk_size)
     if rf is not None:
         if tuple(rf.output_shape) != spatial and name in context.fields:
             raise UsageError(

@@ -2266,7 +2266,8 @@ def _concatenate(call: _Call) -> _Out:
 def _stack(call: _Call) -> _Out:
     dim = int(call.args["dim"]) % call.output.dim()
     shifted = tuple(
-        (f.with_dims(f.dims[:dim] + (None,) + f.dims[dim:], f.roles[:dim] + (None,) + f.roles[dim:]),
+        (f.with_dims(f.dims[:dim] + (None,) + f.dims[dim:],
+                     f.roles[:dim] + (None,) + f.roles[dim:]),
          x.unsqueeze(dim))
         for f, x in call.inputs
     )  # fmt: skip
