@@ -240,14 +240,22 @@ class ChannelsLast(nn.Module):
         return self.out(x + y)
 
 
-def test_a_channels_last_layer_is_refused_with_a_clear_message() -> None:
+def test_a_channels_last_layer_reads_its_channels_at_the_last_dim() -> None:
+    # Channels-last layers were refused; they are projected now, with channels at dim 3 (by
+    # the trace): each map is plain autograd of y[i, h, w, k], and a wrong stated dim is a
+    # clear error naming both dims.
     model = ChannelsLast().eval()
     x = torch.randn(2, 4, 12, 10)
-    with pytest.raises(ValueError, match=r"'fc' outputs its channels at dim 3 \(channels-last"):
-        project(model, x, "fc", 1)
     before = snapshot(model)
-    with pytest.raises(ValueError, match="channels-last"):
-        project_units(model, x, [Unit("fc", 5, (1, 1)), Unit("fc", 0, (2, 3))])
+    units = [Unit("fc", 5, (1, 1)), Unit("fc", 0, (2, 3))]
+    maps = project_units(model, x, units)
+    for i, u in enumerate(units):
+        xi = x[i : i + 1].clone().requires_grad_(True)
+        y = model.fc(model.norm(model.dw(xi).permute(0, 2, 3, 1)))  # (1, H, W, 6)
+        (want,) = torch.autograd.grad(y[(0, *u.location, u.channel)], xi)
+        torch.testing.assert_close(maps[i : i + 1], want)
+    with pytest.raises(ValueError, match=r"channel_dim=1 does not fit layer 'fc'.*dim 3"):
+        project(model, x, "fc", 1, channel_dim=1)
     assert_unchanged(model, before)
 
 

@@ -50,7 +50,7 @@ from torch.overrides import TorchFunctionMode
 
 from featurelens.errors import CropWarning, FeaturelensError, LayoutError, UsageError
 from featurelens.graph import capture, model_device, preserved, resolve_layers
-from featurelens.receptive_field import ReceptiveField, layer_layout, try_receptive_field
+from featurelens.receptive_field import ReceptiveField, try_receptive_field
 from featurelens.rules import Rule, check_other_activations, get_rule, rule_mode
 from featurelens.unit import (
     Layout,
@@ -806,14 +806,11 @@ def _field(context: _Context, layer: str) -> tuple[ReceptiveField | None, str]:
     return rf, "" if rf is not None else f"its receptive field cannot be computed ({why})"
 
 
-def _layout(context: _Context, layer: str, rf: ReceptiveField | None) -> Layout:
-    """Which dim of the layer's output holds its channels: the trace's (a stated
-    ``channel_dim`` checked against it), else the caller's.
-
-    Where the trace does not reach the layer at all (the model's path depends on values, an
-    operation the engine does not know comes first) and the caller states nothing, channels
-    are read at dim 1, as before layouts were traced (the documented gap: say
-    ``channel_dim=``).
+def _traced_layout(context: _Context, layer: str, rf: ReceptiveField | None) -> Layout | None:
+    """The layout the trace gives the layer (a stated ``channel_dim`` checked against it), or
+    None where the trace does not reach the layer (the model's path depends on values, an
+    operation the engine does not know comes first): the probe's shape and the stated dim
+    make it then (:func:`_stated_layout`).
 
     Raises
     ------
@@ -829,8 +826,14 @@ def _layout(context: _Context, layer: str, rf: ReceptiveField | None) -> Layout:
     if rf is not None and rf.layout is not None:
         rf.layout.check_channel_dim(stated, layer)
         return rf.layout
-    shape = tuple(context.inputs.shape[1:])
-    return layer_layout(context.model, shape, layer, 1 if stated is None else stated)
+    return None
+
+
+def _stated_layout(context: _Context, layer: str, probe: torch.Tensor) -> Layout:
+    """The layout of a layer the trace does not reach: the caller's ``channel_dim``, else dim
+    1, as before layouts were traced (the documented gap: state ``channel_dim=``)."""
+    stated = context.stated_channel_dim(layer)
+    return Layout.stated(tuple(probe.shape[1:]), 1 if stated is None else stated)
 
 
 def _channels_first(run: Any, layer: str, layout: Layout) -> Any:
@@ -994,14 +997,16 @@ def _project_layer(
     """Project the targets of one layer into their rows of ``out``; returns fallback texts."""
     # The field first: computing it runs the model, which must not meet capture's hooks.
     field = _field(context, name) if context.crop else (None, "")
-    layout = _layout(context, name, field[0])
+    traced = _traced_layout(context, name, field[0])
     fallbacks = []
     with capture(context.model, [name]) as captured:
-        run = _channels_first(captured, name, layout)
         # 1. One example through the truncated model: the layer's shape, errors for
         #    activations without a rule, operations a crop would change.
         probe_row = next((t.row for t in targets if t.location is None), targets[0].row)
-        probe, hazards = _probe(context, run, name, probe_row)
+        probe, hazards = _probe(context, captured, name, probe_row)
+        layout = traced or _stated_layout(context, name, probe)
+        run = _channels_first(captured, name, layout)
+        probe = layout.to_channels_first(probe)
         layer = _analyse(context, name, field, probe, hazards, layout)
         if layer.fallback:
             fallbacks.append(_fallback(name, layer.fallback))

@@ -1155,7 +1155,7 @@ def _source_line() -> str:
         filename = frame.f_code.co_filename
         if not filename.startswith((_TORCH_DIR, _OWN_DIR)) and not filename.startswith("<"):
             code = linecache.getline(filename, frame.f_lineno).strip()
-            return f" at {filename}, line {frame.f_lineno}: {code}"
+            return f" at {filename}:{frame.f_lineno}: {code}"
         frame = frame.f_back
     return ""
 
