@@ -207,7 +207,7 @@ MALFORMED = [
     (_set("progress", None), r"'progress' must be an object, got null"),
     (_set("arrays/sha256", ["x"]), r"'arrays\.sha256' must be a string, got the array \[\"x\"\]"),
     (_set("score", None), r"'score' must be a string, got null"),
-    (_set("format_version", True), r"format version True; .* reads version 1 only"),
+    (_set("format_version", True), r"format version True; .* reads versions 1 and 2 only"),
     (_set("format", "other"), r"is not a featurelens-atlas manifest"),
 ]  # fmt: skip
 
