@@ -327,7 +327,9 @@ def test_a_model_without_a_layer_of_the_atlas(atlas_dir, atlas, data):
 
 def test_refused_and_fieldless_layers(tmp_path):
     images = torch.rand(4, 1, 9, 8)
-    atlas = featurelens.scan(_permuting(False), images, ["permute", "relu"], top_k=2, progress=False)
+    atlas = featurelens.scan(
+        _permuting(False), images, ["permute", "relu"], top_k=2, progress=False
+    )
     ex = Explorer(atlas, _permuting(True), images)
     with pytest.raises(AtlasError, match="'permute' outputs its channels at dim 3"):
         ex.check_layer("permute")

@@ -123,8 +123,9 @@ class Limits:
     manifest_bytes
         Size of ``manifest.json`` (64 MiB).
     input_elements
-        Elements of one example, the product of ``input_shape`` (2**23: 3 x 1,672 x 1,672, one
-        second of audio at 8 MHz); larger inputs make figures and the explorer need GBs.
+        Elements of one example, the product of ``input_shape`` (2**23: 3 x 1,672 x 1,672, or
+        three minutes of audio at 44.1 kHz); larger inputs make figures and the explorer need
+        GBs.
     axis
         Any one axis of ``input_shape`` or of a layer's ``output_shape`` (2**22).
     output_elements
@@ -2111,8 +2112,8 @@ class Atlas:
                 "featurelens.zf_grid(model, data, atlas, ...) / "
                 "featurelens.app.create_app(atlas_dir, model=..., data=...)"
             )
+        self._check_file_exists("model")  # a stat, no code: before asking for consent
         self._require_trust("model", trust_code)
-        self._check_file_exists("model")
         model = spec.build()
         recorded = self._manifest.model.fingerprint
         actual = model_fingerprint(model)
@@ -2153,8 +2154,8 @@ class Atlas:
                 "(featurelens.zf_grid(model, data, atlas, ...) / "
                 "featurelens.app.create_app(atlas_dir, model=..., data=...))"
             )
+        self._check_file_exists("data")  # a stat, no code: before asking for consent
         self._require_trust("data", trust_code)
-        self._check_file_exists("data")
         spec = self.data_spec
         assert spec is not None  # the manifest has a data spec
         data = spec.build()

@@ -8,7 +8,9 @@
 * :func:`exclusive_lock` / :func:`lock_holder`: the lock a scan holds on its output directory,
   so that a second scan into it is refused, naming the first.
 
-Imports nothing of featurelens but :mod:`featurelens.errors`.
+Imports nothing of featurelens (it sits at the bottom): a refused lock is a
+:class:`LockBusy`, which :mod:`featurelens.scan` turns into a
+:class:`~featurelens.errors.LockedError`.
 """
 
 from __future__ import annotations
@@ -28,10 +30,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from featurelens.errors import LockedError
-
 __all__ = [
     "LOCK_NAME",
+    "LockBusy",
     "LockHolder",
     "atomic_write",
     "exclusive_lock",
@@ -270,6 +271,20 @@ class LockHolder:
         return f"a {self.purpose} by process {self.pid} on {self.host}, started {self.started}"
 
 
+class LockBusy(BlockingIOError):
+    """Another process (or another holder in this one) holds the lock; ``holder`` says who.
+
+    The message names the directory, the holder and what to do.
+    """
+
+    def __init__(self, message: str, holder: LockHolder | None = None) -> None:
+        super().__init__(message)
+        self.holder = holder
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 try:  # POSIX: flock, released by the kernel when the holder dies (no stale locks)
     import fcntl
 except ImportError:  # pragma: no cover - Windows
@@ -351,7 +366,7 @@ def exclusive_lock(directory: str | os.PathLike[str], purpose: str = "scan") -> 
 
     Raises
     ------
-    LockedError
+    LockBusy
         Another process (or another scan in this one) holds the lock; the message names it.
     """
     directory = Path(directory)
@@ -394,10 +409,11 @@ def _acquire(directory: Path, path: Path, purpose: str) -> int:
         if not _try_lock(fd):
             holder = _read_holder(fd)
             os.close(fd)
-            raise LockedError(
+            raise LockBusy(
                 f"{str(directory)!r} is being written by {holder.describe()}; wait until it "
                 f"ends or choose another output directory (a {purpose} holds its output's "
-                f"lock, {path.name}, while it runs)"
+                f"lock, {path.name}, while it runs)",
+                holder,
             )
         try:
             current = os.stat(path)
@@ -407,4 +423,4 @@ def _acquire(directory: Path, path: Path, purpose: str) -> int:
         except FileNotFoundError:
             pass
         os.close(fd)
-    raise LockedError(f"could not lock {str(directory)!r}: its lock file kept being replaced")
+    raise LockBusy(f"could not lock {str(directory)!r}: its lock file kept being replaced")

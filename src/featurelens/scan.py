@@ -75,7 +75,7 @@ from featurelens.data import (
     shape_mismatch,
 )
 from featurelens.errors import DataError, LockedError, UsageError
-from featurelens.files import exclusive_lock
+from featurelens.files import LockBusy, exclusive_lock
 from featurelens.fingerprint import data_fingerprint, model_fingerprint
 from featurelens.graph import capture, model_device, preserved, resolve_layers
 from featurelens.receptive_field import try_receptive_field
@@ -1048,7 +1048,9 @@ def scan(
         Any ``nn.Module``; it comes back unchanged (mode, ``requires_grad``, device, no hooks).
     data
         A ``Dataset`` whose items are tensors (C, *spatial) or ``(tensor, label)`` tuples, or
-        a tensor (N, C, *spatial). Dataset indices identify examples.
+        a tensor (N, C, *spatial). Dataset indices identify examples. Labels that are single
+        numbers or strings are recorded with the hits (:attr:`Hit.label`); a ``sample_rate``
+        attribute of 1-D data is recorded too (:attr:`Atlas.sample_rate`).
     layers
         Dotted layer names (see :func:`featurelens.layer_names`), scanned in one pass.
     top_k
@@ -1068,7 +1070,8 @@ def scan(
         another model, data (told by a fingerprint: a tensor's bytes, or a dataset's length
         and its first, middle and last items), layers, score or top_k is refused.
         Ctrl-C (and SIGTERM, while a scan runs in the main thread) saves the batches done so
-        far there and raises :class:`ScanInterrupted`, which says how to continue.
+        far there and raises :class:`ScanInterrupted`, which says how to continue. The scan
+        holds the directory's lock while it runs (:func:`featurelens.files.exclusive_lock`).
     progress
         Show a tqdm bar (images/s).
     model_spec, data_spec
@@ -1077,7 +1080,8 @@ def scan(
         and ``serve`` commands). When not given, the spec that ``ModelSpec.build()`` /
         ``DataSpec.build()`` left on the model / dataset (``featurelens_spec``) is used; the
         model's only when its parameters are still those it was built with (a fingerprint
-        taken at build time), else a warning says it was not recorded.
+        taken at build time), else a warning says it was not recorded. Their paths are
+        recorded absolute, and relative to the atlas directory when it is saved near them.
     num_workers
         DataLoader worker processes loading the data.
     checkpoint_every
@@ -1098,12 +1102,16 @@ def scan(
         Unknown layer (listing valid names).
     UsageError
         Bad ``top_k``, ``score``, ``batch_size`` or ``checkpoint_every`` (a ``ValueError``); a
-        channels-last layer (output ``(N, *spatial, C)``, found when the model traces).
+        channels-last layer (output ``(N, *spatial, C)``, found when the model traces); a
+        sample rate for data that is not 1-D.
     DataError
-        Data that is not tensors (a dataset item, named by index), items of different shapes,
-        an empty dataset, or no example that loads.
+        Data that is not tensors (a dataset item, named by index), an empty dataset, no
+        example that loads, labels of mixed types (naming two items), or a bad ``sample_rate``
+        attribute. (Items of another shape than the first are skipped and listed, not raised.)
     AtlasError
         ``checkpoint`` holds a different scan (the message says what differs).
+    LockedError
+        Another scan is writing ``checkpoint`` (the message names it).
     ScanInterrupted
         Ctrl-C or SIGTERM during a checkpointed scan, after saving what was done.
     """
@@ -1146,8 +1154,8 @@ def scan(
         if config.checkpoint is not None and config.rank == 0:
             try:  # held until the atlas is saved: a second scan into it is refused
                 held.enter_context(exclusive_lock(config.checkpoint, "scan"))
-            except LockedError as exc:
-                lock_error = exc
+            except LockBusy as exc:
+                lock_error = LockedError(str(exc))
         state, found = _resume(config, lock_error)
         if found.done is not None:
             return found.done
