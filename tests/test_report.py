@@ -336,7 +336,10 @@ def test_a_second_report_with_fewer_channels_leaves_no_stale_files(
     real_replace = os.replace
 
     def spy(src, dst):
-        replaced.append(str(Path(dst).relative_to(out)))
+        # the report is built in a temporary folder next to `out` (.tmp-site-*), then moved
+        staged = Path(dst).relative_to(out.parent)
+        assert staged.parts[0].startswith(".tmp-site-"), dst  # nothing written into `out`
+        replaced.append(str(Path(*staged.parts[1:])))
         return real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", spy)
@@ -350,6 +353,9 @@ def test_a_second_report_with_fewer_channels_leaves_no_stale_files(
     written = {f for f in files if not f.startswith("img/3/") and f != "layer-3.html"}
     assert written == set(replaced)
     assert not [p for p in out.rglob(".tmp-*")]
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".tmp-")]
+    # the whole site was replaced: layer 3, which this report does not draw, is gone
+    assert not any(f.startswith("img/3/") or f == "layer-3.html" for f in files)
     assert tree_digest(atlas_dir) == atlas_before
 
 
