@@ -85,7 +85,7 @@ class Page(HTMLParser):
         self.cards = 0
         self.text: list[str] = []
 
-    def handle_starttag(self, tag, attrs):  # noqa: ANN001
+    def handle_starttag(self, tag, attrs):
         a = dict(attrs)
         if "id" in a:
             self.ids.add(a["id"])
@@ -98,7 +98,7 @@ class Page(HTMLParser):
         if tag == "section" and "card" in a.get("class", ""):
             self.cards += 1
 
-    def handle_data(self, data):  # noqa: ANN001
+    def handle_data(self, data):
         self.text.append(data)
 
 

@@ -45,11 +45,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
 from featurelens._version import __version__
-from featurelens.data import LABEL_KINDS, MAX_LABEL_CHARS, Label
+from featurelens.data import LABEL_KINDS, MAX_LABEL_CHARS, Label, SizedDataset
 from featurelens.errors import AtlasError, ChannelError, LayerError, SpecError, UntrustedAtlasError
 from featurelens.files import atomic_write
 from featurelens.fingerprint import model_fingerprint, sha256_hex
@@ -387,7 +386,7 @@ class _Node:
         return tuple(e.as_int(0, axis) for e in self.elements(most_axes))
 
     def as_numbers(self) -> tuple[float, ...] | None:
-        """null or an array of finite numbers."""
+        """Null or an array of finite numbers."""
         if self.is_null():
             return None
         return tuple(e.as_number() for e in self.elements(LIMITS.channels))
@@ -1746,12 +1745,14 @@ class Atlas:
     @property
     def label_kind(self) -> str | None:
         """``"int"``, ``"float"`` or ``"str"``: the kind of the hits' labels; None when the atlas
-        records none (the dataset yields no labels, or labels that are not scalars)."""
+        records none (the dataset yields no labels, or labels that are not scalars).
+        """
         return self._manifest.data.labels
 
     def _base(self) -> str:
         """What relative paths of a version-2 manifest are relative to: the atlas directory
-        (the current directory for an atlas only in memory)."""
+        (the current directory for an atlas only in memory).
+        """
         return os.path.abspath(self._directory if self._directory is not None else os.getcwd())
 
     @property
@@ -1800,7 +1801,8 @@ class Atlas:
     @property
     def scan_identity(self) -> ScanIdentity:
         """What was scanned, with every path of the specs absolute: what a resumed scan (whose
-        specs are absolute) is compared with."""
+        specs are absolute) is compared with.
+        """
         m = self._manifest
         model, data = m.model, m.data
         spec = self.model_spec
@@ -1849,7 +1851,8 @@ class Atlas:
 
     def layout(self, layer: str) -> str:
         """Where ``layer``'s channels are: ``"channels_first"``, ``"channels_last"`` or
-        ``"tokens"`` (:data:`LAYOUTS`)."""
+        ``"tokens"`` (:data:`LAYOUTS`).
+        """
         return self._record(layer).layout
 
     def channel_dim(self, layer: str) -> int:
@@ -1862,7 +1865,8 @@ class Atlas:
 
     def label(self, index: int) -> Label | None:
         """The label of dataset example ``index`` when it is a hit of this atlas (the atlas
-        records labels of its hits only), else None."""
+        records labels of its hits only), else None.
+        """
         return None if self._labels is None else self._labels.get(int(index))
 
     def top(self, layer: str, channel: int) -> list[Hit]:
@@ -1996,7 +2000,8 @@ class Atlas:
         without ``trust_code=True``: the atlas was made in this process (by a scan), was
         loaded with ``trust_code=True``, names nothing that needs consent, or was made by this
         user on this machine (its code-bearing parts carry the user's signature,
-        :mod:`featurelens.trust`)."""
+        :mod:`featurelens.trust`).
+        """
         if self._made_here or self._consent:
             return True
         if not any(r.needs_consent for r in self.code_references()):
@@ -2014,7 +2019,8 @@ class Atlas:
     def _trust_payload(self) -> bytes:
         """The code-bearing parts of the manifest, as signed: the specs as recorded (relative
         paths stay relative, so that a moved atlas keeps its signature) and the sha256 of
-        every Python file they name (so that a changed file does not)."""
+        every Python file they name (so that a changed file does not).
+        """
         m = self._manifest
         files = [_file_digest(r.target) for r in self.code_references() if r.kind == "file"]
         value = {
@@ -2128,7 +2134,7 @@ class Atlas:
             warnings.warn(msg, stacklevel=2)
         return model
 
-    def build_data(self, *, trust_code: bool = False) -> torch.utils.data.Dataset:
+    def build_data(self, *, trust_code: bool = False) -> SizedDataset:
         """Rebuild the scanned dataset from its recorded spec.
 
         Parameters
@@ -2170,7 +2176,8 @@ class Atlas:
     # ---- storage -------------------------------------------------------------------------
     def _manifest_for(self, directory: Path) -> Manifest:
         """The manifest as saved in ``directory``: in version 2 the specs' paths relative to it
-        where they are near it (:data:`featurelens.specs.NEAR_LEVELS`), else absolute."""
+        where they are near it (:data:`featurelens.specs.NEAR_LEVELS`), else absolute.
+        """
         m = self._manifest
         if m.format_version < 2:
             return m  # version 1 says nothing of where its paths are relative to

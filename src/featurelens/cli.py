@@ -552,11 +552,18 @@ def build_parser(*, lazy: bool = False) -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line_warnings(message, category, filename, lineno, file=None, line=None) -> str:  # noqa: ANN001
+def _one_line_warnings(message, category, filename, lineno, file=None, line=None) -> str:
     return f"warning: {message}\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``featurelens`` command line with ``argv`` (default: ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        The exit status: 0 on success, 2 for a usage or library error (one line on stderr).
+    """
     import warnings
 
     parser = build_parser(lazy=True)
@@ -565,7 +572,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MissingExtraError as exc:  # declaring a command's arguments needs its extra
         print(f"featurelens: error: {exc}", file=sys.stderr)
         return 2
-    warnings.formatwarning = _one_line_warnings  # the CLI speaks in lines, not source excerpts
+    warnings.formatwarning = _one_line_warnings  # type: ignore[assignment]  # the CLI speaks in lines, not source excerpts
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt as exc:  # a scan says where its state is and how to resume

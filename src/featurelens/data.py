@@ -212,7 +212,8 @@ def example_tensor(data: SizedDataset | torch.Tensor, index: int) -> torch.Tenso
 
 class SizedDataset(Protocol):
     """What featurelens reads examples from: ``len(data)`` and ``data[i]`` (a ``Dataset``
-    with ``__len__``, a list, ...). Items follow :func:`split_example`."""
+    with ``__len__``, a list, ...). Items follow :func:`split_example`.
+    """
 
     def __len__(self) -> int: ...
 
@@ -323,7 +324,8 @@ class Batch:
 
     def pin_memory(self) -> Batch:
         """The batch with ``x`` in page-locked memory (``DataLoader(pin_memory=True)`` calls
-        this in its pinning thread, so that the copy to the GPU can overlap)."""
+        this in its pinning thread, so that the copy to the GPU can overlap).
+        """
         x = None if self.x is None else self.x.pin_memory()
         return dataclasses.replace(self, x=x)
 

@@ -90,6 +90,7 @@ class TrainConfig:
     heldout: int = 1000
 
     def key(self) -> str:
+        """A short hash of these settings and the demo model's spec: names its cached weights."""
         text = json.dumps({"model": DEMO_MODEL_SPEC, **asdict(self)}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -104,7 +105,7 @@ def split_indices(n: int, heldout: int, seed: int = 0) -> tuple[torch.Tensor, to
     return perm[heldout:].sort().values, perm[:heldout].sort().values
 
 
-def _stack(data, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
+def _stack(data, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     xs, ys = [], []
     for i in indices.tolist():
         x, y = data[i]
@@ -128,7 +129,7 @@ def heldout_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> floa
 def train_mnist_cnn(
     data,
     config: TrainConfig = TrainConfig(),
-    log: Callable[[str], None] | None = print,  # noqa: ANN001, B008
+    log: Callable[[str], None] | None = print,
 ) -> tuple[nn.Module, float]:
     """Train :func:`mnist_cnn` on the training split of ``data`` (MNIST digits, (x, label)).
 
@@ -186,7 +187,8 @@ class DemoResult:
 
 def _carry_models(previous: Path, staging: Path) -> None:
     """Bring the checkpoints an earlier run cached in ``previous/model`` into the new output
-    (hard links where the file system allows, else copies): the cache survives the swap."""
+    (hard links where the file system allows, else copies): the cache survives the swap.
+    """
     cached = previous / "model"
     if not cached.is_dir() or cached.is_symlink():
         return
@@ -203,12 +205,13 @@ def _cached_model(
     out: Path,
     data,
     config: TrainConfig,
-    log: Callable[[str], None],  # noqa: ANN001
+    log: Callable[[str], None],
     final: Path | None = None,
 ) -> tuple[nn.Module, Path, float]:
     """Train the demo CNN on ``data`` (the MNIST digits), or load the checkpoint an earlier
     run with this config cached in ``out/model``. ``final`` is where ``out`` will be moved
-    (for the messages). Returns the model, its checkpoint in ``out`` and its accuracy."""
+    (for the messages). Returns the model, its checkpoint in ``out`` and its accuracy.
+    """
     name = f"mnist_cnn-{config.key()}.pt"
     ckpt = (out / "model" / name).resolve()
     shown = ((final or out) / "model" / name).resolve()
@@ -312,6 +315,7 @@ def run_demo(
             # saved relative to the atlas directory, ../model/...: OUT can be moved
             model_spec = ModelSpec(DEMO_MODEL_SPEC, checkpoint=str(staged))
         else:
+            assert data is not None  # checked above: both or neither
             model_spec = ModelSpec(model, weights=weights, checkpoint=checkpoint)
             data_spec = DataSpec(data)
             net = model_spec.build()

@@ -149,12 +149,14 @@ class UntrustedAtlasError(AtlasError):
     """An atlas names code (or a folder outside itself) that featurelens would run or read to
     rebuild its model or data, and it is not trusted: it was not made by this user on this
     machine and no consent was given. The message shows exactly what would run and how to
-    allow it (``--trust-code`` on the CLI, ``trust_code=True`` in Python)."""
+    allow it (``--trust-code`` on the CLI, ``trust_code=True`` in Python).
+    """
 
 
 class LockedError(AtlasError):
     """A directory that another scan holds the lock of; the message names the holder (process
-    id, host, start time) and what to do."""
+    id, host, start time) and what to do.
+    """
 
 
 class MissingExtraError(FeaturelensError, ModuleNotFoundError):

@@ -212,7 +212,8 @@ def _swap_directories(new: Path, old: Path) -> None:
 
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
-    platform or the file system cannot."""
+    platform or the file system cannot.
+    """
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -403,7 +404,8 @@ def exclusive_lock(directory: str | os.PathLike[str], purpose: str = "scan") -> 
 
 def _acquire(directory: Path, path: Path, purpose: str) -> int:
     """Open and lock ``path``; a file unlinked by the previous holder between the open and the
-    lock is opened again."""
+    lock is opened again.
+    """
     for _ in range(20):
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         if not _try_lock(fd):

@@ -249,7 +249,8 @@ def _write_layer(
     per_call = max(1, EXAMPLES_PER_CALL // k)
     for start in range(0, len(info.channels), per_call):
         chunk = info.channels[start : start + per_call]
-        units, spans = [], []
+        units: list[tuple[int, Any]] = []  # (channel, hit)
+        spans: list[Any] = []
         for c in chunk:
             hits = top_hits(atlas, info.name, c, k)
             spans.append((c, len(units), len(units) + len(hits), hits))
@@ -325,7 +326,7 @@ def _e(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _shape(shape: Sequence[int]) -> str:
+def _shape(shape: Sequence[int | None]) -> str:
     return " x ".join(str(v) for v in shape) if len(shape) else "-"
 
 
@@ -373,7 +374,7 @@ def _data_text(atlas: Atlas) -> str:
     if spec is None:
         return f"{atlas.manifest.data.class_name} (Python object, no spec)"
     text = spec.spec
-    if spec.mean is not None:
+    if spec.mean is not None and spec.std is not None:
         mean = ", ".join(f"{v:g}" for v in spec.mean)
         std = ", ".join(f"{v:g}" for v in spec.std)
         text += f" (normalised: mean {mean}, std {std})"

@@ -301,7 +301,7 @@ class _Labels:
             kind, what = _label_kind(value)
             self._agree(kind, what, index)
             if self.kind in LABEL_KINDS:
-                self.values[index] = float(value) if self.kind == "float" else value  # type: ignore[arg-type]
+                self.values[index] = float(value) if self.kind == "float" else value  # type: ignore[arg-type, assignment]
 
     def prune(self, tops: Mapping[str, LayerTop]) -> None:
         """Forget the labels of examples that are no hit any more (when there are many)."""
@@ -366,7 +366,8 @@ class _State:
         self, layer: str, indices: np.ndarray, candidates: LayerCandidates, k: int
     ) -> None:
         """Merge one batch's candidates of ``layer``; ``indices`` (B,): the batch's dataset
-        indices, which ``candidates.rows`` index."""
+        indices, which ``candidates.rows`` index.
+        """
         m, channels = candidates.scores.shape
         output_shape = candidates.output_shape
         current = self.tops.get(layer)
@@ -465,7 +466,8 @@ class _BatchReducer:
         self, forward: Callable[[torch.Tensor], object], x: torch.Tensor
     ) -> dict[str, LayerCandidates]:
         """Run ``forward(x)`` (the truncated pass of ``capture``) on a batch ``x`` (B, C, ...)
-        and return every captured layer's candidates."""
+        and return every captured layer's candidates.
+        """
         self._batch_size = int(x.shape[0])
         self._candidates = {}
         forward(x)
@@ -569,9 +571,10 @@ def _sample_rate(data: SizedDataset | torch.Tensor, data_spec: DataSpec | None) 
     """The data's sample rate: the spec's, or the dataset's ``sample_rate`` attribute (checked)."""
     stated = None if data_spec is None else data_spec.sample_rate
     attribute = None
-    if not isinstance(data, torch.Tensor) and getattr(data, "sample_rate", None) is not None:
+    rate = None if isinstance(data, torch.Tensor) else getattr(data, "sample_rate", None)
+    if rate is not None:
         attribute = check_sample_rate(
-            data.sample_rate, f"the dataset's attribute {type(data).__name__}.sample_rate"
+            rate, f"the dataset's attribute {type(data).__name__}.sample_rate"
         )
     if stated is not None and attribute is not None and stated != attribute:
         raise DataError(
@@ -595,7 +598,8 @@ def _identity(
     """Fingerprint model and data (refusing channels-last layers), fill in the specs that
     ``ModelSpec.build()`` / ``DataSpec.build()`` left on them (their paths made absolute, so
     that the atlas can store them relative to where it is saved), and find the sample rate.
-    Returns the identity and the shape of the first example the fingerprint read."""
+    Returns the identity and the shape of the first example the fingerprint read.
+    """
     data_fp, example_shape = data_fingerprint(data, size)
     if example_shape is not None:
         _check_channels_first(model, example_shape, names)
@@ -669,7 +673,8 @@ def _gather_merge(state: _State, world: int, k: int) -> _State:
 def _atlas(config: _ScanConfig, state: _State, next_index: int) -> Atlas:
     """The atlas of ``state`` after the examples below ``next_index``. Its specs are relative to
     the checkpoint directory where they came from a checkpoint (a resumed scan keeps the
-    saved ones), so the atlas knows that directory before it is saved there."""
+    saved ones), so the atlas knows that directory before it is saved there.
+    """
     manifest = Manifest.of_scan(
         config.identity,
         state.tops,
@@ -688,7 +693,8 @@ def _atlas(config: _ScanConfig, state: _State, next_index: int) -> Atlas:
 
 def _load_checkpoint(directory: Path, identity: ScanIdentity) -> Atlas | None:
     """The scan saved in ``directory`` (None when there is none); refused when it is of
-    another scan."""
+    another scan.
+    """
     if not os.path.lexists(directory / MANIFEST):
         return None
     atlas = Atlas.load(directory, allow_incomplete=True)
@@ -714,7 +720,8 @@ class _Resumption:
 
     def config(self, config: _ScanConfig) -> _ScanConfig:
         """The configuration that continues the saved scan: its format version and its specs
-        as stored (equal to the caller's, relative to the checkpoint directory)."""
+        as stored (equal to the caller's, relative to the checkpoint directory).
+        """
         if self.saved is None:
             return config
         data = dataclasses.replace(config.identity.data, spec=self.saved.data.spec)
@@ -732,7 +739,8 @@ class _Resumption:
 
 def _resume(config: _ScanConfig, lock_error: LockedError | None) -> tuple[_State, _Resumption]:
     """Where this rank starts: its state and the first index; ``done`` when the checkpoint
-    holds the complete atlas. Only rank 0 carries the saved state (merged at the end)."""
+    holds the complete atlas. Only rank 0 carries the saved state (merged at the end).
+    """
     state, found = _State(), _Resumption()
     ckpt = config.checkpoint
     if lock_error is not None:
@@ -766,7 +774,7 @@ def _resume(config: _ScanConfig, lock_error: LockedError | None) -> tuple[_State
 # Device
 
 
-class _on_device:  # noqa: N801 - used as a context manager
+class _on_device:
     """Move the model to ``device`` for the scan and back afterwards (nothing when it is there)."""
 
     def __init__(self, model: nn.Module, device: str | torch.device | None) -> None:
@@ -792,7 +800,8 @@ class _Stop:
     """While a checkpointed scan runs: SIGINT and SIGTERM raise ``KeyboardInterrupt``, deferred
     to :meth:`check` while a batch is being recorded (:meth:`recording`); a second signal
     raises at once. The previous handlers come back on exit. Only in the main thread (where
-    Python runs signal handlers), and only when ``enabled``."""
+    Python runs signal handlers), and only when ``enabled``.
+    """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -810,7 +819,8 @@ class _Stop:
     @contextlib.contextmanager
     def recording(self) -> Iterator[None]:
         """Defer signals while the block runs; the state is consistent again only when the
-        block ends normally (an exception leaves it marked as half recorded)."""
+        block ends normally (an exception leaves it marked as half recorded).
+        """
         self.busy = True
         yield
         self.busy = False
@@ -914,7 +924,8 @@ def _forward(
 
 def _conform(batch: Batch, expected: tuple[int, ...] | None) -> Batch:
     """``batch``, or, when its examples have another shape than the scan's first example (a
-    batch whose items were checked against another reference), its items listed as skipped."""
+    batch whose items were checked against another reference), its items listed as skipped.
+    """
     if batch.x is None or expected is None or tuple(batch.x.shape[1:]) == expected:
         return batch
     reason = shape_mismatch(tuple(batch.x.shape[1:]), expected)

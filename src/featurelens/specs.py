@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from featurelens._extras import require_extra
-from featurelens.data import check_sample_rate
+from featurelens.data import SizedDataset, check_sample_rate
 from featurelens.errors import SpecError
 from featurelens.fingerprint import model_fingerprint
 
@@ -157,7 +157,8 @@ def absolute_path(path: str, base: str | os.PathLike[str] | None = None) -> str:
 
 def near_path(path: str, directory: str | os.PathLike[str]) -> str:
     """``path`` (absolute) relative to ``directory`` when it is near it (at most
-    :data:`NEAR_LEVELS` ``..``), else ``path`` unchanged."""
+    :data:`NEAR_LEVELS` ``..``), else ``path`` unchanged.
+    """
     try:
         rel = os.path.relpath(path, os.path.abspath(directory))
     except ValueError:  # another drive
@@ -224,7 +225,8 @@ class CodeReference:
 
     def describe(self) -> str:
         """One phrase: ``model spec 'payload.py:make' imports the Python file /a/payload.py and
-        calls make()``."""
+        calls make()``.
+        """
         head = f"{self.role} spec {self.spec!r}"
         if self.kind == "file":
             return f"{head} imports the Python file {self.target} and calls {self.call}()"
@@ -360,7 +362,8 @@ class ModelSpec:
 
     def absolute(self, base: str | os.PathLike[str] | None = None) -> ModelSpec:
         """The spec with its file and checkpoint paths absolute against ``base`` (default: the
-        current directory)."""
+        current directory).
+        """
         checkpoint = None if self.checkpoint is None else absolute_path(self.checkpoint, base)
         return ModelSpec(absolute_spec(self.spec, "model", base), self.weights, checkpoint)
 
@@ -708,11 +711,12 @@ class DataSpec:
 
     def absolute(self, base: str | os.PathLike[str] | None = None) -> DataSpec:
         """The spec with its file or folder path absolute against ``base`` (default: the
-        current directory)."""
+        current directory).
+        """
         spec = absolute_spec(self.spec, "data", base)
         return DataSpec(spec, self.input_size, self.mean, self.std, self.sample_rate)
 
-    def build(self) -> torch.utils.data.Dataset:
+    def build(self) -> SizedDataset:
         """The dataset; items are ``(tensor, label)`` pairs or tensors, ``(C, *spatial)``.
 
         The dataset remembers this spec as ``dataset.featurelens_spec`` (when it accepts

@@ -41,7 +41,7 @@ TRUSTED = "trusted"
 
 
 def home() -> Path:
-    """featurelens' per-user configuration directory (see the module docstring)."""
+    """Featurelens' per-user configuration directory (see the module docstring)."""
     explicit = os.environ.get("FEATURELENS_HOME")
     if explicit:
         return Path(explicit).expanduser()
