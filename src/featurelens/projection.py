@@ -424,7 +424,8 @@ class _Context:
 
 def _check_channel_dims(channel_dim: object) -> None:
     """Refuse a ``channel_dim`` that is neither None, an integer, nor a mapping of layer names
-    to integers (whether it fits a layer's output is checked per layer)."""
+    to integers (whether it fits a layer's output is checked per layer).
+    """
     if channel_dim is None:
         return
     values = channel_dim.items() if isinstance(channel_dim, Mapping) else [("", channel_dim)]
@@ -534,7 +535,7 @@ def _check_inputs(inputs: Any) -> torch.Tensor:
 
 
 def _as_tensor(v: Any) -> Any:
-    """numpy arrays as tensors (ints stay ints, floats stay floats and are refused later)."""
+    """Numpy arrays as tensors (ints stay ints, floats stay floats and are refused later)."""
     if isinstance(v, np.ndarray):
         return torch.from_numpy(np.ascontiguousarray(v)) if v.dtype != object else v
     return v
@@ -623,8 +624,12 @@ class _Crop:
 
     @classmethod
     def for_field(cls, rf: ReceptiveField) -> _Crop:
-        size, far = [], []
+        size, far, strides, pads = [], [], [], []
         for r, j, p, n in zip(rf.size, rf.stride, rf.padding, rf.input_shape):
+            # a regular field (see _analyse): every axis has its (size, stride, padding)
+            assert r is not None and j is not None and p is not None
+            strides.append(j)
+            pads.append(p)
             if j <= 0:
                 size.append(n)
                 far.append(n)
@@ -634,7 +639,7 @@ class _Crop:
             need = min(r + (-p) % j, n)
             size.append(need)
             far.append(n - j * ((n - need) // j))  # n - far is a multiple of j
-        return cls(tuple(size), tuple(far), rf.stride, rf.padding, rf.input_shape, rf)
+        return cls(tuple(size), tuple(far), tuple(strides), tuple(pads), rf.input_shape, rf)
 
     @property
     def is_full(self) -> bool:
@@ -656,7 +661,8 @@ class _Crop:
 
     def local(self, location: tuple[int, ...], start: tuple[int, ...]) -> tuple[int, ...]:
         """The unit's location on the crop's grid (its own on the whole input, whatever the
-        layer's rank)."""
+        layer's rank).
+        """
         if self.is_full:
             return location
         return tuple(u - a // j if a else u for u, a, j in zip(location, start, self.stride))
@@ -730,7 +736,7 @@ class _CropHazards(TorchFunctionMode):
             )
         return out
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.batch_norm:
             if args[5] if len(args) > 5 else kwargs.get("training", False):
@@ -831,14 +837,16 @@ def _traced_layout(context: _Context, layer: str, rf: ReceptiveField | None) -> 
 
 def _stated_layout(context: _Context, layer: str, probe: torch.Tensor) -> Layout:
     """The layout of a layer the trace does not reach: the caller's ``channel_dim``, else dim
-    1, as before layouts were traced (the documented gap: state ``channel_dim=``)."""
+    1, as before layouts were traced (the documented gap: state ``channel_dim=``).
+    """
     stated = context.stated_channel_dim(layer)
     return Layout.stated(tuple(probe.shape[1:]), 1 if stated is None else stated)
 
 
 def _channels_first(run: Any, layer: str, layout: Layout) -> Any:
     """``run`` (of :func:`~featurelens.graph.capture`) with the layer's output moved to
-    ``(N, C, *locations)`` (a view: gradients flow through it)."""
+    ``(N, C, *locations)`` (a view: gradients flow through it).
+    """
 
     def channels_first(x: torch.Tensor) -> dict[str, torch.Tensor]:
         return {layer: layout.to_channels_first(run(x)[layer])}
@@ -855,7 +863,8 @@ def _analyse(
     layout: Layout,
 ) -> _Layer:
     """The layer as measured by ``probe`` (its output for one example, channels first) and
-    its ``field``."""
+    its ``field``.
+    """
     shape = tuple(probe.shape[1:])
     if len(shape) < 1:
         raise ValueError(f"layer {name!r} outputs shape {tuple(probe.shape)}: no channel axis")

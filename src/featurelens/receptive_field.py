@@ -195,7 +195,8 @@ class ReceptiveField:
     @property
     def channel_dim(self) -> int:
         """The output tensor's channel dim: 1 for ``(N, C, *spatial)``, the last for a
-        channels-last map or tokens (see :attr:`layout`)."""
+        channels-last map or tokens (see :attr:`layout`).
+        """
         return 1 if self.layout is None else self.layout.channel_dim
 
     def check_channels_first(self, layer: str) -> None:
@@ -222,7 +223,8 @@ class ReceptiveField:
     @property
     def ndim(self) -> int:
         """Number of spatial axes of the input (the layer's own rank is
-        ``len(output_shape)``)."""
+        ``len(output_shape)``).
+        """
         return len(self.size)
 
     @property
@@ -321,8 +323,10 @@ class ReceptiveField:
         return tuple(out)
 
     def _box(self, coords: tuple[int | None, ...]) -> list[tuple[int, int]] | None:
-        """Per input axis the inclusive bounding box of the field at ``coords`` (see
-        :meth:`coordinates`); None if it sees only padding."""
+        """Per input axis the inclusive bounding box of the field at ``coords``.
+
+        See :meth:`coordinates`; None if it sees only padding.
+        """
         if self.bounds:
             spans = [
                 self.prefix_bounds[a] if c is None else self.bounds[a][c]
@@ -336,20 +340,24 @@ class ReceptiveField:
         return None if any(last < first for first, last in spans) else spans
 
     def _location_of(self, coords: tuple[int | None, ...]) -> tuple[int, ...]:
-        """The location whose coordinates are ``coords`` (fields without bounds only: one
-        location dim per input axis)."""
+        """The location whose coordinates are ``coords``.
+
+        For fields without bounds only: one location dim per input axis.
+        """
         return tuple(0 if c is None else c for c in coords)[: len(self.output_shape)]
 
     def _pieces(self, coords: tuple[int | None, ...]) -> list[list[tuple[int, int]]] | None:
-        """Per input axis the disjoint inclusive pieces of the field at ``coords``: its box,
-        or on an axis where it wraps the two ends of its arc (each cut to the box); None if
-        it sees only padding."""
+        """Per input axis the disjoint inclusive pieces of the field at ``coords``.
+
+        Its box, or on an axis where it wraps the two ends of its arc (each cut to the box);
+        None if it sees only padding.
+        """
         box = self._box(coords)
         if box is None:
             return None
         if not self.arcs:
             return [[span] for span in box]
-        out = []
+        out: list[list[tuple[int, int]]] = []
         for axis, (arc, (low, high), n) in enumerate(zip(self.arcs, box, self.input_shape)):
             c = coords[axis]
             if c is None:  # an extra token: its box
@@ -496,7 +504,8 @@ class _Loc:
 class _Folded:
     """A dim whose locations were folded into the field: the attention scores ``q @ k^T``
     give score ``(i, j)`` the field of ``(i, all j)``. An over-approximation until an op mixes
-    over this dim (softmax, a sum, a matmul contracting it), which makes it exact again."""
+    over this dim (softmax, a sum, a matmul contracting it), which makes it exact again.
+    """
 
     of: int | _Loc
 
@@ -528,7 +537,8 @@ def _label_digits(label: Any, lengths: Sequence[int]) -> tuple[_Digit, ...]:
 
 def _label_of(digits: Sequence[_Digit], lengths: Sequence[int]) -> int | _Loc | None:
     """The label of a dim holding ``digits`` (count-1 digits dropped): an int for one whole
-    axis, or a _Loc; the digits of one axis in a row that make the whole axis become one."""
+    axis, or a _Loc; the digits of one axis in a row that make the whole axis become one.
+    """
     merged: list[_Digit] = []
     for a, s, c in digits:
         if c == 1:
@@ -745,7 +755,8 @@ class _Field:
 
     def pin(self, axis: int, first: int, last: int) -> _Field:
         """One location on ``axis`` that sees ``first..last`` (a class token's bounds; empty
-        when ``last < first``)."""
+        when ``last < first``).
+        """
         empty = last < first
         lo = np.array([_EMPTY if empty else first], dtype=np.int64)
         hi = np.array([_NOTHING if empty else last], dtype=np.int64)
@@ -763,7 +774,8 @@ class _Field:
 
     def widened(self, axis: int, first: int, last: int) -> _Field:
         """Every location of ``axis`` also sees ``first..last`` (inclusive, in ``[0, n)``);
-        a geometry grows to the smallest one (same stride) whose intervals hold the bounds."""
+        a geometry grows to the smallest one (same stride) whose intervals hold the bounds.
+        """
         lo = np.minimum(self.first[axis], first)
         hi = np.maximum(self.last[axis], last)
         out = self._put(
@@ -965,7 +977,8 @@ class _Field:
 
 def _holds(geometry: tuple[int, int, int], first: np.ndarray, last: np.ndarray) -> bool:
     """Whether the Distill interval of ``(size, stride, padding)`` holds every location's
-    bounds (locations that see only padding hold trivially)."""
+    bounds (locations that see only padding hold trivially).
+    """
     r, j, p = geometry
     start = np.arange(len(first), dtype=np.int64) * j - p
     seen = last >= first
@@ -1030,7 +1043,8 @@ def _with_prefix_bounds(
 
 def _mix(f: _Field, label: Any) -> tuple[_Field, Any]:
     """Every location of ``label``'s dim sees all the others (self-attention over it): the
-    field and the dim's new label (its prefix tokens see everything too)."""
+    field and the dim's new label (its prefix tokens see everything too).
+    """
     if isinstance(label, int) and not isinstance(label, bool):
         return f.block(label, 1, f.lengths[label]), label
     if not isinstance(label, _Loc):
@@ -1149,7 +1163,8 @@ _OWN_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 def _source_line() -> str:
     """``" at <file>, line <n>: <code>"`` of the innermost frame of the model's own code
-    (outside torch and featurelens) on the current stack, or ``""``."""
+    (outside torch and featurelens) on the current stack, or ``""``.
+    """
     frame = sys._getframe(1)
     while frame is not None:
         filename = frame.f_code.co_filename
@@ -1411,7 +1426,8 @@ def _slide(
 
 def _mixing(out: _Out, groups: Any) -> _Out:
     """A convolution's field: with one group every output channel reads every input channel,
-    so all channels of a location see the same field again (``_Field.uniform``)."""
+    so all channels of a location see the same field again (``_Field.uniform``).
+    """
     if isinstance(out, _Field) and int(groups) == 1:
         return replace(out, uniform=True)
     return out
@@ -1456,7 +1472,8 @@ def _pool_function(call: _Call) -> _Out:
 
 def _adaptive_pool(call: _Call) -> _Out:
     """Adaptive pooling: output ``u`` of ``m`` pools input ``floor(u*n/m)`` to
-    ``ceil((u+1)*n/m) - 1`` (PyTorch's windows; global when ``m`` is 1)."""
+    ``ceil((u+1)*n/m) - 1`` (PyTorch's windows; global when ``m`` is 1).
+    """
     d = call.kernel_dims()
     axes = _kernel_axes(call)
     x, result = call.x, call.output
@@ -1546,7 +1563,8 @@ def _replicate_pad(f: _Field, axis: int, left: int, n: int, n_out: int) -> _Fiel
 
 def _circular_pad(f: _Field, axis: int, left: int, n: int, n_out: int) -> _Field:
     """The axis wrapped around: position -1 reads n - 1, which the bounds hold as seen past
-    the near end (see :class:`_Field`)."""
+    the near end (see :class:`_Field`).
+    """
     i = np.arange(n_out, dtype=np.int64) - left
     return f.gather(axis, (i % n)[:, None], wrap=(i // n)[:, None], window=(1, 1, left, 1))
 
@@ -1620,7 +1638,8 @@ def _transposed(call: _Call, kernel: Any, stride: Any, padding: Any, dilation: A
     tap ``t`` (``output_padding`` only adds locations at the far end: the output's shape
     says how many). With stride 1 it is a convolution (a regular window); with a larger
     stride neighbouring outputs read different numbers of inputs: the axis becomes
-    irregular."""
+    irregular.
+    """
     d = call.kernel_dims()
     k, s = _ntuple(kernel, d), _ntuple(stride, d)
     q, dil = _ntuple(padding, d), _ntuple(dilation, d)
@@ -1734,8 +1753,8 @@ def _resampled_taps(
             stop = min(start + rows, n_in)
             eye = torch.zeros(stop - start, n_in, dtype=dtype, device=device)
             eye[torch.arange(stop - start), torch.arange(start, stop)] = 1
-            b, u = torch.nonzero(resample(eye), as_tuple=True)
-            pairs.append((u.cpu().numpy(), (b + start).cpu().numpy()))
+            rows_hit, units = torch.nonzero(resample(eye), as_tuple=True)
+            pairs.append((units.cpu().numpy(), (rows_hit + start).cpu().numpy()))
     u = np.concatenate([p[0] for p in pairs]).astype(np.int64)
     t = np.concatenate([p[1] for p in pairs]).astype(np.int64)
     order = np.lexsort((t, u))
@@ -1973,7 +1992,8 @@ def _reshape(call: _Call) -> _Out:
 
 def _distribute(digits: list[_RDigit], sizes: list[int]) -> list[list[_RDigit]] | None:
     """Deal ``digits`` (most significant first) out to output dims of ``sizes``, row-major,
-    splitting a digit where a dim takes its more significant part. None if impossible."""
+    splitting a digit where a dim takes its more significant part. None if impossible.
+    """
     queue = list(digits)
     out: list[list[_RDigit]] = []
     for k, m in enumerate(sizes):
@@ -2182,7 +2202,8 @@ def _operand(f: _Field, x: torch.Tensor, nd: int) -> _Operand:
 
 def _combine(call: _Call, operands: Sequence[_Operand], out_shape: Sequence[int]) -> _Field:
     """The union of operands over the same (broadcast) output dims: the labels of the dims
-    they hold, the roles, and the fields per input axis."""
+    they hold, the roles, and the fields per input axis.
+    """
     nd = len(out_shape)
     labels: list[Any] = [None] * nd
     roles: list[str | None] = [None] * nd
@@ -2239,7 +2260,8 @@ def _varies_along_locations(c: torch.Tensor, labels: Sequence[Any]) -> bool:
 def _concatenate(call: _Call) -> _Out:
     """cat: along channels a union. Along a dim of locations, only constants around the one
     tensor with a field: on one axis they pad it (zeros, a learned border); before a
-    flattened grid they are extra tokens (a ViT's class token), which see nothing yet."""
+    flattened grid they are extra tokens (a ViT's class token), which see nothing yet.
+    """
     nd = call.output.dim()
     dim = int(call.args["dim"]) % nd
     if not any(f.dims[dim % x.dim()] is not None for f, x in call.inputs):
@@ -2430,7 +2452,8 @@ def _slice(
 
 def _setitem(call: _Call) -> _Out:
     """``x[index] = value``: the new field of ``x`` (written along channels or other non-
-    location dims only; a write into part of a spatial axis is refused)."""
+    location dims only; a write into part of a spatial axis is refused).
+    """
     target, value = call.args["input"], call.args["value"]
     ft = call.field_of(target)
     fv = call.field_of(value) if isinstance(value, torch.Tensor) else None
@@ -2473,7 +2496,8 @@ def _setitem(call: _Call) -> _Out:
 
 def _roll(call: _Call) -> _Out:
     """``torch.roll`` along spatial dims: a circular shift of locations (Swin's shifted
-    windows), held like a circular border (see :func:`_circular_pad`)."""
+    windows), held like a circular border (see :func:`_circular_pad`).
+    """
     f, x = call.field, call.x
     shifts, dims = call.args["shifts"], call.args["dims"]
     shifts = list(shifts) if isinstance(shifts, (list, tuple)) else [shifts]
@@ -2508,7 +2532,8 @@ def _contract(
     keys). Where the output keeps the same locations on another dim (``keep``: self-attention)
     each location sees all it sums over (a mix; the dim's label, with its extra tokens' new
     bounds, is returned in its place for the caller to merge); otherwise they are pooled away
-    (the label becomes None)."""
+    (the label becomes None).
+    """
     label = dims[dim]
     same = isinstance(label, _Loc) and isinstance(keep, _Loc) and (label.parts, label.prefix) == (
         keep.parts, keep.prefix)  # fmt: skip
@@ -2573,7 +2598,8 @@ def _attend(call: _Call, q: Any, k: Any, v: Any, token: int) -> _Field:
     """Attention of queries ``q`` over keys ``k`` and values ``v`` (tokens at dim ``token``,
     features last): each query location sees itself and every key/value location it attends
     (the same window, or the whole map). Masks are ignored: a masked score still weighs its
-    value a little (timm's -100), so the field is the same."""
+    value a little (timm's -100), so the field is the same.
+    """
     result = call.output
     nd = result.dim()
     fq = call.field_of(q) if isinstance(q, torch.Tensor) else None
@@ -2619,7 +2645,8 @@ def _sdpa(call: _Call) -> _Out:
 
 def _multihead_attention(call: _Call) -> _Out:
     """nn.MultiheadAttention: ``(L, N, E)`` (``(N, L, E)`` with batch_first); returns the
-    output and the attention weights (no field)."""
+    output and the attention weights (no field).
+    """
     m = call.module(nn.MultiheadAttention)
     a = call.args
     for name in ("key_padding_mask", "attn_mask"):
@@ -2639,7 +2666,8 @@ def _multihead_attention(call: _Call) -> _Out:
 
 def _no_field(call: _Call) -> _Out:
     """Shape queries (``x.size()``, ``x.shape``) and new constants (``x.new_zeros``): not a
-    tensor of the input's positions."""
+    tensor of the input's positions.
+    """
     return None
 
 
@@ -3065,7 +3093,8 @@ def _function_rule(op: Any) -> _Rule | None:
 
 def _classify(func: Any) -> tuple[str, Any]:
     """What a ``__torch_function__`` call is: ``("property", name)`` for ``x.shape``,
-    ``("method", name)`` for tensor methods and operators, ``("function", func)`` else."""
+    ``("method", name)`` for tensor methods and operators, ``("function", func)`` else.
+    """
     if type(func).__name__ == "method-wrapper" and getattr(func, "__name__", "") == "__get__":
         return "property", getattr(getattr(func, "__self__", None), "__name__", "?")
     head, _, tail = (getattr(func, "__qualname__", "") or "").partition(".")
@@ -3081,7 +3110,8 @@ def _classify(func: Any) -> tuple[str, Any]:
 @dataclass
 class _Output:
     """What a layer's first call returned: a tensor (its field, or None: a constant), a
-    list/tuple of tensors (what makes each element) or something else."""
+    list/tuple of tensors (what makes each element) or something else.
+    """
 
     kind: str  # "tensor", "list", "tuple", "inside" (of a module handled as a whole), "other"
     field: _Field | None = None
@@ -3185,7 +3215,7 @@ class _Tracer(TorchFunctionMode):
             self.outputs[name] = _Output("other", owner=type(out).__name__)
 
     # ---- torch calls -----------------------------------------------------------------------
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if self.quiet or self.busy or self.passive:
             return func(*args, **kwargs)
@@ -3243,7 +3273,8 @@ class _Tracer(TorchFunctionMode):
 
     def _check_alias(self, call: _Call, target: torch.Tensor, out: _Out) -> None:
         """Refuse an in-place update that changes the field of memory another tensor shares
-        (the other tensor's field would silently go stale)."""
+        (the other tensor's field would silently go stale).
+        """
         new = out[0] if isinstance(out, tuple) else out
         old = self.fields.get(target)
         same = (old is None and new is None) or (
@@ -3300,7 +3331,8 @@ class _Tracer(TorchFunctionMode):
 
 def _with_roles(rule: _Rule, out: _Out, result: Any) -> _Out:
     """A kernel op's output ``(N, C, *ndim locations)`` has those roles, whatever its handler
-    kept (a signal the model unsqueezed to ``(N, 1, L, 1)`` gets its channel dim here)."""
+    kept (a signal the model unsqueezed to ``(N, 1, L, 1)`` gets its channel dim here).
+    """
     if rule.ndim is None:
         return out
     first = out[0] if isinstance(out, tuple) else out
