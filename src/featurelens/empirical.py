@@ -294,7 +294,7 @@ def empirical_receptive_field(
         loc = check_location(loc, y.shape[2:], where=f"layer {layer!r} outputs")
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    target = y[(0, slice(None), *loc)].sum()
+    target = y[(0, slice(None), *loc)].sum()  # type: ignore[index]  # ints, not objects
     (grad,) = torch.autograd.grad(target, x)
     mask = (grad[0] != 0).any(dim=0).cpu()
     region = []

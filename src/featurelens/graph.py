@@ -351,12 +351,15 @@ def trace(model: nn.Module) -> Traced:
         maker[node] = name
     calls = {name: len(nodes) for name, nodes in tracer.calls.items()}
     for name, nodes in tracer.calls.items():
-        for node in nodes:
-            if node is not None and node not in maker and name:
-                maker[node] = name
+        for called in nodes:
+            if called is not None and called not in maker and name:
+                maker[called] = name
     elements = {
         name: tuple(
-            element_maker(maker.get(e) if e is not None else None, calls.get(maker.get(e), 1))
+            element_maker(
+                made := (maker.get(e) if e is not None else None),
+                calls.get(made, 1) if made is not None else 1,
+            )
             for e in nodes
         )
         for name, nodes in tracer.elements.items()

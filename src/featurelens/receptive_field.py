@@ -53,6 +53,7 @@ import itertools
 import linecache
 import os
 import sys
+import types
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -1162,10 +1163,10 @@ _OWN_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 def _source_line() -> str:
-    """``" at <file>, line <n>: <code>"`` of the innermost frame of the model's own code
+    """``" at <file>:<n>: <code>"`` of the innermost frame of the model's own code
     (outside torch and featurelens) on the current stack, or ``""``.
     """
-    frame = sys._getframe(1)
+    frame: types.FrameType | None = sys._getframe(1)
     while frame is not None:
         filename = frame.f_code.co_filename
         if not filename.startswith((_TORCH_DIR, _OWN_DIR)) and not filename.startswith("<"):
@@ -2105,7 +2106,10 @@ def _extreme(call: _Call) -> _Out:
     if isinstance(dim, torch.Tensor):  # torch.max(a, b): elementwise
         return _elementwise(call)
     out = _reduce(replace(call, result=call.output))
-    return (out, None) if isinstance(call.result, tuple) else out
+    if isinstance(call.result, tuple):
+        assert not isinstance(out, tuple)  # a reduction's one field
+        return (out, None)
+    return out
 
 
 def _variance(call: _Call) -> _Out:
@@ -2621,11 +2625,11 @@ def _attend(call: _Call, q: Any, k: Any, v: Any, token: int) -> _Field:
         ft2, labels = _contract(ft, list(ft.dims), tok, qlabel, call.where)
         roles = list(ft.roles)
         roles[-1] = roles[tok] = None
-        _, dims, rls, shape = _operand(ft2.with_dims(labels, roles), t, nd)
-        shape = list(shape)
-        shape[token % nd] = result.shape[token % nd]
-        shape[-1] = result.shape[-1]
-        operands.append((ft2, dims, rls, tuple(shape)))
+        _, dims, rls, operand_shape = _operand(ft2.with_dims(labels, roles), t, nd)
+        sizes = list(operand_shape)
+        sizes[token % nd] = result.shape[token % nd]
+        sizes[-1] = result.shape[-1]
+        operands.append((ft2, dims, rls, tuple(sizes)))
     return _combine(call, operands, tuple(result.shape))
 
 
