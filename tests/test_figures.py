@@ -167,7 +167,7 @@ def test_1d_and_3d_models():
 
 
 class _Net(torch.nn.Module):
-    """conv -> (optionally permuted to channels-last) -> F.interpolate -> conv."""
+    """conv -> (optionally permuted to channels-last) -> cumsum along the width -> conv."""
 
     def __init__(self, channels_last: bool = False) -> None:
         super().__init__()
@@ -178,7 +178,7 @@ class _Net(torch.nn.Module):
 
     def forward(self, x):
         y = self.back(self.permute(self.conv0(x)))
-        return self.conv(torch.nn.functional.interpolate(y, scale_factor=2))
+        return self.conv(torch.cumsum(y, dim=-1))  # no receptive field of one box
 
 
 def test_a_channels_last_layer_is_a_clear_error():
@@ -193,8 +193,9 @@ def test_a_channels_last_layer_is_a_clear_error():
 
 
 def test_a_layer_without_receptive_field_shows_the_whole_input():
-    # F.interpolate has no receptive field of one interval per location: whole-input boxes,
-    # and each projection is the unit's plain gradient over the whole input.
+    # cumsum is an operation the receptive-field engine does not know (F.interpolate was, until
+    # it learnt upsampling): whole-input boxes, each projection the unit's plain gradient over
+    # the whole input.
     torch.manual_seed(0)
     model = _Net().eval()
     x = torch.randn(6, 1, 10, 12)
@@ -205,7 +206,7 @@ def test_a_layer_without_receptive_field_shows_the_whole_input():
         fig = zf_figure(model, x, atlas, "conv", 2, "gradient", 3, "signed")
     assert "receptive field not computable: whole input shown" in fig.meta["title"]
     assert fig.meta["receptive_field"] is None
-    assert "interpolate" in fig.meta["receptive_field_error"]
+    assert "cumsum" in fig.meta["receptive_field_error"]
     assert fig.layout.cell_shape == (10, 12)  # every box is the whole input
     hits = atlas.top("conv", 2)
     with pytest.warns(featurelens.CropWarning):
