@@ -63,11 +63,11 @@ def silu(tmp_path_factory):
 
 class _DeconvReLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x):  # noqa: ANN001, ANN205
+    def forward(ctx, x):
         return x.clamp(min=0)
 
     @staticmethod
-    def backward(ctx, g):  # noqa: ANN001, ANN205
+    def backward(ctx, g):
         return g.clamp(min=0)  # deconvnet: rectify the signal, ignore the forward mask
 
 

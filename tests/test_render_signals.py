@@ -29,7 +29,7 @@ def decode(image: Image.Image) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(save_png(image))).convert("RGB")).astype(int)
 
 
-def panel(pixels: np.ndarray, rect) -> np.ndarray:  # noqa: ANN001
+def panel(pixels: np.ndarray, rect) -> np.ndarray:
     left, top, right, bottom = rect
     return pixels[top:bottom, left:right]
 

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.skipif(
 
 
 class Labelled(torch.utils.data.Dataset):
-    def __init__(self, x: torch.Tensor, label, sample_rate: float | None = None) -> None:  # noqa: ANN001
+    def __init__(self, x: torch.Tensor, label, sample_rate: float | None = None) -> None:
         self.x, self.label = x, label
         if sample_rate is not None:
             self.sample_rate = sample_rate
@@ -36,7 +36,7 @@ class Labelled(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.x)
 
-    def __getitem__(self, i: int):  # noqa: ANN204
+    def __getitem__(self, i: int):
         return self.x[i], self.label(i)
 
 
@@ -51,7 +51,7 @@ class Cards(HTMLParser):
         self.row: list[str] | None = None
         self.cell: list[str] | None = None
 
-    def handle_starttag(self, tag, attrs):  # noqa: ANN001
+    def handle_starttag(self, tag, attrs):
         a = dict(attrs)
         if tag == "section" and "card" in a.get("class", ""):
             self.card = self.cards.setdefault(int(a["id"].split("-")[1]),
@@ -67,7 +67,7 @@ class Cards(HTMLParser):
         elif tag == "meter" and self.row is not None:
             self.row.append(a["value"])
 
-    def handle_endtag(self, tag):  # noqa: ANN001
+    def handle_endtag(self, tag):
         if tag in ("td", "th") and self.cell is not None and self.row is not None:
             self.row.append("".join(self.cell).strip())
             self.cell = None
@@ -77,12 +77,12 @@ class Cards(HTMLParser):
         elif tag == "section":
             self.card = None
 
-    def handle_data(self, data):  # noqa: ANN001
+    def handle_data(self, data):
         if self.cell is not None:
             self.cell.append(data)
 
 
-def cards(path) -> dict[int, dict[str, list]]:  # noqa: ANN001
+def cards(path) -> dict[int, dict[str, list]]:
     parser = Cards()
     parser.feed(path.read_text())
     return parser.cards

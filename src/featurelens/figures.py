@@ -112,7 +112,8 @@ def check_render_options(
 def other_activations_note(method: str, other_activations: str) -> str | None:
     """The caption that says a figure passed other activations as plain gradients, or None
     when ``other_activations`` changed nothing (``"error"``, or a method that is the plain
-    gradient everywhere)."""
+    gradient everywhere).
+    """
     if other_activations == "gradient" and not get_rule(method).autograd:
         return (
             f"{method} through rectifiers; other activations (GELU, SiLU, Hardswish, ...) "
@@ -149,7 +150,8 @@ def hit_captions(hits: Sequence[Hit], signal: bool) -> list[str] | None:
 
 def model_dtype(model: nn.Module) -> torch.dtype:
     """The floating dtype inputs must have for ``model``: its first floating parameter's
-    (else buffer's) dtype, else torch's default dtype."""
+    (else buffer's) dtype, else torch's default dtype.
+    """
     for t in (*model.parameters(), *model.buffers()):
         if t.is_floating_point():
             return t.dtype
@@ -316,6 +318,7 @@ def top_hits(atlas: Atlas, layer: str, channel: int, k: int) -> list[Hit]:
 
 
 def zf_title(layer: str, channel: int, method: str, style: str, rf: ReceptiveField | None) -> str:
+    """The title of a channel's figure: layer, channel, method, style and what its patches show."""
     if rf is None:
         field = "receptive field not computable: whole input shown"
     else:

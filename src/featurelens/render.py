@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import torch
@@ -183,6 +183,7 @@ class Style:
         return _apply_cmap(self.cmap, (values - lo) / (hi - lo))
 
     def __call__(self, proj: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+        """Normalise then colour ``proj``: an RGB image in ``[0, 1]``."""
         return self.colorize(self.normalize(proj, valid))
 
 
@@ -226,7 +227,7 @@ def get_style(style: str | Style) -> Style:
 # Cells
 
 
-def box_of(rf, location: Sequence[int]) -> Box:  # noqa: ANN001 - a ReceptiveField
+def box_of(rf, location: Sequence[int]) -> Box:
     """The unclipped box of ``location`` (the whole input when the field is global or irregular)."""
     if rf.is_global or not rf.regular:  # an irregular field has no box of one size
         return tuple((0, n - 1) for n in rf.input_shape)
@@ -254,7 +255,7 @@ def crop_box(x: np.ndarray, box: Box) -> tuple[np.ndarray, np.ndarray]:
             return cell, valid
         src.append(slice(lo, hi + 1))
         dst.append(slice(lo - first, hi - first + 1))
-    cell[(..., *dst)] = x[(..., *src)]
+    cell[(Ellipsis, *dst)] = x[(Ellipsis, *src)]  # type: ignore[index, arg-type]  # numpy's stubs
     valid[tuple(dst)] = True
     return cell, valid
 
@@ -510,15 +511,21 @@ class Figure:
     meta: dict = field(default_factory=dict)
 
     def to_png(self) -> bytes:
+        """The picture as PNG bytes."""
         return save_png(self.image)
 
     def _repr_png_(self) -> bytes:
         return self.to_png()
 
     def save(self, path: str | Path) -> Path:
+        """Write the picture as a PNG file at ``path``; returns the path."""
         return save_png(self.image, path)
 
 
+@overload
+def save_png(image: Image.Image, path: None = None) -> bytes: ...
+@overload
+def save_png(image: Image.Image, path: str | Path) -> Path: ...
 def save_png(image: Image.Image, path: str | Path | None = None) -> bytes | Path:
     """Encode ``image`` as PNG (no timestamps: the same image gives the same bytes).
 
@@ -730,7 +737,8 @@ CHANNEL_COLORS = (
 
 def is_signal_shape(spatial: Sequence[int]) -> bool:
     """Whether inputs of spatial shape ``spatial`` are drawn as signals: one axis, or two
-    where one has size 1 (``(L, 1)``, ``(1, L)``)."""
+    where one has size 1 (``(L, 1)``, ``(1, L)``).
+    """
     return len(spatial) == 1 or (len(spatial) == 2 and 1 in tuple(spatial))
 
 
@@ -788,14 +796,16 @@ class SignalAxis:
 
     def column(self, sample: float) -> int:
         """The column whose span holds the sample coordinate ``sample`` (clipped to the
-        window)."""
+        window).
+        """
         c = math.floor((sample - self.first + 0.5) * self.width / self.samples)
         return min(self.width - 1, max(0, c))
 
 
 def signal_width(samples: int, target: int = SIGNAL_WIDTH) -> int:
     """Display columns for a window of ``samples``: a multiple of it up to ``target``, else
-    ``target``."""
+    ``target``.
+    """
     return target if samples >= target else samples * (target // samples)
 
 
@@ -816,7 +826,8 @@ class SignalRow:
 @dataclass(frozen=True)
 class SignalLayout:
     """Where everything of a signal figure lies (display pixels): one :class:`SignalRow` per
-    hit (ZF figure) or per channel (layer sheet)."""
+    hit (ZF figure) or per channel (layer sheet).
+    """
 
     size: tuple[int, int]  # (width, height)
     rows: tuple[SignalRow, ...]
@@ -851,7 +862,8 @@ def _envelope(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(width,) lowest and highest value of the polyline through ``(t, v[t])``, ``t`` in
     ``span``, over each column: a column's vertical stroke, so that consecutive strokes join
-    into the curve whatever the number of samples per column."""
+    into the curve whatever the number of samples per column.
+    """
     i0, i1 = span
     e = np.clip(axis.edges(), i0, i1)
     left, right = e[:-1], e[1:]
@@ -874,7 +886,8 @@ def _paint(
     canvas: np.ndarray, top: np.ndarray, bottom: np.ndarray, cols: np.ndarray, color: Any
 ) -> None:
     """Fill rows ``top[c]..bottom[c]`` of every column ``c`` where ``cols``; ``color`` one
-    RGB or one per column ``(width, 3)``."""
+    RGB or one per column ``(width, 3)``.
+    """
     rows = np.arange(canvas.shape[0])[:, None]
     mask = (rows >= top[None, :]) & (rows <= bottom[None, :]) & cols[None, :]
     color = np.asarray(color, dtype=np.uint8)
@@ -940,7 +953,8 @@ def _draw_waveform_projection(
 ) -> np.ndarray:
     """The projection ``p`` (C, W) in ``style``: per-channel curves for a style without a
     colour map (``rgb``), else the normalised values filled from their zero and coloured by
-    the style's colour map."""
+    the style's colour map.
+    """
     span = _span(valid)
     drawn = _drawn_columns(axis, span)
     canvas = _panel(axis, height, drawn)
@@ -973,14 +987,16 @@ SPECTROGRAM_DB = 80.0
 
 def stft_size(samples: int) -> int:
     """The FFT length of a spectrogram of ``samples`` samples: the power of 2 nearest to a
-    quarter of them, between 16 and 2048 (hop: a quarter of it)."""
+    quarter of them, between 16 and 2048 (hop: a quarter of it).
+    """
     return 2 ** int(np.clip(round(math.log2(max(samples, 1) / 4)), 4, 11))
 
 
 def log_spectrogram(values: np.ndarray) -> tuple[np.ndarray, int]:
     """``(C, n)`` samples -> ``((T, F) power in dB, hop)``: the Hann-windowed short-time
     Fourier transform (FFT length :func:`stft_size`, frames centred every ``hop`` samples from
-    sample 0, zeros beyond the ends), power averaged over channels."""
+    sample 0, zeros beyond the ends), power averaged over channels.
+    """
     n = values.shape[1]
     n_fft = stft_size(n)
     hop = max(1, n_fft // 4)
@@ -997,7 +1013,8 @@ def _draw_spectrogram(
     v: np.ndarray, valid: np.ndarray, axis: SignalAxis, height: int
 ) -> np.ndarray:
     """The log-magnitude spectrogram of ``v`` (C, W) over its valid samples: time along x
-    (aligned with the window's columns), frequency up from 0 to half the sample rate."""
+    (aligned with the window's columns), frequency up from 0 to half the sample rate.
+    """
     span = _span(valid)
     drawn = _drawn_columns(axis, span)
     canvas = _panel(axis, height, drawn)
@@ -1078,7 +1095,7 @@ def get_signal_view(view: str | SignalView) -> SignalView:
     return SIGNAL_VIEWS[view]
 
 
-def _unnormalise(x: np.ndarray, mean: Sequence[float] | None, std: Sequence[float] | None):  # noqa: ANN202
+def _unnormalise(x: np.ndarray, mean: Sequence[float] | None, std: Sequence[float] | None):
     if mean is None or std is None:
         return x
     c = x.shape[0]
@@ -1273,7 +1290,8 @@ def _nice_step(extent: float, count: int = TICKS - 1) -> float:
 
 def signal_ticks(axis: SignalAxis, sample_rate: float | None = None) -> list[tuple[float, str]]:
     """``(sample coordinate, text)`` of a window's tick labels: round numbers of samples, or
-    of milliseconds when ``sample_rate`` is known, inside ``first..last``."""
+    of milliseconds when ``sample_rate`` is known, inside ``first..last``.
+    """
     scale = 1000.0 / sample_rate if sample_rate else 1.0  # display units per sample
     lo, hi = axis.first * scale, axis.last * scale
     step = _nice_step(hi - lo) if hi > lo else 1.0
@@ -1372,7 +1390,8 @@ def render_signal_sheet(
 class SheetLayout:
     """Where the tiles of a layer sheet lie: per tile the projection and patch rectangles
     (half-open, display pixels) and the label's position; ``cell_size`` (h, w) in display
-    pixels (``scale`` 0 when the cells were resampled)."""
+    pixels (``scale`` 0 when the cells were resampled).
+    """
 
     size: tuple[int, int]
     scale: int

@@ -21,8 +21,9 @@ Images carry ``loading="lazy"`` and their size, so a page of 512 cards stays usa
 projections are batched over many channels per call (:func:`featurelens.figures.project_hits`)
 and a tqdm bar counts channels. The atlas directory is only read. Every file is written
 through a temporary file and ``os.replace`` (a browser or a killed run never sees half a
-file), and a report written over an older one removes the channel images and clips it no
-longer draws. Every text that comes from the atlas or the model (layer names, specs, class
+file); the site is built in a temporary folder beside DIR and moved into place only when
+complete (:func:`featurelens.files.replaced_directory`), so an earlier report's pages, images
+and clips are replaced whole and a failed run leaves nothing partial. Every text that comes from the atlas or the model (layer names, specs, class
 names, labels, errors of skipped examples) is HTML-escaped, in text and in attributes.
 """
 
@@ -56,7 +57,7 @@ from featurelens.figures import (
     top_hits,
     zf_title,
 )
-from featurelens.files import atomic_write
+from featurelens.files import atomic_write, replaced_directory
 from featurelens.receptive_field import ReceptiveField
 from featurelens.render import (
     SheetTiles,
@@ -144,8 +145,14 @@ def write_report(
     progress: bool = True,
     other_activations: str = "error",
     signal_view: str = "waveform",
+    trust_code: bool = False,
 ) -> Path:
     """Write the HTML atlas of ``atlas`` into ``out``; returns the path of ``index.html``.
+
+    The site is built in a temporary folder next to ``out`` and moved into place only when it
+    is complete (:func:`featurelens.files.replaced_directory`): a report that fails or is
+    interrupted leaves no partial directory, and an earlier report in ``out`` is replaced
+    whole (atomically on Linux). Files in ``out`` that a report does not write are kept.
 
     Parameters
     ----------
@@ -171,6 +178,9 @@ def write_report(
         from the atlas is moved there.
     progress
         Show a tqdm bar counting channels.
+    trust_code
+        Rebuild model and data from an atlas that this user did not make on this machine
+        (:meth:`Atlas.build_model`): only for atlases from a source you trust.
     other_activations
         Under ``deconvnet``/``guided``: ``"error"`` (default) or ``"gradient"`` to pass
         activations that are not rectifiers (GELU, SiLU, ...) as plain gradients, as for
@@ -188,6 +198,8 @@ def write_report(
     ------
     FileNotFoundError, AtlasError
         No atlas, an incomplete scan (resume it first), another format version.
+    UntrustedAtlasError
+        Rebuilding would run code the atlas names, and it is not trusted (``trust_code``).
     LayerError, ValueError
         A layer the atlas lacks (the valid ones are listed), an unknown method, style,
         signal view or ``other_activations``, a spectrogram of images, ``out`` inside the
@@ -219,12 +231,20 @@ def write_report(
     chosen_layers = list(atlas.layers) if layers is None else list(layers)
     for name in chosen_layers:
         atlas.layer(name)  # a LayerError listing the atlas' layers
+    source = atlas_dir if atlas_dir is not None else atlas.directory
+    if source is not None and is_within(source, out):
+        entry = Path(os.path.relpath(Path(source).resolve(), out.resolve())).parts[0]
+        if _is_report_entry(entry):
+            raise ReportError(
+                f"the atlas {str(source)!r} lies inside --out {str(out)!r} under {entry!r}, "
+                "which a report replaces: choose another directory"
+            )
     if model is None:
-        model = atlas.build_model()
+        model = atlas.build_model(trust_code=trust_code)
         if device is not None:  # our own copy: it may live where the projections run
             model.to(device)
     if data is None:
-        data = atlas.build_data()
+        data = atlas.build_data(trust_code=trust_code)
     k = atlas.top_k if k is None else min(k, atlas.top_k)
     mean, std = normalisation(atlas, None, None)
     options = _Options(
@@ -254,29 +274,36 @@ def write_report(
             _LayerInfo(name, slug, picked, total, tuple(atlas.output_shape(name)), rf, err)
         )
 
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "style.css", _CSS.encode())
-    from tqdm.auto import tqdm
+    final = out
+    with replaced_directory(final, _is_report_entry, last=("index.html",)) as out:
+        atomic_write(out / "style.css", _CSS.encode())
+        from tqdm.auto import tqdm
 
-    bar = tqdm(
-        total=sum(len(info.channels) for info in infos),
-        unit="channel",
-        desc="report",
-        disable=not progress,
+        bar = tqdm(
+            total=sum(len(info.channels) for info in infos),
+            unit="channel",
+            desc="report",
+            disable=not progress,
+        )
+        sheets: dict[str, tuple[int, int] | None] = {}
+        clips = _Clips(out, options) if options.audio else None
+        try:
+            for info in infos:
+                sheets[info.name] = _write_layer(
+                    out, model, data, atlas, info, options, bar, infos, clips
+                )
+        finally:
+            bar.close()
+        page = _index_page(atlas, atlas_dir, infos, sheets, options)
+        atomic_write(out / "index.html", page.encode())
+    return final / "index.html"
+
+
+def _is_report_entry(name: str) -> bool:
+    """Whether ``name`` (an entry of an output directory) is something a report writes."""
+    return name in ("index.html", "style.css", "img", "audio") or bool(
+        re.fullmatch(r"layer-.+\.html", name)
     )
-    sheets: dict[str, tuple[int, int] | None] = {}
-    clips = _Clips(out, options) if options.audio else None
-    try:
-        for info in infos:
-            sheets[info.name] = _write_layer(
-                out, model, data, atlas, info, options, bar, infos, clips
-            )
-    finally:
-        bar.close()
-    _Clips.remove_stale(out, clips.written if clips is not None else set())
-    index = out / "index.html"
-    atomic_write(index, _index_page(atlas, atlas_dir, infos, sheets, options).encode())
-    return index
 
 
 def _write_layer(
@@ -301,7 +328,8 @@ def _write_layer(
     per_call = max(1, EXAMPLES_PER_CALL // k)
     for start in range(0, len(info.channels), per_call):
         chunk = info.channels[start : start + per_call]
-        units, spans = [], []
+        units: list[tuple[int, Any]] = []  # (channel, hit)
+        spans: list[Any] = []
         for c in chunk:
             hits = top_hits(atlas, info.name, c, k)
             spans.append((c, len(units), len(units) + len(hits), hits))
@@ -358,9 +386,8 @@ def _write_layer(
 
 class _Clips:
     """The WAV clips of a report: each hit's receptive-field window inside its example, at the
-    atlas' sample rate, written once per (example, window) under ``audio/``."""
-
-    PATTERN = re.compile(r"example-\d+-\d+-\d+\.wav")
+    atlas' sample rate, written once per (example, window) under ``audio/``.
+    """
 
     def __init__(self, out: Path, options: _Options) -> None:
         self.dir = out / "audio"
@@ -369,7 +396,8 @@ class _Clips:
 
     def write(self, example: torch.Tensor, box: Any, index: int) -> str | None:
         """The page-relative path of the clip of ``box`` (unclipped) in ``example``
-        ``(C, *spatial)``; None when the window holds no sample of the input."""
+        ``(C, *spatial)``; None when the window holds no sample of the input.
+        """
         import numpy as np
 
         x = example.detach().to("cpu", torch.float64).numpy()
@@ -395,21 +423,12 @@ class _Clips:
             self.written.add(name)
         return f"audio/{name}"
 
-    @classmethod
-    def remove_stale(cls, out: Path, written: set[str]) -> None:
-        """Delete clips an earlier report left in ``out/audio`` that this one did not write."""
-        folder = out / "audio"
-        if not folder.is_dir():
-            return
-        for path in folder.iterdir():
-            if cls.PATTERN.fullmatch(path.name) and path.name not in written and path.is_file():
-                path.unlink(missing_ok=True)
-
 
 def wav_bytes(samples: Any, sample_rate: float) -> bytes:
     """A mono 16-bit PCM WAV of ``samples`` (1-D floats), peak-normalised to 0.9 of full scale
     (silence stays silent), at ``sample_rate`` rounded to whole hertz. No timestamps: the same
-    samples give the same bytes."""
+    samples give the same bytes.
+    """
     import io
     import wave
 
@@ -430,7 +449,8 @@ def wav_bytes(samples: Any, sample_rate: float) -> bytes:
 def _label_histogram(atlas: Atlas, layer: str, channel: int, k: int) -> Any:
     """The label histogram of the channel's top ``k`` (:meth:`Atlas.label_histogram`), None
     when the atlas records no labels. Integer labels with more than
-    :data:`MAX_LABEL_CATEGORIES` distinct values among the hits are binned like floats."""
+    :data:`MAX_LABEL_CATEGORIES` distinct values among the hits are binned like floats.
+    """
     if getattr(atlas, "label_kind", None) is None:
         return None
     histogram = atlas.label_histogram(layer, channel, k)
@@ -463,7 +483,7 @@ def _e(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _shape(shape: Sequence[int]) -> str:
+def _shape(shape: Sequence[int | None]) -> str:
     return " x ".join(str(v) for v in shape) if len(shape) else "-"
 
 
@@ -511,7 +531,7 @@ def _data_text(atlas: Atlas) -> str:
     if spec is None:
         return f"{atlas.manifest.data.class_name} (Python object, no spec)"
     text = spec.spec
-    if spec.mean is not None:
+    if spec.mean is not None and spec.std is not None:
         mean = ", ".join(f"{v:g}" for v in spec.mean)
         std = ", ".join(f"{v:g}" for v in spec.std)
         text += f" (normalised: mean {mean}, std {std})"
