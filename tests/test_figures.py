@@ -14,7 +14,7 @@ from conftest import Permute, assert_unchanged, snapshot
 from featurelens.atlas import ChannelError
 from featurelens.figures import layer_sheet, project_hits, zf_figure, zf_grid
 from featurelens.graph import LayerError
-from featurelens.render import PAD_COLORS, StyleError, render_layer_sheet, save_png
+from featurelens.render import PAD_COLORS, SignalLayout, StyleError, render_layer_sheet, save_png
 from test_render import reference_crop
 
 MEAN, STD = (0.3,), (0.4,)
@@ -154,7 +154,7 @@ def test_1d_and_3d_models():
     atlas1 = featurelens.scan(net1, x1, ["3"], top_k=3, progress=False)
     a = zf_figure(net1, x1, atlas1, "3", 0, "guided", 3, "signed")
     b = zf_figure(net1, x1, atlas1, "3", 0, "guided", 3, "signed")
-    assert a.layout is None and a.to_png() == b.to_png()  # line plots, deterministic
+    assert isinstance(a.layout, SignalLayout) and a.to_png() == b.to_png()  # deterministic
 
     net3 = torch.nn.Sequential(torch.nn.Conv3d(1, 3, 3, padding=1), torch.nn.ReLU(),
                                torch.nn.Conv3d(3, 2, 3)).eval()  # fmt: skip
@@ -167,7 +167,7 @@ def test_1d_and_3d_models():
 
 
 class _Net(torch.nn.Module):
-    """conv -> (optionally permuted to channels-last) -> F.interpolate -> conv."""
+    """conv -> (optionally permuted to channels-last) -> cumsum along the width -> conv."""
 
     def __init__(self, channels_last: bool = False) -> None:
         super().__init__()
@@ -178,7 +178,7 @@ class _Net(torch.nn.Module):
 
     def forward(self, x):
         y = self.back(self.permute(self.conv0(x)))
-        return self.conv(torch.nn.functional.interpolate(y, scale_factor=2))
+        return self.conv(torch.cumsum(y, dim=-1))  # no receptive field of one box
 
 
 def test_a_channels_last_layer_is_a_clear_error():
@@ -193,8 +193,9 @@ def test_a_channels_last_layer_is_a_clear_error():
 
 
 def test_a_layer_without_receptive_field_shows_the_whole_input():
-    # F.interpolate has no receptive field of one interval per location: whole-input boxes,
-    # and each projection is the unit's plain gradient over the whole input.
+    # cumsum is an operation the receptive-field engine does not know (F.interpolate was, until
+    # it learnt upsampling): whole-input boxes, each projection the unit's plain gradient over
+    # the whole input.
     torch.manual_seed(0)
     model = _Net().eval()
     x = torch.randn(6, 1, 10, 12)
@@ -205,7 +206,7 @@ def test_a_layer_without_receptive_field_shows_the_whole_input():
         fig = zf_figure(model, x, atlas, "conv", 2, "gradient", 3, "signed")
     assert "receptive field not computable: whole input shown" in fig.meta["title"]
     assert fig.meta["receptive_field"] is None
-    assert "interpolate" in fig.meta["receptive_field_error"]
+    assert "cumsum" in fig.meta["receptive_field_error"]
     assert fig.layout.cell_shape == (10, 12)  # every box is the whole input
     hits = atlas.top("conv", 2)
     with pytest.warns(featurelens.CropWarning):

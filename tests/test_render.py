@@ -89,8 +89,8 @@ def test_rgb_style_range_and_zero_at_grey(proj):
     assert out.min() >= 0 and out.max() <= 1
     peak = np.abs(proj).max()
     if peak > 0:
-        # 0.5 + 0.5 * p / peak, computed independently
-        assert np.allclose(out, np.moveaxis(0.5 + 0.5 * proj / peak, 0, -1))
+        # 0.5 + 0.5 * (p / peak), computed independently (divided first: 0.5 * 5e-324 is 0)
+        assert np.allclose(out, np.moveaxis(0.5 + 0.5 * (proj / peak), 0, -1))  # subnormals
         assert np.isclose(out.min(), 0) or np.isclose(out.max(), 1)
     else:
         assert (out == 0.5).all()
@@ -291,9 +291,3 @@ def test_figure_displays_in_notebooks():
     fig = render_zf(x, proj, boxes, "rgb", mean, std)
     png = fig._repr_png_()
     assert png.startswith(b"\x89PNG") and Image.open(io.BytesIO(png)).size == fig.image.size
-
-
-def test_1d_sheet_refuses_too_many_rows():
-    x = np.zeros((65, 1, 10))
-    with pytest.raises(ValueError, match="at most 64 channels"):
-        render_layer_sheet(x, x, [((0, 4),)] * 65, [""] * 65)

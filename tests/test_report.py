@@ -312,15 +312,21 @@ def test_report_from_atlas_object_with_python_data(tmp_path):
     assert "Python object" in index.read_text()
 
 
-def test_report_of_a_1d_model_draws_line_plots(tmp_path):
+def test_report_of_a_1d_model_draws_signal_rows_and_a_sheet(tmp_path):
+    from featurelens.figures import layer_sheet
+
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv1d(2, 3, 5), torch.nn.ReLU()).eval()
     x = torch.randn(8, 2, 30)
     atlas = featurelens.scan(net, x, ["0"], top_k=3, progress=False)
     index = write_report(atlas, tmp_path / "s", model=net, data=x, progress=False)
     page = parse(tmp_path / "s" / "layer-0.html")
-    assert page.cards == 3 and len(page.images) == 3  # no sheet for 1-D layers
+    assert page.cards == 3 and len(page.images) == 4  # the sheet, then one grid per channel
     assert "5" in index.read_text()  # the receptive field size
+    sheet = (tmp_path / "s" / "img" / "0" / "sheet.png").read_bytes()
+    assert sheet == save_png(layer_sheet(net, x, atlas, "0"))
+    grid = (tmp_path / "s" / "img" / "0" / "channel-0002.png").read_bytes()
+    assert grid == save_png(zf_grid(net, x, atlas, "0", 2, k=3))
 
 
 def test_a_second_report_with_fewer_channels_leaves_no_stale_files(

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from featurelens._extras import require_extra
-from featurelens.errors import MissingExtraError
+from featurelens.errors import ActivationError, MissingExtraError
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
@@ -218,16 +218,18 @@ def _run_scan(args: argparse.Namespace) -> int:
 
 
 # ---- figure / report / demo (issue: figures) ------------------------------------------------
-def _render_options(p: argparse.ArgumentParser, method: str = "deconvnet") -> None:
-    from featurelens.render import STYLES
-    from featurelens.rules import METHODS
+def _render_options(p: argparse.ArgumentParser) -> None:
+    from featurelens.render import SIGNAL_VIEWS, STYLES
+    from featurelens.rules import DEFAULT_METHOD, METHODS
 
     p.add_argument(
         "--method",
         choices=list(METHODS),
-        default=method,
-        help=f"projection (default {method}): " + "; ".join(r.summary for r in METHODS.values()),
+        default=DEFAULT_METHOD,
+        help=f"projection (default {DEFAULT_METHOD}: exact on any model; deconvnet for the "
+        "Zeiler-Fergus look): " + "; ".join(r.summary for r in METHODS.values()),
     )
+    _add_other_activations(p)
     p.add_argument(
         "--style",
         choices=list(STYLES),
@@ -235,8 +237,43 @@ def _render_options(p: argparse.ArgumentParser, method: str = "deconvnet") -> No
         help="picture (default rgb): " + "; ".join(f"{n}: {s.help}" for n, s in STYLES.items()),
     )
     p.add_argument(
+        "--signal-view",
+        choices=list(SIGNAL_VIEWS),
+        default="waveform",
+        help="signals (1-D inputs) only (default waveform): "
+        + "; ".join(f"{n}: {v.help}" for n, v in SIGNAL_VIEWS.items()),
+    )
+    p.add_argument(
         "--device", type=_device, default=None, help="where projections run (default cpu)"
     )
+
+
+def _add_other_activations(p: argparse.ArgumentParser) -> None:
+    from featurelens.rules import OTHER_ACTIVATIONS
+
+    p.add_argument(
+        "--other-activations",
+        choices=list(OTHER_ACTIVATIONS),
+        default="error",
+        help="under deconvnet/guided, what activations that are not rectifiers (GELU, SiLU, "
+        "Hardswish, ...) do: error (default: refuse, naming them) or gradient (pass them as "
+        "the plain gradient; the figures say so)",
+    )
+
+
+def _flags_hint(exc: ActivationError) -> ActivationError:
+    """The library's :class:`ActivationError` says what to pass in Python; at the command line
+    the same advice names the flags.
+    """
+    message = str(exc)
+    for keyword, flag in (
+        ("method='gradient'", "--method gradient"),
+        ("other_activations='gradient'", "--other-activations gradient"),
+    ):
+        message = message.replace(keyword, flag)
+    if "--other-activations gradient" not in message:  # a library message of another wording
+        message += " (pass --other-activations gradient, or --method gradient)"
+    return ActivationError(message)
 
 
 def _add_figure(p: argparse.ArgumentParser) -> None:
@@ -261,12 +298,11 @@ def _run_figure(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from featurelens.atlas import Atlas
-    from featurelens.figures import check_method, layer_sheet, zf_grid
-    from featurelens.render import get_style, save_png
+    from featurelens.figures import check_render_options, layer_sheet, zf_grid
+    from featurelens.render import save_png
     from featurelens.report import ReportError, is_within
 
-    check_method(args.method)
-    get_style(args.style)
+    check_render_options(args.method, args.style, args.other_activations, args.signal_view)
     out = Path(args.out)
     if out.suffix.lower() not in ("", ".png"):
         raise ValueError(f"--out {str(out)!r}: figures are written as PNG; use a .png name")
@@ -279,18 +315,27 @@ def _run_figure(args: argparse.Namespace) -> int:
     atlas.layer(args.layer)  # unknown layer: a LayerError listing the atlas' layers
     if args.channel is not None:
         atlas.top(args.layer, args.channel)  # a bad channel fails before the model is built
+    check_render_options(
+        args.method, args.style, args.other_activations, args.signal_view, atlas.input_shape
+    )
     model, data = atlas.build_model(), atlas.build_data()
     if args.device is not None:
         model.to(args.device)
-    if args.channel is None:
-        image = layer_sheet(
-            model, data, atlas, args.layer, args.method, args.style, device=args.device
-        )
-    else:
-        image = zf_grid(
-            model, data, atlas, args.layer, args.channel, args.method, args.k, args.style,
-            device=args.device,
-        )  # fmt: skip
+    options = {
+        "device": args.device,
+        "other_activations": args.other_activations,
+        "signal_view": args.signal_view,
+    }
+    try:
+        if args.channel is None:
+            image = layer_sheet(model, data, atlas, args.layer, args.method, args.style, **options)
+        else:
+            image = zf_grid(
+                model, data, atlas, args.layer, args.channel, args.method, args.k, args.style,
+                **options,
+            )  # fmt: skip
+    except ActivationError as exc:
+        raise _flags_hint(exc) from exc
     out.parent.mkdir(parents=True, exist_ok=True)
     save_png(image, out)
     print(f"wrote {out} ({image.size[0]} x {image.size[1]})")
@@ -317,27 +362,30 @@ def _add_report(p: argparse.ArgumentParser) -> None:
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    from featurelens.figures import check_method
-    from featurelens.render import get_style
+    from featurelens.figures import check_render_options
     from featurelens.report import write_report
 
-    check_method(args.method)
-    get_style(args.style)
+    check_render_options(args.method, args.style, args.other_activations, args.signal_view)
     layers = None
     if args.layers:
         layers = [name.strip() for name in args.layers.split(",") if name.strip()]
-    index = write_report(
-        args.atlas,
-        args.out,
-        method=args.method,
-        style=args.style,
-        k=args.k,
-        layers=layers,
-        channels=args.channels,
-        device=args.device,
-        progress=not args.quiet,
-        trust_code=args.trust_code,
-    )
+    try:
+        index = write_report(
+            args.atlas,
+            args.out,
+            method=args.method,
+            style=args.style,
+            k=args.k,
+            layers=layers,
+            channels=args.channels,
+            device=args.device,
+            progress=not args.quiet,
+            other_activations=args.other_activations,
+            signal_view=args.signal_view,
+            trust_code=args.trust_code,
+        )
+    except ActivationError as exc:
+        raise _flags_hint(exc) from exc
     print(index.resolve())
     return 0
 
@@ -366,12 +414,21 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from featurelens.demo import run_demo
-
     layers = None
     if args.layers:
         layers = [name.strip() for name in args.layers.split(",") if name.strip()]
-    result = run_demo(
+    try:
+        result = _demo(args, layers)
+    except ActivationError as exc:
+        raise _flags_hint(exc) from exc
+    print(f"done in {result.seconds:.0f} s")
+    return 0
+
+
+def _demo(args: argparse.Namespace, layers: list[str] | None) -> Any:
+    from featurelens.demo import run_demo
+
+    return run_demo(
         args.out,
         quick=args.quick,
         model=args.model,
@@ -387,9 +444,9 @@ def _run_demo(args: argparse.Namespace) -> int:
         device=args.device,
         progress=not args.quiet,
         log=lambda text: print(text, flush=True),
+        other_activations=args.other_activations,
+        signal_view=args.signal_view,
     )
-    print(f"done in {result.seconds:.0f} s")
-    return 0
 
 
 # ---- serve (issue: explorer) ----------------------------------------------------------------
@@ -425,6 +482,7 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
         "The token is random, or the value of the environment variable FEATURELENS_TOKEN "
         "(16+ characters of A-Z a-z 0-9 - _ . ~), and is printed in the URL",
     )
+    _add_other_activations(p)
     _add_trust_code(p)
     p.set_defaults(func=_run_serve)
 
@@ -442,7 +500,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     try:
         server = serve(
             atlas, host=args.host, port=args.port, device=args.device,
-            allow_hosts=args.allow_host, token=token,
+            allow_hosts=args.allow_host, token=token, other_activations=args.other_activations,
         )  # fmt: skip
         print(f"featurelens explorer: {server.url}", flush=True)
         loopback = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(args.host)

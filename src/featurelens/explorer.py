@@ -55,7 +55,7 @@ from featurelens.graph import capture, model_device, preserved
 from featurelens.projection import project
 from featurelens.receptive_field import ReceptiveField
 from featurelens.render import STYLES, render_patch, render_projection
-from featurelens.rules import METHODS
+from featurelens.rules import DEFAULT_METHOD, METHODS, check_other_activations
 from featurelens.unit import argmax_location, first_argmax
 
 __all__ = [
@@ -376,6 +376,11 @@ class Explorer:
         memory decoding takes.
     device
         Where the model runs; the model is moved there. Default: where it already is.
+    other_activations
+        Under ``deconvnet``/``guided``, what activations that are not rectifiers (GELU, SiLU,
+        Hardswish, ...) do, for every projection and grid: ``"error"`` (default: the request
+        is refused, naming them) or ``"gradient"`` (passed as the plain gradient; the grids'
+        captions say so), as for :func:`featurelens.project`.
 
     Attributes
     ----------
@@ -411,7 +416,10 @@ class Explorer:
         max_uploads: int = MAX_UPLOADS,
         decode_slots: int = DECODE_SLOTS,
         device: str | torch.device | None = None,
+        other_activations: str = "error",
     ) -> None:
+        check_other_activations(other_activations)
+        self.other_activations = other_activations
         self.atlas = atlas
         self.model = model if model is not None else atlas.build_model()
         self.data = data if data is not None else atlas.build_data()
@@ -484,8 +492,10 @@ class Explorer:
         return int(channel)
 
     def check_method(self, name: str | None = None) -> str:
-        """A projection method of :data:`featurelens.rules.METHODS`; None: the first."""
-        name = name or self.methods[0]
+        """A projection method of :data:`featurelens.rules.METHODS`; None:
+        :data:`featurelens.rules.DEFAULT_METHOD`.
+        """
+        name = name or DEFAULT_METHOD
         if name not in self.methods:
             raise UsageError(f"unknown method {name!r}; valid: " + ", ".join(self.methods))
         return name
@@ -884,7 +894,7 @@ class Explorer:
         location
             As for :meth:`location`; None: the channel's arg-max on this input.
         method, style
-            Names in ``METHODS`` and ``STYLES``; None: the first of each.
+            Names in ``METHODS`` and ``STYLES``; None: ``DEFAULT_METHOD`` and the first style.
 
         Returns
         -------
@@ -911,7 +921,10 @@ class Explorer:
         def compute() -> bytes:
             x = self.input_tensor(ref).to(self.device)[None]
             with self._using_model():
-                maps = project(self.model, x, layer, channel, location=loc, method=method)
+                maps = project(
+                    self.model, x, layer, channel, location=loc, method=method,
+                    other_activations=self.other_activations,
+                )  # fmt: skip
             rgb = render_projection(maps[0].detach().cpu(), style)  # (*spatial, 3) in [0, 1]
             if rgb.ndim == 2:  # a signal: one row of pixels, as /api/input.png draws it
                 rgb = rgb[None]
@@ -930,8 +943,8 @@ class Explorer:
     ) -> bytes:
         """The channel's Zeiler-Fergus grid (:func:`featurelens.zf_grid`) as PNG.
 
-        ``method``/``style`` None: the first of each registry; ``k`` None: every hit of the
-        atlas.
+        ``method``/``style`` None: ``DEFAULT_METHOD`` and the first style; ``k`` None: every
+        hit of the atlas. The explorer's ``other_activations`` applies.
 
         Raises
         ------
@@ -949,7 +962,7 @@ class Explorer:
             with self._using_model():
                 image = zf_grid(
                     self.model, self.data, self.atlas, layer, channel, method=method, k=k,
-                    style=style,
+                    style=style, other_activations=self.other_activations,
                 )  # fmt: skip
             return encode_png(image)
 
@@ -993,6 +1006,8 @@ class Explorer:
             "layers": layers,
             "methods": self.methods,
             "method_help": self.method_help,
+            "default_method": DEFAULT_METHOD,
+            "other_activations": self.other_activations,
             "styles": self.styles,
             "style_help": self.style_help,
             "scales": list(SCALES),

@@ -9,7 +9,12 @@ renderers of :mod:`featurelens.render`:
 * :func:`layer_sheet`: every channel of a layer, top-1 hit only.
 
 Projections go through :func:`featurelens.project` in batches: all k hits of a channel in one
-call, and for sheets and reports many channels per call (:func:`project_hits`).
+call, and for sheets and reports many channels per call (:func:`project_hits`). The method is
+:data:`featurelens.rules.DEFAULT_METHOD` (``gradient``) unless named; ``other_activations``
+is passed on to :func:`featurelens.project` and said in the figure's caption when it changed
+anything (:func:`other_activations_note`). Signals (1-D inputs, or ``(L, 1)``) are drawn as
+rows (:func:`featurelens.render.render_signal_zf`), with each hit's label and the atlas'
+sample rate when it records them.
 """
 
 from __future__ import annotations
@@ -29,33 +34,118 @@ from featurelens.render import (
     Box,
     Figure,
     box_of,
+    get_signal_view,
     get_style,
+    is_signal_shape,
     render_layer_sheet,
     render_zf,
 )
+from featurelens.rules import DEFAULT_METHOD, check_other_activations, get_rule
 
 __all__ = [
+    "DEFAULT_METHOD",
     "HitBatch",
+    "atlas_sample_rate",
     "check_method",
-    "layer_field",
-    "model_dtype",
+    "check_render_options",
     "figure_from_batch",
-    "normalisation",
-    "top_hits",
-    "zf_title",
+    "format_label",
+    "hit_captions",
+    "layer_field",
     "layer_sheet",
     "load_examples",
+    "model_dtype",
+    "normalisation",
+    "other_activations_note",
     "project_hits",
+    "sheet_title",
+    "top_hits",
     "zf_figure",
     "zf_grid",
+    "zf_title",
 ]
 
 
 def check_method(method: str) -> str:
     """``method`` if it is a key of :data:`featurelens.rules.METHODS`, else a ValueError."""
-    from featurelens.rules import get_rule
-
     return get_rule(method).name
+
+
+def check_render_options(
+    method: str,
+    style: str,
+    other_activations: str = "error",
+    signal_view: str = "waveform",
+    input_shape: Sequence[int] | None = None,
+) -> tuple[str, str]:
+    """Check every rendering option before any work; returns ``(method, style)`` names.
+
+    Parameters
+    ----------
+    method, style, other_activations, signal_view
+        Keys of :data:`featurelens.rules.METHODS`, :data:`featurelens.render.STYLES`,
+        :data:`featurelens.rules.OTHER_ACTIVATIONS`, :data:`featurelens.render.SIGNAL_VIEWS`.
+    input_shape
+        ``(C, *spatial)`` of the inputs, when known: a signal view other than ``waveform``
+        is refused for inputs that are not signals.
+
+    Raises
+    ------
+    ValueError
+        An unknown method or ``other_activations``; a spectrogram of images.
+    StyleError
+        An unknown style or signal view (the valid names are listed).
+    """
+    method = check_method(method)
+    style = get_style(style).name
+    check_other_activations(other_activations)
+    view = get_signal_view(signal_view)
+    shape = None if input_shape is None else tuple(input_shape)
+    if view.name != "waveform" and shape is not None and not is_signal_shape(shape[1:]):
+        raise ValueError(
+            f"signal_view={view.name!r} draws signals (inputs with one axis of samples); "
+            f"this atlas' inputs are {shape}: leave the signal view at 'waveform'"
+        )
+    return method, style
+
+
+def other_activations_note(method: str, other_activations: str) -> str | None:
+    """The caption that says a figure passed other activations as plain gradients, or None
+    when ``other_activations`` changed nothing (``"error"``, or a method that is the plain
+    gradient everywhere).
+    """
+    if other_activations == "gradient" and not get_rule(method).autograd:
+        return (
+            f"{method} through rectifiers; other activations (GELU, SiLU, Hardswish, ...) "
+            "passed as plain gradient"
+        )
+    return None
+
+
+def format_label(label: Any) -> str:
+    """A hit's label as text: floats to 4 significant digits, anything else as ``str``."""
+    if isinstance(label, float):
+        return f"{label:.4g}"
+    return str(label)
+
+
+def hit_captions(hits: Sequence[Hit], signal: bool) -> list[str] | None:
+    """The captions of a ZF figure's hits.
+
+    Signals: every row ``"rank · example i · score s"``, with ``· label l`` when the hit has
+    a label. Images: the labels only (under the patches), None when no hit has one (the
+    figure is then drawn as without labels).
+    """
+    labels = [getattr(h, "label", None) for h in hits]
+    if signal:
+        return [
+            f"{r + 1} · example {h.index} · score {h.score:.4g}"
+            + ("" if lab is None else f" · label {format_label(lab)}")
+            for r, (h, lab) in enumerate(zip(hits, labels))
+        ]
+    if all(lab is None for lab in labels):
+        return None
+    return ["" if lab is None else format_label(lab) for lab in labels]
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:
@@ -133,8 +223,10 @@ def project_hits(
     layer: str,
     units: Sequence[tuple[int, Hit]],
     rf: ReceptiveField | None,
-    method: str = "deconvnet",
+    method: str = DEFAULT_METHOD,
     device: str | torch.device | None = None,
+    *,
+    other_activations: str = "error",
 ) -> HitBatch:
     """Project every ``(channel, hit)`` unit of ``layer`` on its example, in one call.
 
@@ -158,6 +250,8 @@ def project_hits(
         A key of :data:`featurelens.rules.METHODS`.
     device
         Where the projections run (default: the model's device).
+    other_activations
+        As for :func:`featurelens.project`: ``"error"`` or ``"gradient"``.
 
     Returns
     -------
@@ -169,6 +263,8 @@ def project_hits(
     ValueError
         ``rf`` computed for inputs of another spatial shape than the examples', or whose
         output grid is not the layer's; the errors of :func:`featurelens.project`.
+    ActivationError
+        An activation without a rule for ``method`` and ``other_activations="error"``.
     """
     from featurelens.projection import project
 
@@ -181,7 +277,15 @@ def project_hits(
     else:
         locations = torch.tensor([list(hit.location) for _, hit in units], dtype=torch.long)
     projections = project(
-        model, examples, layer, channels, locations, method=method, device=device, field=rf
+        model,
+        examples,
+        layer,
+        channels,
+        locations,
+        method=method,
+        device=device,
+        field=rf,
+        other_activations=other_activations,
     ).detach()  # the field the boxes use: project() does not trace the model again
     projections = projections.to("cpu")
     if rf is None:
@@ -232,8 +336,17 @@ def figure_from_batch(
     style: str,
     mean: Any = None,
     std: Any = None,
+    *,
+    captions: Sequence[str] | None = None,
+    notes: Sequence[str] = (),
+    signal_view: str = "waveform",
+    sample_rate: float | None = None,
 ) -> Figure:
-    """The ZF figure of some rows of a :class:`HitBatch` (one channel's hits)."""
+    """The ZF figure of some rows of a :class:`HitBatch` (one channel's hits).
+
+    ``captions``, ``notes``, ``signal_view`` and ``sample_rate`` are passed to
+    :func:`featurelens.render.render_zf`.
+    """
     if isinstance(rows, slice):
         rows = range(*rows.indices(len(batch.units)))
     rows = list(rows)
@@ -246,7 +359,16 @@ def figure_from_batch(
         mean,
         std,
         title=title,
+        captions=captions,
+        notes=notes,
+        signal_view=signal_view,
+        sample_rate=sample_rate,
     )
+
+
+def atlas_sample_rate(atlas: Atlas) -> float | None:
+    """The atlas' sample rate (samples per second of 1-D data), None when not recorded."""
+    return getattr(atlas, "sample_rate", None)
 
 
 def zf_figure(
@@ -255,30 +377,44 @@ def zf_figure(
     atlas: Atlas,
     layer: str,
     channel: int,
-    method: str = "deconvnet",
+    method: str = DEFAULT_METHOD,
     k: int = 9,
     style: str = "rgb",
     *,
     device: str | torch.device | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    other_activations: str = "error",
+    signal_view: str = "waveform",
 ) -> Figure:
-    """:func:`zf_grid` with its layout: ``.image`` and ``.layout`` (cell rectangles).
+    """:func:`zf_grid` with its layout: ``.image`` and ``.layout`` (cell or row rectangles).
 
-    Displays itself in Jupyter.
+    Displays itself in Jupyter. ``meta`` holds the layer, channel, method, hits, title,
+    receptive field (or why there is none) and ``other_activations``.
     """
-    check_method(method)
-    style = get_style(style).name
+    method, style = check_render_options(
+        method, style, other_activations, signal_view, atlas.input_shape
+    )
     hits = top_hits(atlas, layer, channel, k)
     rf, rf_error = layer_field(model, atlas.input_shape, layer)
-    batch = project_hits(model, data, layer, [(channel, h) for h in hits], rf, method, device)
+    batch = project_hits(
+        model, data, layer, [(channel, h) for h in hits], rf, method, device,
+        other_activations=other_activations,
+    )  # fmt: skip
     mean, std = normalisation(atlas, mean, std)
     title = zf_title(layer, channel, method, style, rf)
-    fig = figure_from_batch(batch, slice(None), title, style, mean, std)
+    note = other_activations_note(method, other_activations)
+    fig = figure_from_batch(
+        batch, slice(None), title, style, mean, std,
+        captions=hit_captions(hits, is_signal_shape(tuple(atlas.input_shape)[1:])),
+        notes=[note] if note else (), signal_view=signal_view,
+        sample_rate=atlas_sample_rate(atlas),
+    )  # fmt: skip
     fig.meta.update(
         layer=layer,
         channel=channel,
         method=method,
+        other_activations=other_activations,
         hits=hits,
         title=title,
         receptive_field=rf,
@@ -293,13 +429,15 @@ def zf_grid(
     atlas: Atlas,
     layer: str,
     channel: int,
-    method: str = "deconvnet",
+    method: str = DEFAULT_METHOD,
     k: int = 9,
     style: str = "rgb",
     *,
     device: str | torch.device | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    other_activations: str = "error",
+    signal_view: str = "waveform",
 ) -> Image.Image:
     """The Zeiler & Fergus (2014, Fig. 2) picture of one channel.
 
@@ -308,7 +446,13 @@ def zf_grid(
     receptive-field box, in one block; the input patches cut from the same boxes in a second
     block, hit ``i`` at the same place in both (rank order, row by row). Boxes that run past
     the input border keep their full size; the part outside is a light checkerboard. A layer
-    whose receptive field cannot be computed shows the whole input (said in the title).
+    whose receptive field cannot be computed shows the whole input (said in the title). When
+    the atlas records labels, each patch has its hit's label under it.
+
+    Signals (1-D inputs, or 2-D inputs with an axis of size 1 such as ``(L, 1)``) get one row
+    per hit instead: a header (rank, example, score, label), the input patch over the unit's
+    receptive-field window and the projection under it, on that row's own x-axis (samples,
+    or milliseconds when the atlas records a sample rate).
 
     Parameters
     ----------
@@ -319,24 +463,47 @@ def zf_grid(
     layer, channel
         The feature map.
     method
-        A key of :data:`featurelens.rules.METHODS`: ``gradient``, ``deconvnet``, ``guided``.
+        A key of :data:`featurelens.rules.METHODS`: ``gradient`` (default,
+        :data:`featurelens.rules.DEFAULT_METHOD`), ``deconvnet``, ``guided``.
     k
         Hits shown (at most the atlas' top_k).
     style
         A key of :data:`featurelens.render.STYLES`: ``rgb``, ``magnitude``, ``signed``.
+    device
+        Where the projections run (default: the model's device).
     mean, std
         The data's normalisation, to show patches as the original pixels; default the atlas'
         data spec's (patches are scaled per example when neither is known).
+    other_activations
+        Under ``deconvnet``/``guided``, what an activation that is not a rectifier (GELU,
+        SiLU, Hardswish, ...) does: ``"error"`` (default: :class:`ActivationError` naming it)
+        or ``"gradient"`` (passed as the plain gradient; the figure's caption says so), as
+        for :func:`featurelens.project`.
+    signal_view
+        Signals only: a key of :data:`featurelens.render.SIGNAL_VIEWS`, ``waveform``
+        (default) or ``spectrogram``.
 
     Returns
     -------
     PIL.Image.Image
-        RGB; displays itself in Jupyter. 1-D data gives aligned line plots, 3-D data the
-        central slice of every box (said in the caption).
+        RGB; displays itself in Jupyter. 3-D data gives the central slice of every box (said
+        in the caption).
+
+    Raises
+    ------
+    ValueError
+        An unknown method or ``other_activations``, a bad ``k``, a spectrogram of images.
+    StyleError
+        An unknown style or signal view.
+    LayerError, ChannelError
+        A layer the atlas lacks, a channel out of range.
+    ActivationError
+        An activation without a rule for ``method`` (pass ``other_activations="gradient"``).
     """
     return zf_figure(
-        model, data, atlas, layer, channel, method, k, style, device=device, mean=mean, std=std
-    ).image
+        model, data, atlas, layer, channel, method, k, style, device=device, mean=mean, std=std,
+        other_activations=other_activations, signal_view=signal_view,
+    ).image  # fmt: skip
 
 
 def layer_sheet(
@@ -344,7 +511,7 @@ def layer_sheet(
     data: Any,
     atlas: Atlas,
     layer: str,
-    method: str = "deconvnet",
+    method: str = DEFAULT_METHOD,
     style: str = "rgb",
     channels: Sequence[int] | None = None,
     *,
@@ -352,19 +519,32 @@ def layer_sheet(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     columns: int = 8,
+    other_activations: str = "error",
+    signal_view: str = "waveform",
 ) -> Image.Image:
     """Every channel of ``layer`` at a glance: top-1 projection and patch per channel.
 
     ``channels`` selects some (default all). Projections are computed in one batched call.
+    Signals get one tile per channel (patch panel over projection panel, with the window),
+    any number of channels. ``method``, ``style``, ``device``, ``mean``, ``std``,
+    ``other_activations`` and ``signal_view`` are as for :func:`zf_grid`.
+
+    Raises
+    ------
+    ValueError, StyleError, LayerError, ChannelError, ActivationError
+        As :func:`zf_grid`.
     """
-    check_method(method)
-    style = get_style(style).name
+    method, style = check_render_options(
+        method, style, other_activations, signal_view, atlas.input_shape
+    )
     chosen = list(range(atlas.channels(layer))) if channels is None else list(channels)
     units = [(c, top_hits(atlas, layer, c, 1)[0]) for c in chosen]
     rf, _ = layer_field(model, atlas.input_shape, layer)
-    batch = project_hits(model, data, layer, units, rf, method, device)
+    batch = project_hits(
+        model, data, layer, units, rf, method, device, other_activations=other_activations
+    )
     mean, std = normalisation(atlas, mean, std)
-    whole = " · whole input (no receptive field)" if rf is None else ""
+    note = other_activations_note(method, other_activations)
     return render_layer_sheet(
         batch.examples,
         batch.projections,
@@ -373,6 +553,15 @@ def layer_sheet(
         style,
         mean,
         std,
-        title=f"{layer} · top-1 of every channel · {method} · {style}{whole}",
+        title=sheet_title(layer, method, style, rf),
         columns=columns,
+        notes=[note] if note else (),
+        signal_view=signal_view,
+        sample_rate=atlas_sample_rate(atlas),
     ).image
+
+
+def sheet_title(layer: str, method: str, style: str, rf: ReceptiveField | None) -> str:
+    """The title of a layer sheet."""
+    whole = " · whole input (no receptive field)" if rf is None else ""
+    return f"{layer} · top-1 of every channel · {method} · {style}{whole}"

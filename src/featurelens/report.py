@@ -1,20 +1,30 @@
 """The static HTML atlas: ``featurelens report ATLAS_DIR --out DIR``.
 
-Writes a site that opens from disk without a server (relative links only)::
+Writes a site that opens from disk without a server (relative links only, no scripts)::
 
-    DIR/index.html              model, data, scan settings; per layer its receptive field
-                                (size, stride, padding), channel count, sheet and page link
-    DIR/layer-<name>.html       one card per channel: its Zeiler-Fergus grid, and the hits
-                                (rank, dataset index, score, location)
-    DIR/img/<name>/sheet.png    the layer sheet (top-1 of every channel)
-    DIR/img/<name>/channel-<k>.png
+    DIR/index.html                     model, data, scan settings; per layer its receptive
+                                       field (size, stride, padding), channel count, sheet
+                                       and page link; the skipped examples and why
+    DIR/layer-<slug>.html              one card per channel: its Zeiler-Fergus grid, its hits
+                                       (rank, dataset index, score, location, label) and the
+                                       histogram of their labels
+    DIR/img/<slug>/sheet.png           the layer sheet (top-1 of every channel)
+    DIR/img/<slug>/channel-<NNNN>.png  channel NNNN's grid (4 digits: channel-0007.png)
+    DIR/audio/example-<i>-<a>-<b>.wav  signals with a sample rate: samples a..b of example i,
+                                       a hit's receptive-field window inside the input
     DIR/style.css
+
+``<slug>`` is the layer's dotted name with every character other than ``A-Z a-z 0-9 _ . -``
+replaced by ``_`` (``-<position>`` appended when two layers give the same slug).
 
 Images carry ``loading="lazy"`` and their size, so a page of 512 cards stays usable. The
 projections are batched over many channels per call (:func:`featurelens.figures.project_hits`)
 and a tqdm bar counts channels. The atlas directory is only read. Every file is written
 through a temporary file and ``os.replace`` (a browser or a killed run never sees half a
-file), and a report written over an older one removes the channel images it no longer draws.
+file); the site is built in a temporary folder beside DIR and moved into place only when
+complete (:func:`featurelens.files.replaced_directory`), so an earlier report's pages, images
+and clips are replaced whole and a failed run leaves nothing partial. Every text that comes from the atlas or the model (layer names, specs, class
+names, labels, errors of skipped examples) is HTML-escaped, in text and in attributes.
 """
 
 from __future__ import annotations
@@ -33,17 +43,29 @@ from torch import nn
 from featurelens.atlas import Atlas, AtlasError
 from featurelens.errors import ReportError
 from featurelens.figures import (
-    check_method,
+    DEFAULT_METHOD,
+    atlas_sample_rate,
+    check_render_options,
     figure_from_batch,
+    format_label,
+    hit_captions,
     layer_field,
     normalisation,
+    other_activations_note,
     project_hits,
+    sheet_title,
     top_hits,
     zf_title,
 )
 from featurelens.files import atomic_write, replaced_directory
 from featurelens.receptive_field import ReceptiveField
-from featurelens.render import get_style, render_cells, render_sheet_cells
+from featurelens.render import (
+    SheetTiles,
+    as_signal,
+    get_signal_view,
+    get_style,
+    is_signal_shape,
+)
 
 __all__ = ["ReportError", "write_report"]
 
@@ -73,6 +95,33 @@ class _LayerInfo:
         return f"img/{self.slug}"
 
 
+@dataclass(frozen=True)
+class _Options:
+    """How every picture and page of a report is made (one record for the writers)."""
+
+    method: str
+    style: str
+    k: int
+    other_activations: str
+    signal_view: str
+    mean: Any
+    std: Any
+    device: Any
+    sample_rate: float | None
+    signal: bool  # inputs drawn as signals (rows), not images
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """Caption lines of every figure (other activations passed as plain gradients)."""
+        note = other_activations_note(self.method, self.other_activations)
+        return (note,) if note else ()
+
+    @property
+    def audio(self) -> bool:
+        """Whether each hit's window is written as a WAV clip (signals with a sample rate)."""
+        return self.signal and bool(self.sample_rate)
+
+
 def is_within(path: Path, parent: Path) -> bool:
     try:
         path.resolve().relative_to(parent.resolve())
@@ -87,13 +136,15 @@ def write_report(
     *,
     model: nn.Module | None = None,
     data: Any = None,
-    method: str = "deconvnet",
+    method: str = DEFAULT_METHOD,
     style: str = "rgb",
     k: int | None = None,
     layers: Sequence[str] | None = None,
     channels: int | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
+    other_activations: str = "error",
+    signal_view: str = "waveform",
     trust_code: bool = False,
 ) -> Path:
     """Write the HTML atlas of ``atlas`` into ``out``; returns the path of ``index.html``.
@@ -113,7 +164,8 @@ def write_report(
     model, data
         The scanned model and dataset; default :meth:`Atlas.build_model` / ``build_data``.
     method, style
-        Projection method (:data:`featurelens.rules.METHODS`) and style
+        Projection method (:data:`featurelens.rules.METHODS`, default
+        :data:`featurelens.rules.DEFAULT_METHOD`) and style
         (:data:`featurelens.render.STYLES`).
     k
         Hits per channel (default: the atlas' top_k).
@@ -129,6 +181,18 @@ def write_report(
     trust_code
         Rebuild model and data from an atlas that this user did not make on this machine
         (:meth:`Atlas.build_model`): only for atlases from a source you trust.
+    other_activations
+        Under ``deconvnet``/``guided``: ``"error"`` (default) or ``"gradient"`` to pass
+        activations that are not rectifiers (GELU, SiLU, ...) as plain gradients, as for
+        :func:`featurelens.project`; every page and figure then says so.
+    signal_view
+        Signals only: a key of :data:`featurelens.render.SIGNAL_VIEWS` (``waveform``,
+        ``spectrogram``).
+
+    Returns
+    -------
+    Path
+        ``out/index.html``.
 
     Raises
     ------
@@ -137,11 +201,13 @@ def write_report(
     UntrustedAtlasError
         Rebuilding would run code the atlas names, and it is not trusted (``trust_code``).
     LayerError, ValueError
-        A layer the atlas lacks (the valid ones are listed), an unknown method or style,
-        ``out`` inside the atlas directory (:class:`ReportError`).
+        A layer the atlas lacks (the valid ones are listed), an unknown method, style,
+        signal view or ``other_activations``, a spectrogram of images, ``out`` inside the
+        atlas directory (:class:`ReportError`).
+    ActivationError
+        An activation without a rule for ``method`` (pass ``other_activations="gradient"``).
     """
-    method = check_method(method)
-    style = get_style(style).name
+    method, style = check_render_options(method, style, other_activations, signal_view)
     out = Path(out)
     atlas_dir = None
     if not isinstance(atlas, Atlas):
@@ -157,6 +223,7 @@ def write_report(
             "the atlas holds an incomplete scan: resume it (`featurelens scan ... --resume`) "
             "before rendering"
         )
+    check_render_options(method, style, other_activations, signal_view, atlas.input_shape)
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
         raise ValueError(f"k must be a positive int, got {k!r}")
     if channels is not None and (not isinstance(channels, int) or channels < 1):
@@ -180,6 +247,18 @@ def write_report(
         data = atlas.build_data(trust_code=trust_code)
     k = atlas.top_k if k is None else min(k, atlas.top_k)
     mean, std = normalisation(atlas, None, None)
+    options = _Options(
+        method=method,
+        style=style,
+        k=k,
+        other_activations=other_activations,
+        signal_view=signal_view,
+        mean=mean,
+        std=std,
+        device=device,
+        sample_rate=atlas_sample_rate(atlas),
+        signal=is_signal_shape(tuple(atlas.input_shape)[1:]),
+    )
 
     infos: list[_LayerInfo] = []
     slugs: set[str] = set()
@@ -207,21 +286,24 @@ def write_report(
             disable=not progress,
         )
         sheets: dict[str, tuple[int, int] | None] = {}
+        clips = _Clips(out, options) if options.audio else None
         try:
             for info in infos:
                 sheets[info.name] = _write_layer(
-                    out, model, data, atlas, info, method, style, k, mean, std, device, bar, infos
+                    out, model, data, atlas, info, options, bar, infos, clips
                 )
         finally:
             bar.close()
-        page = _index_page(atlas, atlas_dir, infos, sheets, method, style, k)
+        page = _index_page(atlas, atlas_dir, infos, sheets, options)
         atomic_write(out / "index.html", page.encode())
     return final / "index.html"
 
 
 def _is_report_entry(name: str) -> bool:
     """Whether ``name`` (an entry of an output directory) is something a report writes."""
-    return name in ("index.html", "style.css", "img") or bool(re.fullmatch(r"layer-.+\.html", name))
+    return name in ("index.html", "style.css", "img", "audio") or bool(
+        re.fullmatch(r"layer-.+\.html", name)
+    )
 
 
 def _write_layer(
@@ -230,22 +312,19 @@ def _write_layer(
     data: Any,
     atlas: Atlas,
     info: _LayerInfo,
-    method: str,
-    style: str,
-    k: int,
-    mean: Any,
-    std: Any,
-    device: Any,
+    options: _Options,
     bar: Any,
     infos: list[_LayerInfo],
+    clips: _Clips | None,
 ) -> tuple[int, int] | None:
     img_dir = out / info.img_dir
     img_dir.mkdir(parents=True, exist_ok=True)
     cards: list[str] = []
     widths = [0]
-    sheet_proj, sheet_patch, labels = [], [], []
-    note = None
+    style = get_style(options.style)
+    sheet = SheetTiles(style, get_signal_view(options.signal_view), options.mean, options.std)
     written: set[str] = set()
+    k = options.k
     per_call = max(1, EXAMPLES_PER_CALL // k)
     for start in range(0, len(info.channels), per_call):
         chunk = info.channels[start : start + per_call]
@@ -255,49 +334,133 @@ def _write_layer(
             hits = top_hits(atlas, info.name, c, k)
             spans.append((c, len(units), len(units) + len(hits), hits))
             units.extend((c, h) for h in hits)
-        batch = project_hits(model, data, info.name, units, info.rf, method, device)
+        batch = project_hits(
+            model, data, info.name, units, info.rf, options.method, options.device,
+            other_activations=options.other_activations,
+        )  # fmt: skip
         firsts = [lo for _, lo, _, _ in spans]
-        if batch.examples.dim() >= 4:  # 2-D and 3-D: cells for the sheet
-            idx = torch.tensor(firsts, dtype=torch.long)
-            p_cells, x_cells, note = render_cells(
-                batch.examples[idx],
-                batch.projections[idx],
-                [batch.boxes[i] for i in firsts],
-                style,
-                mean,
-                std,
-            )
-            # uint8 keeps a big layer's sheet small in memory
-            sheet_proj += [(_u8(rgb), v) for rgb, v in p_cells]
-            sheet_patch += [(_u8(rgb), v) for rgb, v in x_cells]
-            labels += [str(c) for c in chunk]
+        idx = torch.tensor(firsts, dtype=torch.long)
+        sheet.add(
+            batch.examples[idx],
+            batch.projections[idx],
+            [batch.boxes[i] for i in firsts],
+            [str(c) for c in chunk],
+        )
         for c, lo, hi, hits in spans:
-            title = zf_title(info.name, c, method, style, info.rf)
-            fig = figure_from_batch(batch, slice(lo, hi), title, style, mean, std)
+            title = zf_title(info.name, c, options.method, options.style, info.rf)
+            fig = figure_from_batch(
+                batch, slice(lo, hi), title, options.style, options.mean, options.std,
+                captions=hit_captions(hits, options.signal), notes=options.notes,
+                signal_view=options.signal_view, sample_rate=options.sample_rate,
+            )  # fmt: skip
             name = f"channel-{c:04d}.png"
             atomic_write(img_dir / name, fig.to_png())
             written.add(name)
-            cards.append(_card(info, c, hits, f"{info.img_dir}/{name}", fig.image.size))
+            audio = None
+            if clips is not None:
+                audio = [
+                    clips.write(batch.examples[row], batch.boxes[row], hit.index)
+                    for row, hit in zip(range(lo, hi), hits)
+                ]
+            histogram = _label_histogram(atlas, info.name, c, k)
+            cards.append(
+                _card(info, c, hits, f"{info.img_dir}/{name}", fig.image.size, audio, histogram)
+            )
             widths.append(fig.image.size[0])
             bar.update(1)
     sheet_size = None
-    if sheet_proj:
-        whole = " · whole input (no receptive field)" if info.rf is None else ""
-        sheet = render_sheet_cells(
-            sheet_proj,
-            sheet_patch,
-            labels,
-            title=f"{info.name} · top-1 of every channel · {method} · {style}{whole}",
-            note=note,
-            style=style,
+    if len(sheet):
+        figure = sheet.render(
+            sheet_title(info.name, options.method, options.style, info.rf),
+            notes=options.notes,
+            sample_rate=options.sample_rate,
         )
-        atomic_write(img_dir / "sheet.png", sheet.to_png())
+        atomic_write(img_dir / "sheet.png", figure.to_png())
         written.add("sheet.png")
-        sheet_size = sheet.image.size
+        sheet_size = figure.image.size
     _remove_stale_images(img_dir, written)
-    page = _layer_page(atlas, info, infos, cards, sheet_size, method, style, k, max(widths))
+    page = _layer_page(atlas, info, infos, cards, sheet_size, options, max(widths))
     atomic_write(out / info.page, page.encode())
     return sheet_size
+
+
+class _Clips:
+    """The WAV clips of a report: each hit's receptive-field window inside its example, at the
+    atlas' sample rate, written once per (example, window) under ``audio/``.
+    """
+
+    def __init__(self, out: Path, options: _Options) -> None:
+        self.dir = out / "audio"
+        self.options = options
+        self.written: set[str] = set()
+
+    def write(self, example: torch.Tensor, box: Any, index: int) -> str | None:
+        """The page-relative path of the clip of ``box`` (unclipped) in ``example``
+        ``(C, *spatial)``; None when the window holds no sample of the input.
+        """
+        import numpy as np
+
+        x = example.detach().to("cpu", torch.float64).numpy()
+        signal = as_signal(x[None], x[None], [box])
+        if signal is None:  # pragma: no cover - clips are only made for signals
+            return None
+        samples, _, (window,), _ = signal
+        samples = samples[0]  # (C, L)
+        (first, last) = window[0]
+        lo, hi = max(int(first), 0), min(int(last), samples.shape[1] - 1)
+        if hi < lo:
+            return None
+        name = f"example-{int(index)}-{lo}-{hi}.wav"
+        if name not in self.written:
+            values = samples[:, lo : hi + 1]
+            if self.options.mean is not None and self.options.std is not None:
+                c = values.shape[0]
+                m = np.broadcast_to(np.asarray(self.options.mean, dtype=np.float64), (c,))
+                s = np.broadcast_to(np.asarray(self.options.std, dtype=np.float64), (c,))
+                values = values * s[:, None] + m[:, None]
+            self.dir.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.dir / name, wav_bytes(values.mean(axis=0), self.options.sample_rate))
+            self.written.add(name)
+        return f"audio/{name}"
+
+
+def wav_bytes(samples: Any, sample_rate: float) -> bytes:
+    """A mono 16-bit PCM WAV of ``samples`` (1-D floats), peak-normalised to 0.9 of full scale
+    (silence stays silent), at ``sample_rate`` rounded to whole hertz. No timestamps: the same
+    samples give the same bytes.
+    """
+    import io
+    import wave
+
+    import numpy as np
+
+    v = np.nan_to_num(np.asarray(samples, dtype=np.float64))
+    peak = float(np.abs(v).max()) if v.size else 0.0
+    pcm = np.round(v / peak * 0.9 * 32767) if peak > 0 else np.zeros(v.shape)
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(max(1, round(sample_rate)))
+        w.writeframes(pcm.astype("<i2").tobytes())
+    return buf.getvalue()
+
+
+def _label_histogram(atlas: Atlas, layer: str, channel: int, k: int) -> Any:
+    """The label histogram of the channel's top ``k`` (:meth:`Atlas.label_histogram`), None
+    when the atlas records no labels. Integer labels with more than
+    :data:`MAX_LABEL_CATEGORIES` distinct values among the hits are binned like floats.
+    """
+    if getattr(atlas, "label_kind", None) is None:
+        return None
+    histogram = atlas.label_histogram(layer, channel, k)
+    if histogram.kind == "int" and len(histogram.bins) > MAX_LABEL_CATEGORIES:
+        histogram = atlas.label_histogram(layer, channel, k, bins="auto")
+    return histogram
+
+
+MAX_LABEL_CATEGORIES = 12
+"""Integer labels are counted one bar per label up to this many distinct values, else binned."""
 
 
 def _remove_stale_images(img_dir: Path, written: set[str]) -> None:
@@ -310,12 +473,6 @@ def _remove_stale_images(img_dir: Path, written: set[str]) -> None:
         ours = path.name == "sheet.png" or re.fullmatch(r"channel-\d+\.png", path.name)
         if ours and path.name not in written and path.is_file():
             path.unlink(missing_ok=True)
-
-
-def _u8(rgb: Any) -> Any:
-    import numpy as np
-
-    return np.round(np.clip(rgb, 0, 1) * 255).astype(np.uint8)
 
 
 # --------------------------------------------------------------------------------------------
@@ -381,14 +538,39 @@ def _data_text(atlas: Atlas) -> str:
     return text
 
 
+def _projection_text(options: _Options) -> str:
+    """The projections' settings, HTML-escaped: method, style, hits, other activations."""
+    text = f"{_e(options.method)}, style {_e(options.style)}, {options.k} hits per channel"
+    if options.signal:
+        text += f", signals as {_e(options.signal_view)}"
+    for note in options.notes:
+        text += f"; {_e(note)}"
+    return text
+
+
+def _skipped_html(atlas: Atlas, limit: int = 100) -> str:
+    """The examples the scan skipped and why (their errors escaped), the first ``limit``."""
+    skipped = list(atlas.skipped)
+    if not skipped:
+        return ""
+    rows = "".join(
+        f"<tr><td>{_e(s.index)}</td><td><code>{_e(s.error)}</code></td></tr>"
+        for s in skipped[:limit]
+    )
+    more = f'<p class="muted">and {len(skipped) - limit} more</p>' if len(skipped) > limit else ""
+    return (
+        f"<details><summary>{len(skipped)} skipped example(s)</summary>"
+        '<table class="skipped"><thead><tr><th>example</th><th>error</th></tr></thead>'
+        f"<tbody>{rows}</tbody></table>{more}</details>\n"
+    )
+
+
 def _index_page(
     atlas: Atlas,
     atlas_dir: Path | None,
     infos: list[_LayerInfo],
     sheets: dict[str, tuple[int, int] | None],
-    method: str,
-    style: str,
-    k: int,
+    options: _Options,
 ) -> str:
     m = atlas.manifest
     model_name, ckpt = _model_text(atlas)
@@ -414,6 +596,7 @@ def _index_page(
             f"{_rf_cells(info)}<td>{thumb}</td></tr>"
         )
     fingerprint = m.model.fingerprint
+    rate = options.sample_rate
     facts = [
         ("model", f"<code>{_e(model_name)}</code>"),
         ("checkpoint", f"<code>{_e(ckpt)}</code>"),
@@ -422,19 +605,23 @@ def _index_page(
         ("examples", f"{_e(m.examples_scanned)} of {_e(atlas.data_size)} scanned, "
                      f"{len(atlas.skipped)} skipped"),
         ("input", _e(_shape(atlas.input_shape))),
+        ("sample rate", f"{_e(format_label(float(rate)))} Hz" if rate else None),
+        ("labels", _e(getattr(atlas, "label_kind", None)) if getattr(atlas, "label_kind", None)
+         else None),
         ("score", f"{_e(atlas.score)}, top {_e(atlas.top_k)} per channel"),
-        ("projections", f"{_e(method)}, style {_e(style)}, {k} hits per channel"),
+        ("projections", _projection_text(options)),
         ("atlas", f"<code>{_e(atlas_dir)}</code>" if atlas_dir else "-"),
         ("made by", f"featurelens {_e(m.library_version)}"),
     ]  # fmt: skip
-    dl = "".join(f"<dt>{a}</dt><dd>{b}</dd>" for a, b in facts)
+    dl = "".join(f"<dt>{a}</dt><dd>{b}</dd>" for a, b in facts if b is not None)
     body = (
         "<header><h1>featurelens atlas</h1>"
         '<p class="lead">For every channel of every scanned layer: its top examples, each '
         "shown as the input patch inside the unit's receptive field next to the unit's "
         "projection (Zeiler &amp; Fergus 2014).</p></header>\n<main>\n"
         f'<dl class="facts">{dl}</dl>\n'
-        '<h2>Layers</h2>\n<table class="layers"><thead><tr><th>layer</th><th>channels</th>'
+        + _skipped_html(atlas)
+        + '<h2>Layers</h2>\n<table class="layers"><thead><tr><th>layer</th><th>channels</th>'
         "<th>output</th><th>receptive field</th><th>stride</th><th>padding</th>"
         "<th>top-1 of every channel</th></tr></thead>\n<tbody>\n"
         + "\n".join(rows)
@@ -443,20 +630,76 @@ def _index_page(
     return _page("featurelens atlas", body)
 
 
-def _card(info: _LayerInfo, channel: int, hits: list, src: str, size: tuple[int, int]) -> str:
-    rows = "".join(
-        f"<tr><td>{r + 1}</td><td>{h.index}</td><td>{h.score:.4g}</td>"
-        f"<td>({', '.join(map(str, h.location))})</td></tr>"
-        for r, h in enumerate(hits)
+def _histogram_html(histogram: Any) -> str:
+    """A channel's label histogram as a small table of bars (``<meter>``), escaped."""
+    if histogram is None:
+        return ""
+    items = histogram.items()
+    total = sum(c for _, c in items) + histogram.missing
+    last = len(items) - 1
+    rows = []
+    for i, (b, count) in enumerate(items):
+        if isinstance(b, tuple):  # a float interval, closed on the right for the last one
+            low, high = (format_label(float(v)) for v in b)
+            name = f"[{low}, {high}{']' if i == last else ')'}"
+        else:
+            name = format_label(b)
+        rows.append(
+            f'<tr><td>{_e(name)}</td><td><meter min="0" max="{total}" '
+            f'value="{count}"></meter></td><td>{count}</td></tr>'
+        )
+    if histogram.missing:
+        rows.append(
+            f'<tr><td class="muted">no label (NaN)</td><td><meter min="0" max="{total}" '
+            f'value="{histogram.missing}"></meter></td><td>{histogram.missing}</td></tr>'
+        )
+    return (
+        '<table class="labels"><caption>labels of these hits</caption>'
+        f"<tbody>{''.join(rows)}</tbody></table>"
     )
+
+
+def _card(
+    info: _LayerInfo,
+    channel: int,
+    hits: list,
+    src: str,
+    size: tuple[int, int],
+    audio: list[str | None] | None = None,
+    histogram: Any = None,
+) -> str:
+    labels = [getattr(h, "label", None) for h in hits]
+    with_labels = any(lab is not None for lab in labels)
+    rows = []
+    for r, h in enumerate(hits):
+        cells = (
+            f"<tr><td>{r + 1}</td><td>{_e(h.index)}</td><td>{_e(f'{h.score:.4g}')}</td>"
+            f"<td>({_e(', '.join(map(str, h.location)))})</td>"
+        )
+        if with_labels:
+            lab = labels[r]
+            cells += f"<td>{'-' if lab is None else _e(format_label(lab))}</td>"
+        if audio is not None:
+            clip = audio[r]
+            cells += (
+                f'<td><audio controls preload="none" src="{_e(clip)}"></audio></td>'
+                if clip
+                else "<td>-</td>"
+            )
+        rows.append(cells + "</tr>")
+    head = "<th>rank</th><th>example</th><th>score</th><th>location</th>"
+    if with_labels:
+        head += "<th>label</th>"
+    if audio is not None:
+        head += "<th>window</th>"
     w, h = size
     return (
         f'<section class="card" id="channel-{channel}">'
         f'<h3><a href="#channel-{channel}">channel {channel}</a></h3>'
         f'<img src="{_e(src)}" width="{w}" height="{h}" loading="lazy" '
         f'alt="Zeiler-Fergus grid of {_e(info.name)} channel {channel}">'
-        '<table class="hits"><thead><tr><th>rank</th><th>example</th><th>score</th>'
-        f"<th>location</th></tr></thead><tbody>{rows}</tbody></table></section>"
+        f'<table class="hits"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody>'
+        f"</table>{_histogram_html(histogram)}</section>"
     )
 
 
@@ -466,9 +709,7 @@ def _layer_page(
     infos: list[_LayerInfo],
     cards: list[str],
     sheet_size: tuple[int, int] | None,
-    method: str,
-    style: str,
-    k: int,
+    options: _Options,
     card_width: int,
 ) -> str:
     i = infos.index(info)
@@ -504,16 +745,29 @@ def _layer_page(
     count = f"{info.total_channels} channels" + (
         f", the first {shown} drawn" if shown < info.total_channels else ""
     )
+    method, style, k = _e(options.method), _e(options.style), options.k
+    if options.signal:
+        how = (
+            f"One row per example, best first: the input over the unit's receptive-field "
+            f"window (on the row's own axis), and under it the {method} projection of the unit "
+            f"at the example's maximum (style {style}, view {_e(options.signal_view)})."
+        )
+        if options.audio:
+            how += " Each window plays in the table (peak-normalised)."
+    else:
+        how = (
+            f"Left block: the {method} projection of the unit at each example's maximum (style "
+            f"{style}); right block: the input patch under the unit's receptive field, in the "
+            "same order (row by row, best first)."
+        )
+    notes = "".join(f" {_e(n)}." for n in options.notes)
     body = (
         f"<nav>{' · '.join(nav)}</nav>\n"
         f"<header><h1><code>{_e(info.name)}</code></h1>"
         f'<p class="lead">{count} · output {_e(_shape(info.output_shape))} · {rf_text}</p>'
         f'<p class="lead">Each card: the top {k} examples of the channel by {_e(atlas.score)} '
-        f"score. Left block: the {_e(method)} projection of the unit at each example's "
-        "maximum (style "
-        f"{_e(style)}); right block: the input patch under the unit's receptive field, in the "
-        "same order (row by row, best first). A checkerboard marks the part of a box outside "
-        "the input.</p></header>\n<main>\n"
+        f"score. {how} A checkerboard marks the part of a box outside the input.{notes}</p>"
+        "</header>\n<main>\n"
         f'<p class="jump">channels: {jump}</p>\n{sheet}\n'
         f'<div class="cards" style="--card-w: {card_width + 26}px">\n'
         + "\n".join(cards)
@@ -558,4 +812,9 @@ img.sheet { display: block; margin-top: 8px; }
 .card img { display: block; margin-bottom: 6px; }
 table.hits { font-size: 0.85em; font-variant-numeric: tabular-nums; }
 table.hits td, table.hits th { padding: 1px 8px; }
+table.hits audio { height: 24px; width: 150px; }
+table.labels { font-size: 0.8em; margin-top: 6px; }
+table.labels caption { text-align: left; color: var(--muted); }
+table.labels td { padding: 0 6px; border: 0; }
+table.skipped { font-size: 0.85em; }
 """

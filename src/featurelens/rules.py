@@ -48,6 +48,7 @@ from torch.overrides import TorchFunctionMode
 from featurelens.errors import ActivationError
 
 __all__ = [
+    "DEFAULT_METHOD",
     "METHODS",
     "OTHER_ACTIVATIONS",
     "ActivationError",
@@ -117,6 +118,14 @@ METHODS: dict[str, Rule] = {
     )
 }
 """The projection methods, in one registry read by the library, the CLI and the explorer."""
+
+DEFAULT_METHOD = "gradient"
+"""The method wherever none is named (``project``, figures, the report, the CLI, the demo, the
+explorer). The plain gradient is exact on every model (it needs no rule, so SiLU, GELU and
+Hardswish networks work as they are) and passes the model-randomisation sanity check of
+Adebayo et al. 2018, which guided backprop fails; Nie, Zhang & Patel 2018 show that guided
+backprop and deconvnet largely reconstruct the input whatever the unit and the weights. The
+Zeiler-Fergus look is ``method="deconvnet"`` (``--method deconvnet``)."""
 
 OTHER_ACTIVATIONS = ("error", "gradient")
 """Choices for ``other_activations``: what non-rectifier activations do under a rule."""
