@@ -24,8 +24,7 @@ from PIL import Image, ImageDraw
 from featurelens.files import atomic_write
 from featurelens.similarity import SIMILARITIES, grayscale
 
-if TYPE_CHECKING:
-    from featurelens.effective_field import EffectiveReceptiveField
+if TYPE_CHECKING:  # effective_field imports this module for notebooks' heat maps: no cycle
     from featurelens.sanity import SanityResult
 
 __all__ = [
@@ -116,8 +115,9 @@ def input_patch(
 # Effective receptive fields
 
 
-def erf_heatmap(erf: EffectiveReceptiveField, target: int = HEAT_TARGET) -> Image.Image:
-    """The effective receptive field as a heat map, scaled to its peak.
+def erf_heatmap(erf: Any, target: int = HEAT_TARGET) -> Image.Image:
+    """An :class:`~featurelens.effective_field.EffectiveReceptiveField` as a heat map, scaled to
+    its peak (typed ``Any``: effective_field imports this module, so this one cannot import it).
 
     Outlines (:data:`BOX_COLORS`): the unit's theoretical field clipped to the input (white),
     the boxes holding 95 % and 50 % of the mass. 1-D maps are drawn as a band, 3-D maps summed
