@@ -22,7 +22,7 @@ import torchvision
 from featurelens import effective_receptive_field, get_layer
 
 
-def naive(model: torch.nn.Module, x: torch.Tensor, layer: str, units, loc) -> torch.Tensor:  # noqa: ANN001
+def naive(model: torch.nn.Module, x: torch.Tensor, layer: str, units, loc) -> torch.Tensor:
     """sum over units of sum_c |d y_u / d x_c|, normalised: one full backward per unit."""
     module = get_layer(model, layer)
     total = torch.zeros(x.shape[2:], dtype=torch.float64)

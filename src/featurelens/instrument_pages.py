@@ -100,7 +100,8 @@ def input_patch(
     std: Sequence[float] | None = None,
 ) -> Image.Image:
     """The ``region`` of an input ``(C, *spatial)`` as a picture (un-normalised when given
-    ``mean`` and ``std``), sized like a cell of the sanity grid; 3-D inputs summed over depth."""
+    ``mean`` and ``std``), sized like a cell of the sanity grid; 3-D inputs summed over depth.
+    """
     from featurelens.render import render_patch
 
     rgb = render_patch(example[(slice(None), *region)], mean, std)  # (*region, 3)

@@ -1,4 +1,4 @@
-"""Sanity checks for projections: do the maps change when the network's weights are random?
+"""Sanity checks for projections: whether the maps change when the weights are random.
 
 Adebayo, Gilmer, Muelly, Goodfellow, Hardt & Kim 2018 ("Sanity Checks for Saliency Maps",
 NeurIPS, arXiv 1810.03292) showed that guided backpropagation (and the deconvnet) give nearly
