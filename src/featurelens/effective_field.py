@@ -195,10 +195,8 @@ class EffectiveReceptiveField:
                     f"theoretical field's stride, and this one has none ({self.note or 'no field'})"
                 )
             loc = check_location(location, self.field.output_shape)
-            centre = [
-                c + (u - u0) * j
-                for c, u, u0, j in zip(centre, loc, self.location, self.field.stride)
-            ]
+            size, stride, padding = _geometry(self.field)
+            centre = [c + (u - u0) * j for c, u, u0, j in zip(centre, loc, self.location, stride)]
         return tuple((int(round(c - h)), int(round(c + h))) for c, h in zip(centre, half))
 
     def table(self) -> str:
@@ -440,9 +438,8 @@ def effective_receptive_field(
     mass.setflags(write=False)
     if usable:
         assert rf is not None
-        centre = tuple(
-            u * j - p + (r - 1) / 2 for u, j, p, r in zip(loc, rf.stride, rf.padding, rf.size)
-        )
+        size, stride, padding = _geometry(rf)
+        centre = tuple(u * j - p + (r - 1) / 2 for u, j, p, r in zip(loc, stride, padding, size))
         note = ""
     else:
         centre = _mass_centre(mass)
@@ -529,7 +526,8 @@ def _central_location(
     if rf is None or len(grid) != len(spatial):
         return tuple((g - 1) // 2 for g in grid)
     loc = []
-    for g, n, j, p, r in zip(grid, spatial, rf.stride, rf.padding, rf.size):
+    size, stride, padding = _geometry(rf)
+    for g, n, j, p, r in zip(grid, spatial, stride, padding, size):
         centres = np.arange(g) * j - p + (r - 1) / 2
         loc.append(int(np.argmin(np.abs(centres - (n - 1) / 2))))
     return tuple(loc)
@@ -598,6 +596,16 @@ def _accumulate(
         category = next(w.category for w in caught if str(w.message) == message)
         warnings.warn(message, category, stacklevel=3)  # effective_receptive_field's caller
     return total.numpy()
+
+
+def _geometry(rf: ReceptiveField) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """``(size, stride, padding)`` of a regular field (callers check :attr:`regular` first)."""
+    if not rf.regular:
+        raise UsageError("an irregular receptive field has no Distill geometry")
+    return tuple(
+        tuple(int(v) for v in values if v is not None)
+        for values in (rf.size, rf.stride, rf.padding)
+    )  # type: ignore[return-value]
 
 
 def _why_mass_centre(rf: ReceptiveField | None, why: str, grid: tuple[int, ...]) -> str:

@@ -133,12 +133,12 @@ def randomisation_order(model: nn.Module, layers: Sequence[str]) -> tuple[list[s
     try:
         traced = trace(model)
     except TraceError as exc:
-        names = [n for n, m in modules.items() if n and _randomisable(m)]
+        every = [n for n, m in modules.items() if n and _randomisable(m)]
         note = (
             "the model does not trace, so every module with parameters is randomised, in reverse "
             f"registration order, whether it reaches the units or not ({exc})"
         )
-        return names[::-1], [note]
+        return every[::-1], [note]
     wanted: set[Any] = set()
     stack = [traced.node(layer) for layer in layers]
     while stack:
