@@ -17,6 +17,7 @@ from conftest import assert_unchanged, snapshot
 from featurelens import (
     LayerError,
     Unit,
+    effective_receptive_field,
     empirical_receptive_field,
     layer_layout,
     layer_names,
@@ -24,8 +25,10 @@ from featurelens import (
     project_units,
     receptive_field,
     receptive_fields,
+    sanity,
     scan,
 )
+from featurelens.errors import ChannelError, DataError, UsageError
 from featurelens.figures import layer_sheet, zf_grid
 from featurelens.graph import preserved
 from featurelens.rules import METHODS, rule_mode
@@ -99,6 +102,12 @@ CALLS: list[tuple[str, Call]] = [
     ("scan[absmax, batch 1]",
      lambda m, x: scan(m, x, ["features.2", LAYER], top_k=1, score="absmax", batch_size=1,
                        progress=False)),
+    ("effective_receptive_field", lambda m, x: effective_receptive_field(m, x, LAYER, examples=2)),
+    ("effective_receptive_field[random inputs, channels]",
+     lambda m, x: effective_receptive_field(m, x, LAYER, examples=3, channels=[0, 2],
+                                            random_inputs=True)),
+    ("sanity", lambda m, x: sanity(m, x, [Unit(LAYER, 1), Unit("features.1", 0, (0, 3))],
+                                   ["gradient", "guided"], rows=[0, 1], keep_maps=1)),
     ("zf_grid", lambda m, x: zf_grid(m, x, _atlas(x), LAYER, 1, "guided", k=2)),
     ("layer_sheet", lambda m, x: layer_sheet(m, x, _atlas(x), LAYER, "deconvnet")),
     ("write_report", lambda m, x: _report(m, x, channels=2)),
@@ -125,6 +134,16 @@ FAILING: list[tuple[str, Call, type[Exception]]] = [
     ("scan: bad top_k", lambda m, x: scan(m, x, [LAYER], top_k=3, progress=False), ValueError),
     ("scan: bad score",
      lambda m, x: scan(m, x, [LAYER], top_k=1, score="median", progress=False), ValueError),
+    ("effective_receptive_field: no spatial axis",
+     lambda m, x: effective_receptive_field(m, x, "head.1"), UsageError),
+    ("effective_receptive_field: bad channel",
+     lambda m, x: effective_receptive_field(m, x, LAYER, channels=[6]), ChannelError),
+    ("effective_receptive_field: empty data",
+     lambda m, x: effective_receptive_field(m, x[:0], LAYER), DataError),
+    ("sanity: bad method", lambda m, x: sanity(m, x, [Unit(LAYER, 1)], ["lrp"]), ValueError),
+    ("sanity: bad unit", lambda m, x: sanity(m, x, [Unit(LAYER, 6)], ["gradient"]), ChannelError),
+    ("sanity: bad rows",
+     lambda m, x: sanity(m, x, [Unit(LAYER, 1)], ["gradient"], rows=[2]), UsageError),
     ("zf_grid: bad channel", lambda m, x: zf_grid(m, x, _atlas(x), LAYER, 6), ValueError),
     ("layer_sheet: bad channel",
      lambda m, x: layer_sheet(m, x, _atlas(x), LAYER, channels=[0, 9]), ValueError),

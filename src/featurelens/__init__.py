@@ -21,6 +21,7 @@ from featurelens._version import __version__
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ imports these
     from featurelens.app import serve
     from featurelens.atlas import Atlas, Hit
+    from featurelens.effective_field import EffectiveReceptiveField, effective_receptive_field
     from featurelens.empirical import EmpiricalReceptiveField, empirical_receptive_field
     from featurelens.errors import (
         ActivationError,
@@ -50,6 +51,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
     from featurelens.render import STYLES
     from featurelens.report import write_report
     from featurelens.rules import METHODS, Rule
+    from featurelens.sanity import SanityResult, sanity
     from featurelens.scan import SCORES, scan
     from featurelens.specs import DataSpec
     from featurelens.unit import Layout, Unit
@@ -70,6 +72,7 @@ __all__ = [
     "Unit",
     "project",
     "project_units",
+    "EffectiveReceptiveField",
     "EmpiricalReceptiveField",
     "FeaturelensError",
     "FeaturelensWarning",
@@ -84,12 +87,15 @@ __all__ = [
     "TraceError",
     "UnsupportedOpError",
     "__version__",
+    "effective_receptive_field",
     "empirical_receptive_field",
     "get_layer",
     "layer_layout",
     "layer_names",
     "receptive_field",
     "receptive_fields",
+    "sanity",
+    "SanityResult",
     "serve",
     "unwrap",
     "layer_sheet",
@@ -104,6 +110,8 @@ _ERRORS = "featurelens.errors"
 _EXPORTS: dict[str, tuple[str, str | None]] = {
     "Atlas": ("featurelens.atlas", None),
     "Hit": ("featurelens.atlas", None),
+    "EffectiveReceptiveField": ("featurelens.effective_field", None),
+    "effective_receptive_field": ("featurelens.effective_field", None),
     "EmpiricalReceptiveField": ("featurelens.empirical", None),
     "empirical_receptive_field": ("featurelens.empirical", None),
     "ActivationError": (_ERRORS, None),
@@ -131,6 +139,8 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "layer_layout": ("featurelens.receptive_field", None),
     "METHODS": ("featurelens.rules", None),
     "Rule": ("featurelens.rules", None),
+    "SanityResult": ("featurelens.sanity", None),
+    "sanity": ("featurelens.sanity", None),
     "SCORES": ("featurelens.scan", None),
     "scan": ("featurelens.scan", None),
     "DataSpec": ("featurelens.specs", None),

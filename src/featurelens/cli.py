@@ -516,15 +516,207 @@ def _run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- erf / sanity (issue: trust instruments) ------------------------------------------------
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def _check_out(out: str, atlas: str, option: str = "--out") -> None:
+    from pathlib import Path
+
+    from featurelens.errors import ReportError
+    from featurelens.report import is_within
+
+    if is_within(Path(out), Path(atlas)):
+        raise ReportError(
+            f"{option} {out!r} is inside the atlas directory {atlas!r}; nothing is ever written "
+            "into an atlas: choose another path"
+        )
+
+
+def _add_erf(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "The effective receptive field (Luo et al. 2016) of every layer of ATLAS_DIR: the mean "
+        "absolute input gradient of a unit at the centre of the layer's map over dataset "
+        "examples (or random inputs), and the widths of the centred boxes holding 50/90/95/100 "
+        "%% of it beside the theoretical size. Model and data are rebuilt from the atlas "
+        "manifest; the atlas is only read."
+    )
+    p.add_argument("atlas", metavar="ATLAS_DIR", help="an atlas written by `featurelens scan`")
+    p.add_argument("--layers", default=None, help="comma-separated subset of the atlas' layers")
+    p.add_argument(
+        "--examples", type=int, default=256, help="examples averaged per layer (default 256)"
+    )
+    p.add_argument(
+        "--random-inputs",
+        action="store_true",
+        help="average over standard normal inputs of the data's shape (Luo et al.) instead",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seeds the sample and the channels drawn")
+    p.add_argument(
+        "--heatmaps",
+        default=None,
+        metavar="DIR",
+        help="also write a heat map PNG per layer into DIR (not inside ATLAS_DIR)",
+    )
+    p.add_argument("--device", type=_device, default=None, help="where it runs (default cpu)")
+    p.set_defaults(func=_run_erf)
+
+
+def _run_erf(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from featurelens.atlas import Atlas
+    from featurelens.effective_field import LEVELS, effective_receptive_field
+
+    if args.heatmaps is not None:
+        require_extra("figures", "featurelens erf --heatmaps")
+        _check_out(args.heatmaps, args.atlas, "--heatmaps")
+    atlas = Atlas.load(args.atlas)
+    layers = _names(args.layers) if args.layers else list(atlas.layers)
+    for name in layers:
+        atlas.layer(name)  # unknown layer: a LayerError listing the atlas' layers
+    model, data = atlas.build_model(), atlas.build_data()
+    if args.device is not None:
+        model.to(args.device)
+    rows = [("layer", "location", "theoretical", *(f"{q:.0%}" for q in LEVELS), "units")]
+    notes = []
+    for name in layers:
+        erf = effective_receptive_field(
+            model, data, name, examples=args.examples, random_inputs=args.random_inputs,
+            seed=args.seed, device=args.device,
+        )  # fmt: skip
+        theo = erf.theoretical_size
+        rows.append(
+            (
+                name,
+                ",".join(map(str, erf.location)),
+                "-" if theo is None else "x".join(map(str, theo)),
+                *("x".join(map(str, erf.extent(q))) for q in LEVELS),
+                str(len(erf.units)),
+            )
+        )
+        if erf.note:
+            notes.append(f"{name}: {erf.note}")
+        if args.heatmaps is not None:
+            from featurelens.instrument_pages import erf_heatmap, png_bytes
+
+            folder = Path(args.heatmaps)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"erf-{name}.png").write_bytes(png_bytes(erf_heatmap(erf)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for i, r in enumerate(rows):
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    source = "random inputs" if args.random_inputs else "dataset examples"
+    print(f"widths of the centred boxes holding each share of the mass ({source})")
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    return 0
+
+
+def _add_sanity(p: argparse.ArgumentParser) -> None:
+    require_extra("figures", "featurelens sanity")
+    from featurelens.rules import METHODS, OTHER_ACTIVATIONS
+    from featurelens.sanity import MODES
+
+    p.description = (
+        "Sanity checks (Adebayo et al. 2018) for the projections of ATLAS_DIR: the layers "
+        "below a layer are randomised from the top down (cascading) and one at a time "
+        "(independent), on a copy of the model, and the maps of N units (the top hits of the "
+        "layer's first N channels) are compared with the trained network's. Writes a page with "
+        "the curves per method and a grid of maps into --out. Model and data are rebuilt from "
+        "the atlas manifest; the atlas is only read."
+    )
+    p.add_argument("atlas", metavar="ATLAS_DIR", help="an atlas written by `featurelens scan`")
+    p.add_argument("--units", type=int, required=True, metavar="N", help="units checked")
+    p.add_argument("--layer", default=None, help="the units' layer (default: the atlas' last)")
+    p.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help=f"comma-separated methods (default all: {','.join(METHODS)})",
+    )
+    p.add_argument(
+        "--modes",
+        default=",".join(MODES),
+        help=f"comma-separated tests (default {','.join(MODES)})",
+    )
+    p.add_argument("--out", required=True, help="directory to write (not inside ATLAS_DIR)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the randomisations (default 0)")
+    p.add_argument("--maps", type=int, default=4, help="units shown as grids of maps (default 4)")
+    p.add_argument(
+        "--other-activations",
+        choices=list(OTHER_ACTIVATIONS),
+        default="error",
+        help="GELU, SiLU, ... under deconvnet/guided: error (default) or gradient",
+    )
+    p.add_argument("--device", type=_device, default=None, help="where it runs (default cpu)")
+    p.set_defaults(func=_run_sanity)
+
+
+def _run_sanity(args: argparse.Namespace) -> int:
+    from featurelens.atlas import Atlas
+    from featurelens.errors import UsageError
+    from featurelens.figures import load_examples, normalisation
+    from featurelens.instrument_pages import input_patch, write_sanity_page
+    from featurelens.sanity import sanity
+    from featurelens.unit import Unit
+
+    _check_out(args.out, args.atlas)
+    if args.units < 1:
+        raise UsageError(f"--units {args.units}: check at least 1 unit")
+    atlas = Atlas.load(args.atlas)
+    layer = args.layer if args.layer is not None else list(atlas.layers)[-1]
+    top = atlas.layer(layer)  # unknown layer: a LayerError listing the atlas' layers
+    units, rows = [], []
+    for channel in range(top.channels):
+        hits = atlas.top(layer, channel)
+        if hits:
+            units.append(Unit(layer, channel, hits[0].location))
+            rows.append(hits[0].index)
+        if len(units) == args.units:
+            break
+    if not units:
+        raise UsageError(
+            f"layer {layer!r} of the atlas has no hits to check: choose another --layer"
+        )
+    model, data = atlas.build_model(), atlas.build_data()
+    if args.device is not None:
+        model.to(args.device)
+    result = sanity(
+        model, data, units, _names(args.methods), rows=rows, modes=_names(args.modes),
+        seed=args.seed, keep_maps=args.maps, device=args.device,
+        other_activations=args.other_activations,
+    )  # fmt: skip
+    mean, std = normalisation(atlas)
+    patches = [
+        input_patch(load_examples(data, [result.rows[k]])[0], result.regions[k], mean, std)
+        for k in range(min(args.maps, len(units)))
+    ]
+    index = write_sanity_page(
+        result,
+        args.out,
+        title=f"Sanity checks: {layer}",
+        about=f"{len(units)} units of {layer} (top hit of each channel), seed {args.seed}",
+        patches=patches,
+    )
+    print(result.table())
+    print(index.resolve())
+    return 0
+
+
 #: command -> (its one-line help in ``featurelens --help``, the function declaring its arguments)
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "demo": (
         "the main job: train a small CNN on MNIST, scan every conv layer, write the atlas",
         _add_demo,
     ),
+    "erf": ("effective receptive field of every layer beside the theoretical one", _add_erf),
     "figure": ("draw one channel's Zeiler-Fergus grid (or a layer sheet) as a PNG", _add_figure),
     "report": ("write the static HTML atlas (a page per layer, a card per channel)", _add_report),
     "rf": ("print the receptive field of every layer", _add_rf),
+    "sanity": ("randomise the layers and see which projections change (a page)", _add_sanity),
     "scan": ("find the maximally activating examples of every channel of some layers", _add_scan),
     "serve": ("explore an atlas in the browser", _add_serve),
 }
