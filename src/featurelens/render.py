@@ -675,7 +675,8 @@ def render_zf(
     if scale:
         size = (cell_shape[0] * scale, cell_shape[1] * scale)
     else:
-        *size, scale = display_shape(cell_shape)
+        h_disp, w_disp, scale = display_shape(cell_shape)
+        size = (h_disp, w_disp)
     caption = " · ".join(n for n in (note, *notes) if n) or None
     with_captions = captions is not None and any(captions)
     layout = zf_layout(
@@ -697,7 +698,7 @@ def render_zf(
             draw.text(xy, text, fill=TEXT, font=_font(LABEL_SIZE))
     if with_captions:
         width = layout.cell_size[1]
-        for xy, text in zip(layout.hit_caption_xy, captions):
+        for xy, text in zip(layout.hit_caption_xy, captions or ()):
             draw.text(xy, _fit_text(text, LABEL_SIZE, width), fill=TEXT, font=_font(LABEL_SIZE))
     if caption and layout.caption_xy:
         draw.text(layout.caption_xy, caption, fill=TEXT, font=_font(LABEL_SIZE))
@@ -762,7 +763,7 @@ def as_signal(
         drop = 3 - axis
         shape = "x".join(map(str, examples.shape[2:]))
         note = f"input {shape} drawn as a signal"
-        squeezed = [(box[axis],) for box in boxes]
+        squeezed: list[Box] = [(box[axis],) for box in boxes]
         return examples.squeeze(drop), projections.squeeze(drop), squeezed, note
     return None  # pragma: no cover - is_signal_shape admits nothing else
 
@@ -1557,8 +1558,8 @@ def render_sheet_cells(
     Cells longer than :data:`MAX_SHEET_CELL` display pixels are resampled to fit.
     """
     cell_shape = proj_cells[0][0].shape[:2]
-    *size, scale = display_shape(cell_shape, target=56, max_side=MAX_SHEET_CELL)
-    layout = sheet_layout(len(proj_cells), cell_shape, scale, columns, title, tuple(size))
+    h_disp, w_disp, scale = display_shape(cell_shape, target=56, max_side=MAX_SHEET_CELL)
+    layout = sheet_layout(len(proj_cells), cell_shape, scale, columns, title, (h_disp, w_disp))
     canvas = np.empty((layout.size[1], layout.size[0], 3), dtype=np.uint8)
     canvas[:] = BACKGROUND
     for (p, v), (x, xv), (p_rect, x_rect, _) in zip(proj_cells, patch_cells, layout.tiles):

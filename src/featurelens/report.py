@@ -419,7 +419,8 @@ class _Clips:
                 s = np.broadcast_to(np.asarray(self.options.std, dtype=np.float64), (c,))
                 values = values * s[:, None] + m[:, None]
             self.dir.mkdir(parents=True, exist_ok=True)
-            atomic_write(self.dir / name, wav_bytes(values.mean(axis=0), self.options.sample_rate))
+            rate = float(self.options.sample_rate or 0)  # clips are made only with a rate
+            atomic_write(self.dir / name, wav_bytes(values.mean(axis=0), rate))
             self.written.add(name)
         return f"audio/{name}"
 
