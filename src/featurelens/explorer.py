@@ -55,7 +55,7 @@ from featurelens.graph import capture, model_device, preserved
 from featurelens.projection import project
 from featurelens.receptive_field import ReceptiveField
 from featurelens.render import STYLES, render_patch, render_projection
-from featurelens.rules import METHODS
+from featurelens.rules import METHODS, check_other_activations
 from featurelens.unit import argmax_location, first_argmax
 
 __all__ = [
@@ -237,7 +237,8 @@ class UnitAnswer(TypedDict):
     channel: int
     location: list[int]
     value: float
-    rf: RFBox | None
+    rf: RFBox | None  # None: no box can be drawn, ``rf_error`` says why
+    rf_error: str | None
 
 
 class TopHit(TypedDict):
@@ -376,6 +377,11 @@ class Explorer:
         memory decoding takes.
     device
         Where the model runs; the model is moved there. Default: where it already is.
+    other_activations
+        Under ``deconvnet``/``guided``, what activations that are not rectifiers (GELU, SiLU,
+        Hardswish, ...) do, for every projection and grid: ``"error"`` (default: the request
+        is refused, naming them) or ``"gradient"`` (passed as the plain gradient; the grids'
+        captions say so), as for :func:`featurelens.project`.
 
     Attributes
     ----------
@@ -411,7 +417,10 @@ class Explorer:
         max_uploads: int = MAX_UPLOADS,
         decode_slots: int = DECODE_SLOTS,
         device: str | torch.device | None = None,
+        other_activations: str = "error",
     ) -> None:
+        check_other_activations(other_activations)
+        self.other_activations = other_activations
         self.atlas = atlas
         self.model = model if model is not None else atlas.build_model()
         self.data = data if data is not None else atlas.build_data()
@@ -451,6 +460,10 @@ class Explorer:
             except ValueError as exc:  # a channels-last layer: every channel would be misread
                 field, error = None, str(exc)
                 self.refused[layer] = str(exc)
+            if field is not None and layer not in self.refused:
+                misfit = _misfit(field, self.layer_shape(layer), layer)
+                if misfit is not None:  # no box at all rather than boxes of other locations
+                    field, error = None, misfit
             self.fields[layer] = field
             if error is not None:
                 self.field_errors[layer] = error
@@ -832,9 +845,12 @@ class Explorer:
         ------
         UsageError
             A location the field does not have.
+        ReceptiveFieldError
+            The field's locations are not the layer's (a model that changes the rank of its
+            data): no box rather than the box of another location.
         """
         field = self.fields.get(layer)
-        return None if field is None else _box(field, location)
+        return None if field is None else _box(field, location, self.layer_shape(layer), layer)
 
     def rf(self, layer: str, location: Sequence[int]) -> RFBox:
         """The receptive field of one location of ``layer`` (no input needed).
@@ -847,22 +863,36 @@ class Explorer:
             The wrong number of coordinates, or one outside the layer's output.
         """
         field = self.check_field(self.check_layer(layer))
-        return _box(field, _check_location(location, field.output_shape, layer))
+        shape = self.layer_shape(layer)
+        return _box(field, _check_location(location, shape, layer), shape, layer)
+
+    def layer_shape(self, layer: str) -> tuple[int, ...]:
+        """Spatial shape of ``layer``'s maps in its own rank, as the atlas recorded it."""
+        return tuple(int(n) for n in self.atlas.layer(layer).output_shape)
 
     def unit(
         self, ref: InputRef, layer: str, channel: int, location: Sequence[int] | None = None
     ) -> UnitAnswer:
-        """A unit on an input: its location (default: the arg-max), value and receptive field."""
+        """A unit on an input: its location (default: the arg-max), value and receptive field.
+
+        The field is None, with ``rf_error`` saying why, when the layer has none or when its
+        field's locations are not the layer's (never the box of another location).
+        """
         channel = self.check_channel(self.check_layer(layer), channel)
         loc = self.location(ref, layer, channel, location)
         act = self.activations(ref, layer)
+        try:
+            box, why = self.rf_box(layer, loc), self.field_errors.get(layer)
+        except ReceptiveFieldError as exc:
+            box, why = None, str(exc)
         return {
             "input": str(ref),
             "layer": layer,
             "channel": channel,
             "location": list(loc),
             "value": float(act[(channel, *loc)]),
-            "rf": self.rf_box(layer, loc),
+            "rf": box,
+            "rf_error": why,
         }
 
     def projection_png(
@@ -910,7 +940,10 @@ class Explorer:
         def compute() -> bytes:
             x = self.input_tensor(ref).to(self.device)[None]
             with self._using_model():
-                maps = project(self.model, x, layer, channel, location=loc, method=method)
+                maps = project(
+                    self.model, x, layer, channel, location=loc, method=method,
+                    other_activations=self.other_activations, field=self.fields[layer],
+                )  # fmt: skip
             rgb = render_projection(maps[0].detach().cpu(), style)  # (*spatial, 3) in [0, 1]
             if rgb.ndim == 2:  # a signal: one row of pixels, as /api/input.png draws it
                 rgb = rgb[None]
@@ -992,6 +1025,7 @@ class Explorer:
             "layers": layers,
             "methods": self.methods,
             "method_help": self.method_help,
+            "other_activations": self.other_activations,
             "styles": self.styles,
             "style_help": self.style_help,
             "scales": list(SCALES),
@@ -1087,11 +1121,31 @@ def _check_location(location: Sequence[int], shape: Sequence[int], layer: str) -
     return loc
 
 
-def _box(field: ReceptiveField, location: tuple[int, ...]) -> RFBox:
-    """The field of ``location``; a global field (no spatial axes at the layer) at its origin."""
-    rf_loc = location if len(location) == field.ndim else (0,) * field.ndim
+def _box(
+    field: ReceptiveField, location: tuple[int, ...], layer_shape: Sequence[int], layer: str
+) -> RFBox:
+    """The field of ``location`` (in the layer's own rank, on its map of ``layer_shape``).
+
+    The box is read from the field only where the field's locations are the layer's: its
+    ``output_shape`` is the layer's map (``region`` then maps a location to the input's axes),
+    or the layer has no spatial axes and the field one location (a classifier's logits, a
+    global field). Anything else (a model that unsqueezes its ``(N, 1, L)`` input to 2-D maps
+    over ``(L, 1)``, when the field is on the input's axes) is refused: no box is ever drawn
+    from another location.
+
+    Raises
+    ------
+    ReceptiveFieldError
+        The field's locations are not the layer's.
+    UsageError
+        A location the field does not have.
+    """
+    why = _misfit(field, layer_shape, layer)
+    if why is not None:
+        raise ReceptiveFieldError(why)
+    rf_loc = tuple(location) if location else (0,) * len(field.output_shape)
     try:
-        interval = field.interval(rf_loc) if field.regular else None
+        interval = field.interval(rf_loc) if getattr(field, "regular", True) else None
         region = field.region(rf_loc)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
@@ -1101,6 +1155,25 @@ def _box(field: ReceptiveField, location: tuple[int, ...]) -> RFBox:
         "region": [[s.start, s.stop - 1] for s in region],
         "is_global": field.is_global,
     }
+
+
+def _misfit(field: ReceptiveField, layer_shape: Sequence[int], layer: str) -> str | None:
+    """Why ``field``'s locations are not those of ``layer``'s maps (``layer_shape``), or None.
+
+    They are when the field's ``output_shape`` is the layer's map, or when the layer has no
+    spatial axes and the field one location (a classifier's logits).
+    """
+    layer_shape = tuple(int(n) for n in layer_shape)
+    field_shape = tuple(int(n) for n in field.output_shape)
+    if field_shape == layer_shape or (not layer_shape and all(n == 1 for n in field_shape)):
+        return None
+    return (
+        f"layer {layer!r} has maps of shape {list(layer_shape)} ({len(layer_shape)} axes) but "
+        f"its receptive field was computed over locations of shape {list(field_shape)} (the "
+        f"input has {field.ndim} spatial axes): the model changes the rank of its data (e.g. "
+        "it unsqueezes a signal to 2-D maps) and the explorer cannot say which input positions "
+        "a location sees, so it draws no box rather than a wrong one"
+    )
 
 
 def _argmax_locations(act: torch.Tensor) -> list[list[int]]:

@@ -132,7 +132,10 @@ function rfRegion(location) {
   const spatial = state.info.input_shape.slice(1);
   if (!rf) return null;
   const whole = spatial.map((n) => [0, n - 1]);
-  if (rf.is_global || location.length !== rf.size.length) return whole;
+  if (rf.is_global) return whole;
+  // A location of another rank than the field's (a model that changes the rank of its data)
+  // gets no box: never the box of another location.
+  if (location.length !== rf.size.length) return null;
   return location.map((u, axis) => {
     const first = u * rf.stride[axis] - rf.padding[axis];
     const last = first + rf.size[axis] - 1;
@@ -141,7 +144,10 @@ function rfRegion(location) {
 }
 
 function regionText(region) {
-  if (!region) return "no receptive-field geometry for this layer";
+  if (!region) {
+    const why = layerInfo().rf_error;
+    return why ? `no box (${why})` : "no receptive-field geometry for this layer";
+  }
   const axes = region.length === 2 ? ["rows", "cols"] : region.map((_, i) => `axis ${i}`);
   return region.map(([a, b], i) => `${axes[i]} ${a}–${b}`).join(", ");
 }
@@ -381,7 +387,7 @@ async function refreshUnit() {
   $("unit-title").textContent = `Unit: ${state.layer} channel ${state.channel} at ${where}`;
   $("unit-meta").textContent =
     `activation ${num(unit.value, 4)} ${state.location ? "at the chosen location" : "(arg-max on this input)"}; ` +
-    `receptive field ${unit.rf ? regionText(unit.rf.region) : "unknown"}`;
+    `receptive field ${unit.rf ? regionText(unit.rf.region) : `unknown${unit.rf_error ? ` (${unit.rf_error})` : ""}`}`;
   drawUnitMap();
   redrawOverlays();
   const projection = api("projection.png", {
