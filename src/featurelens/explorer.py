@@ -63,13 +63,17 @@ __all__ = [
     "DECODE_SLOTS",
     "MAX_UPLOADS",
     "MAX_UPLOAD_BYTES",
+    "MAX_AUDIO_SAMPLES",
+    "MAX_ROW_PIXELS",
     "MAX_UPLOAD_PIXELS",
     "SCALES",
+    "WAVEFORM_HEIGHT",
     "Decoded",
     "Explorer",
     "InputRef",
     "LRUCache",
     "decode_image",
+    "encode_wav",
     "parse_int",
 ]
 
@@ -80,6 +84,9 @@ MAX_UPLOADS = 64
 CACHE_BYTES = 256 * 1024 * 1024
 DECODE_SLOTS = 2  # uploads decoded at once: decoding a huge JPEG briefly needs tens of MB
 SCALES = ("layer", "channel")  # activation sprites: one peak per layer, or one per channel
+MAX_ROW_PIXELS = 4096  # a longer 1-D map (or waveform) is drawn reduced to this many pixels
+MAX_AUDIO_SAMPLES = 1 << 23  # the most samples one WAV answer holds (16 MiB of 16-bit mono)
+WAVEFORM_HEIGHT = 64  # pixels of one channel's waveform
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,6 +254,7 @@ class TopHit(TypedDict):
     index: int
     score: float
     location: list[int]
+    label: int | float | str | None  # the example's label when the atlas records labels
 
 
 def parse_int(text: str | None, what: str) -> int:
@@ -636,6 +644,96 @@ class Explorer:
             rgb = rgb[None]
         return Image.fromarray(np.round(rgb * 255).astype(np.uint8), "RGB")
 
+    # ---- signals: waveforms and audio ------------------------------------------------------
+    def _signal(self, ref: InputRef) -> np.ndarray:
+        """The 1-D input as the data has it (denormalised with the spec's mean/std): (C, L).
+
+        Raises
+        ------
+        AtlasError
+            The model's inputs are not 1-D signals (C, L).
+        """
+        if len(self.input_shape) != 2:
+            raise AtlasError(
+                f"waveforms and audio are for 1-D inputs (channels, samples); this model's inputs "
+                f"are {self.input_shape}"
+            )
+        x = self.input_tensor(ref).detach().double().cpu().numpy()
+        spec = self.atlas.data_spec
+        if spec is not None and spec.mean is not None and spec.std is not None:
+            c = x.shape[0]
+            mean = np.broadcast_to(np.asarray(spec.mean, np.float64), (c,))[:, None]
+            std = np.broadcast_to(np.asarray(spec.std, np.float64), (c,))[:, None]
+            x = x * std + mean
+        return x
+
+    def waveform_png(self, ref: InputRef) -> bytes:
+        """The 1-D input drawn as waveforms, one row of :data:`WAVEFORM_HEIGHT` pixels per channel.
+
+        Each of the ``min(L, MAX_ROW_PIXELS)`` columns spans the smallest to the largest sample
+        it covers, on a scale symmetric about zero (the channel's largest magnitude fills the
+        row), so that no peak is lost when a long signal is reduced.
+
+        Raises
+        ------
+        AtlasError
+            The model's inputs are not 1-D signals.
+        """
+
+        def compute() -> bytes:
+            x = np.nan_to_num(self._signal(ref), nan=0.0, posinf=0.0, neginf=0.0)
+            return encode_png(Image.fromarray(_waveform(x, WAVEFORM_HEIGHT), "RGB"))
+
+        return self.cache.get_or_compute(("wave", str(ref)), compute)
+
+    def audio_wav(
+        self, ref: InputRef, layer: str | None = None, location: Sequence[int] | None = None
+    ) -> bytes:
+        """The input (or the receptive field of one location of ``layer``) as a WAV file.
+
+        Mono 16-bit PCM at the atlas's sample rate; channels are averaged and the sound is
+        scaled so that its largest magnitude is full scale (a silent window stays silent).
+
+        Parameters
+        ----------
+        ref
+            The input.
+        layer, location
+            Both or neither: the window of input samples that ``location`` of ``layer`` sees
+            (:meth:`rf`), else the whole input.
+
+        Raises
+        ------
+        AtlasError
+            The atlas records no sample rate, or the inputs are not 1-D signals.
+        ReceptiveFieldError
+            The layer has no receptive field to cut the window from.
+        LimitError
+            More than :data:`MAX_AUDIO_SAMPLES` samples.
+        UsageError
+            A layer without a location or a location without a layer.
+        """
+        rate = getattr(self.atlas, "sample_rate", None)
+        if rate is None:
+            raise AtlasError(
+                "the atlas records no sample rate, so its signals cannot be played: scan data "
+                "whose spec or dataset says its sample_rate"
+            )
+        if (layer is None) != (location is None):
+            raise UsageError("audio of a receptive field needs both a layer and a location")
+        window = None
+        if layer is not None and location is not None:
+            window = self.rf(layer, location)["region"][0]
+        signal = self._signal(ref)  # AtlasError for inputs that are not signals
+        if window is not None:
+            signal = signal[:, window[0] : window[1] + 1]
+        if signal.shape[1] > MAX_AUDIO_SAMPLES:
+            raise LimitError(
+                f"{signal.shape[1]} samples exceed the {MAX_AUDIO_SAMPLES} one WAV answer holds"
+            )
+        key = ("wav", str(ref), None if window is None else tuple(window))
+        return self.cache.get_or_compute(key, lambda: encode_wav(signal.mean(0), float(rate)))
+
     def add_upload(self, raw: bytes, invert: bool = False) -> Upload:
         """Decode, check and preprocess an uploaded PNG/JPEG and keep it as an input.
 
@@ -770,18 +868,32 @@ class Explorer:
             ("act", str(ref), layer), lambda: self.layer_output(self.input_tensor(ref), layer)
         )
 
-    def _maps(self, ref: InputRef, layer: str) -> torch.Tensor:
-        """Per-channel maps as (C, h, w): 1-D maps become one row, scalars one pixel."""
+    def _maps(self, ref: InputRef, layer: str) -> tuple[torch.Tensor, bool]:
+        """Per-channel maps as drawn, (C, h, w), and whether they are transposed.
+
+        1-D maps become one row, scalars one pixel; a 2-D map of one column ``(L, 1)`` (a
+        signal a model unsqueezed to 2-D) is drawn as the row ``(1, L)`` (transposed), not as
+        a tile ``L`` pixels tall. Rows longer than :data:`MAX_ROW_PIXELS` are reduced: each
+        drawn pixel shows the value of largest magnitude among the samples it covers.
+        """
         act = self.activations(ref, layer)
+        transposed = False
         if act.dim() == 1:
-            return act.reshape(-1, 1, 1)
-        if act.dim() == 2:
-            return act[:, None, :]
-        if act.dim() == 3:
-            return act
-        raise AtlasError(
-            f"layer {layer!r} has {act.dim() - 1} spatial axes; the explorer draws 1-D and 2-D maps"
-        )
+            maps = act.reshape(-1, 1, 1)
+        elif act.dim() == 2:
+            maps = act[:, None, :]
+        elif act.dim() == 3:
+            maps = act
+            if act.shape[2] == 1 and act.shape[1] > 1:
+                maps, transposed = act.transpose(1, 2), True
+        else:
+            raise AtlasError(
+                f"layer {layer!r} has {act.dim() - 1} spatial axes; the explorer draws 1-D and "
+                "2-D maps"
+            )
+        if maps.shape[1] == 1 and maps.shape[2] > MAX_ROW_PIXELS:
+            maps = _reduce_row(maps, MAX_ROW_PIXELS)
+        return maps, transposed
 
     def activation_layout(self, ref: InputRef, layer: str, scale: str = "layer") -> dict[str, Any]:
         """Where each channel's map is in the sprite, and per-channel peak values and places.
@@ -789,10 +901,12 @@ class Explorer:
         Returns
         -------
         dict
-            ``input``, ``layer``, ``scale``, ``channels``, ``map_shape`` [h, w] of one cell,
-            ``spatial_dims``, ``cols``, ``rows``, ``gap`` (pixels between cells), ``min``,
-            ``max``, ``channel_max`` (NaN where a map is all NaN), ``channel_argmax`` (one
-            location per channel, by the scan's rule), ``signed`` (any negative value).
+            ``input``, ``layer``, ``scale``, ``channels``, ``map_shape`` [h, w] of the layer's
+            map (a 1-D map is [1, L]), ``cell`` [h, w] of one drawn cell in the sprite,
+            ``transposed`` (an (L, 1) map drawn as a row), ``spatial_dims``, ``cols``,
+            ``rows``, ``gap`` (pixels between cells), ``min``, ``max``, ``channel_max`` (NaN
+            where a map is all NaN), ``channel_argmax`` (one location per channel, by the
+            scan's rule), ``signed`` (any negative value).
 
         Raises
         ------
@@ -800,19 +914,23 @@ class Explorer:
             A layer with more than 2 spatial axes.
         """
         scale = self.check_scale(scale)
-        maps = self._maps(ref, layer)
+        maps, transposed = self._maps(ref, layer)
         channels, h, w = maps.shape
+        act = self.activations(ref, layer)  # (C, *spatial)
+        spatial = tuple(act.shape[1:])
+        map_shape = [1, 1] if not spatial else [1, spatial[0]] if len(spatial) == 1 else spatial
         cols = max(1, math.ceil(math.sqrt(channels * h / w))) if w else 1
         cols = min(cols, channels)
         rows = math.ceil(channels / cols)
-        flat = maps.reshape(channels, -1)
-        act = self.activations(ref, layer)  # (C, *spatial)
+        flat = act.reshape(channels, -1)
         return {
             "input": str(ref),
             "layer": layer,
             "scale": scale,
             "channels": channels,
-            "map_shape": [h, w],
+            "map_shape": [int(n) for n in map_shape],
+            "cell": [h, w],
+            "transposed": transposed,
             "spatial_dims": act.dim() - 1,
             "cols": cols,
             "rows": rows,
@@ -829,7 +947,7 @@ class Explorer:
         scale = self.check_scale(scale)
 
         def compute() -> bytes:
-            maps = self._maps(ref, layer)
+            maps, _ = self._maps(ref, layer)
             layout = self.activation_layout(ref, layer, scale)
             return encode_png(_sprite(maps, layout["cols"], layout["rows"], layout["gap"], scale))
 
@@ -991,9 +1109,36 @@ class Explorer:
         """The channel's top hits in the atlas, best first."""
         channel = self.check_channel(self.check_layer(layer), channel)
         return [
-            {"index": int(h.index), "score": float(h.score), "location": list(h.location)}
+            {
+                "index": int(h.index),
+                "score": float(h.score),
+                "location": list(h.location),
+                "label": _label(h.label),
+            }
             for h in self.atlas.top(layer, channel)
         ]
+
+    def label_histogram(self, layer: str, channel: int) -> dict[str, Any] | None:
+        """How the channel's top hits spread over labels (:meth:`featurelens.Atlas.label_histogram`)
+        as JSON values; None when the atlas records no labels.
+
+        Returns
+        -------
+        dict or None
+            ``kind`` (``int``, ``float``, ``str``), ``bins`` (labels; ``[low, high]`` intervals
+            for ``float``), ``counts`` and ``missing`` (NaN labels).
+        """
+        channel = self.check_channel(self.check_layer(layer), channel)
+        if getattr(self.atlas, "label_kind", None) is None:
+            return None
+        hist = self.atlas.label_histogram(layer, channel)
+        bins = [list(map(float, b)) if isinstance(b, tuple) else _label(b) for b in hist.bins]
+        return {
+            "kind": hist.kind,
+            "bins": bins,
+            "counts": [int(n) for n in hist.counts],
+            "missing": int(hist.missing),
+        }
 
     def info(self) -> dict[str, Any]:
         """What the page needs to start: specs, sizes, layers with their fields, menus, limits.
@@ -1021,6 +1166,8 @@ class Explorer:
             "data": _public_spec(spec),
             "data_size": len(self.data),
             "input_shape": list(self.input_shape),
+            "sample_rate": getattr(self.atlas, "sample_rate", None),
+            "labels": getattr(self.atlas, "label_kind", None),
             "top_k": int(getattr(self.atlas, "top_k", 9)),
             "layers": layers,
             "methods": self.methods,
@@ -1032,6 +1179,17 @@ class Explorer:
             "max_upload_bytes": self.max_upload_bytes,
             "max_upload_pixels": self.max_upload_pixels,
         }
+
+
+def _label(label: Any) -> int | float | str | None:
+    """A label as a JSON value (numpy scalars as Python numbers)."""
+    if label is None or isinstance(label, str):
+        return label
+    if isinstance(label, (bool, np.bool_)):
+        return int(label)
+    if isinstance(label, (int, np.integer)):
+        return int(label)
+    return float(label)
 
 
 def _public_spec(spec: Any) -> Any:
@@ -1182,6 +1340,67 @@ def _argmax_locations(act: torch.Tensor) -> list[list[int]]:
         return [[] for _ in range(act.shape[0])]
     flat = first_argmax(act.reshape(act.shape[0], -1))  # (C,) first maximum, NaN ignored
     return torch.stack(torch.unravel_index(flat, tuple(act.shape[1:])), dim=-1).tolist()
+
+
+def encode_wav(samples: np.ndarray, rate: float) -> bytes:
+    """Mono ``samples`` (L,) as a 16-bit PCM WAV file at ``rate`` (rounded to whole Hz),
+    scaled so that the largest magnitude is full scale; NaN and infinities play as silence.
+
+    Raises
+    ------
+    UsageError
+        A rate that rounds to less than 1 Hz or more than WAV's 2**32 - 1.
+    """
+    import wave
+
+    hz = round(rate)
+    if not 1 <= hz <= 2**32 - 1:
+        raise UsageError(
+            f"sample rate {rate!r} cannot be written to a WAV file (1 .. 2**32 - 1 Hz)"
+        )
+    x = np.nan_to_num(np.asarray(samples, np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    peak = float(np.abs(x).max()) if x.size else 0.0
+    pcm = np.round(x / peak * 32767).astype("<i2") if peak > 0 else np.zeros(x.shape, "<i2")
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(hz)
+        out.writeframes(pcm.tobytes())
+    return buf.getvalue()
+
+
+def _waveform(x: np.ndarray, height: int) -> np.ndarray:
+    """Signals (C, L) as RGB waveforms (C * height + C - 1, min(L, MAX_ROW_PIXELS), 3), uint8."""
+    channels, length = x.shape
+    width = min(length, MAX_ROW_PIXELS)
+    edges = np.linspace(0, length, width + 1).round().astype(int)
+    starts = edges[:-1]  # column q covers samples starts[q] .. edges[q + 1] - 1 (at least one)
+    lo = np.minimum.reduceat(x, starts, axis=1)
+    hi = np.maximum.reduceat(x, starts, axis=1)
+    sheet = np.full((channels * (height + 1) - 1, width, 3), 24, np.uint8)
+    rows = np.arange(height)[:, None]
+    for c in range(channels):
+        peak = float(np.abs(x[c]).max()) or 1.0
+        top = np.floor((height - 1) * (1 - hi[c] / peak) / 2)  # larger values higher up
+        bottom = np.ceil((height - 1) * (1 - lo[c] / peak) / 2)
+        band = sheet[c * (height + 1) : c * (height + 1) + height]
+        band[height // 2] = (70, 70, 70)  # the zero line
+        band[(rows >= top) & (rows <= bottom)] = (120, 200, 255)
+    return sheet
+
+
+def _reduce_row(maps: torch.Tensor, width: int) -> torch.Tensor:
+    """Rows (C, 1, L) reduced to ``width`` pixels: each the value of largest magnitude (NaN
+    first) among the ``ceil(L / width)`` samples it covers (the last pixel may cover fewer)."""
+    channels, _, length = maps.shape
+    group = math.ceil(length / width)
+    pad = group * math.ceil(length / group) - length
+    padded = torch.nn.functional.pad(maps[:, 0], (0, pad), value=0.0)
+    blocks = padded.reshape(channels, -1, group)
+    magnitude = blocks.abs().nan_to_num(nan=math.inf)
+    pick = magnitude.argmax(-1, keepdim=True)
+    return blocks.gather(-1, pick)[..., 0][:, None, :]
 
 
 def _sprite(maps: torch.Tensor, cols: int, rows: int, gap: int, scale: str) -> Image.Image:

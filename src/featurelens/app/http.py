@@ -39,7 +39,11 @@ Endpoints (all ``GET`` unless said)::
     /static/NAME              index.html, app.js, style.css
     /api/info                 model, data, layers (channels, receptive field), methods, styles
     /api/top                  ?layer&channel             the channel's top hits in the atlas
+                                                         (labels) and their label histogram
     /api/input.png            ?input                     the input, denormalised
+    /api/waveform.png         ?input                     a 1-D input drawn as waveforms
+    /api/audio.wav            ?input[&layer&location]    a 1-D input (or the receptive field
+                                                         of one location) as WAV, bounded
     POST /api/inputs          [?invert=1] raw PNG/JPEG body or multipart form with one file
                               -> {"input": "upload:ID", "width", "height"}
     /api/activations          ?input&layer&scale         sprite layout and per-channel stats
@@ -138,7 +142,7 @@ TOKEN_COOKIE = "featurelens-token"
 #: fetched and shown from ``blob:`` URLs; ``data:`` is the empty favicon.
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; script-src 'self'; object-src 'none'; "
-    "img-src 'self' blob: data:; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+    "img-src 'self' blob: data:; media-src 'self' blob:; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
     "X-Frame-Options": "DENY",  # frame-ancestors for browsers without CSP level 2
@@ -604,11 +608,23 @@ def create_app(
     async def top(request: Request) -> Response:
         layer = layer_of(request)
         channel = channel_of(request, layer)
-        return _json({"layer": layer, "channel": channel, "hits": ex.top(layer, channel)})
+        hits, histogram = ex.top(layer, channel), ex.label_histogram(layer, channel)
+        return _json({"layer": layer, "channel": channel, "hits": hits, "labels": histogram})
 
     async def input_png(request: Request) -> Response:
         ref = input_of(request)
         return _png_response(await run_in_threadpool(ex.input_png, ref))
+
+    async def waveform_png(request: Request) -> Response:
+        ref = input_of(request)
+        return _png_response(await run_in_threadpool(ex.waveform_png, ref))
+
+    async def audio_wav(request: Request) -> Response:
+        ref = input_of(request)
+        layer = None if _param(request, "layer") is None else layer_of(request)
+        location = _location_param(request)
+        wav = await run_in_threadpool(ex.audio_wav, ref, layer, location)
+        return Response(wav, media_type="audio/wav", headers={"Cache-Control": "no-store"})
 
     async def upload(request: Request) -> Response:
         invert = _param(request, "invert") or "0"
@@ -680,6 +696,8 @@ def create_app(
         Route("/api/info", info),
         Route("/api/top", top),
         Route("/api/input.png", input_png),
+        Route("/api/waveform.png", waveform_png),
+        Route("/api/audio.wav", audio_wav),
         Route("/api/inputs", upload, methods=["POST"]),
         Route("/api/activations", activations),
         Route("/api/activations.png", activations_png),

@@ -201,16 +201,60 @@ function hover(channel, location) {
 }
 
 // Map a pointer position on a canvas showing an (h, w) map to a map location.
+// A cell shows the map as drawn (layout.cell): an (L, 1) map is drawn as a row (transposed),
+// a long row reduced; locations are always the map's own (layout.map_shape).
 function locationAt(canvas, event) {
   const [h, w] = state.layout.map_shape;
   const rect = canvas.getBoundingClientRect();
-  const x = Math.min(w - 1, Math.max(0, Math.floor(((event.clientX - rect.left) / rect.width) * w)));
-  const y = Math.min(h - 1, Math.max(0, Math.floor(((event.clientY - rect.top) / rect.height) * h)));
+  const fx = (event.clientX - rect.left) / rect.width, fy = (event.clientY - rect.top) / rect.height;
+  const clamp = (v, n) => Math.min(n - 1, Math.max(0, Math.floor(v * n)));
   const dims = state.layout.spatial_dims;
-  return dims === 2 ? [y, x] : dims === 1 ? [x] : [];
+  if (state.layout.transposed) return [clamp(fx, h), 0];
+  return dims === 2 ? [clamp(fy, h), clamp(fx, w)] : dims === 1 ? [clamp(fx, w)] : [];
+}
+
+// Where a map location is in a drawn cell, as fractions [x0, y0, x1, y1] of its width/height.
+function cellFraction(location) {
+  const [h, w] = state.layout.map_shape;
+  if (!location.length) return [0, 0, 1, 1];
+  if (state.layout.transposed) return [location[0] / h, 0, (location[0] + 1) / h, 1];
+  if (location.length === 1) return [location[0] / w, 0, (location[0] + 1) / w, 1];
+  return [location[1] / w, location[0] / h, (location[1] + 1) / w, (location[0] + 1) / h];
 }
 
 // ---- the current input -------------------------------------------------------------------
+const isSignal = () => state.info.input_shape.length === 2;  // (channels, samples)
+
+// The picture of an input: a signal's waveforms, else the image.
+function inputPicture(input) {
+  return api(isSignal() ? "waveform.png" : "input.png", { input });
+}
+
+// Play a WAV answer of /api/audio.wav (fetched with the client header, played from blob:).
+async function play(params) {
+  const response = await apiFetch(api("audio.wav", params));
+  if (!response.ok) throw new Error(await errorOf(response));
+  const player = $("player");
+  if (player.objectURL) URL.revokeObjectURL(player.objectURL);
+  player.objectURL = URL.createObjectURL(await response.blob());
+  player.src = player.objectURL;
+  player.dataset.playing = params.location ? "window" : "input";
+  await player.play().catch(() => { /* autoplay refused: the controls are there */ });
+}
+
+function playButton(text, title, params) {
+  const b = document.createElement("button");
+  b.type = "button";
+  b.className = "play";
+  b.textContent = text;
+  b.title = title;
+  b.addEventListener("click", (e) => {
+    e.stopPropagation();
+    task("playing", () => play(params));
+  });
+  return b;
+}
+
 async function setInput(input, label, fromPad = false) {
   state.inputSeq = (state.inputSeq || 0) + 1;
   pad.current = fromPad;
@@ -218,7 +262,7 @@ async function setInput(input, label, fromPad = false) {
   state.inputLabel = label;
   state.location = null;
   $("input-label").textContent = label;
-  await task("loading input", () => loadImage($("input-img"), api("input.png", { input })));
+  await task("loading input", () => loadImage($("input-img"), inputPicture(input)));
   redrawOverlays();
   await refreshMaps();
   if (state.channel !== null) await refreshUnit();
@@ -332,7 +376,7 @@ async function refreshMaps() {
 }
 
 function drawCell(ctx, channel, width, height) {
-  const { cols, gap, map_shape: [h, w] } = state.layout;
+  const { cols, gap, cell: [h, w] } = state.layout;
   const r = Math.floor(channel / cols), c = channel % cols;
   ctx.imageSmoothingEnabled = false;
   ctx.drawImage(state.sprite, c * (w + gap), r * (h + gap), w, h, 0, 0, width, height);
@@ -341,7 +385,8 @@ function drawCell(ctx, channel, width, height) {
 function drawTiles() {
   const maps = $("maps");
   maps.textContent = "";
-  const { channels, map_shape: [h, w] } = state.layout;
+  const { channels, cell: [h, w] } = state.layout;
+  maps.classList.toggle("rows", h === 1 && w > 16);  // 1-D maps: one row per channel
   const zoom = Math.max(1, Math.round(64 / Math.max(h, w)));
   for (let k = 0; k < channels; k++) {
     const tile = document.createElement("div");
@@ -390,6 +435,7 @@ async function refreshUnit() {
     `receptive field ${unit.rf ? regionText(unit.rf.region) : `unknown${unit.rf_error ? ` (${unit.rf_error})` : ""}`}`;
   drawUnitMap();
   redrawOverlays();
+  $("play-field").hidden = !(state.info.sample_rate && isSignal() && unit.rf && unit.location.length);
   const projection = api("projection.png", {
     input: state.input, layer: state.layer, channel: state.channel, location: unit.location,
     method: state.method, style: state.style,
@@ -400,18 +446,18 @@ async function refreshUnit() {
 
 function drawUnitMap() {
   const canvas = $("unit-map");
-  const [h, w] = state.layout.map_shape;
+  const [h, w] = state.layout.cell;
   const zoom = Math.max(1, Math.ceil(200 / Math.max(h, w)));
   canvas.width = w * zoom;
-  canvas.height = h * zoom;
+  canvas.height = Math.max(h * zoom, h === 1 ? 24 : 0);  // a row is drawn 24 pixels tall
   const ctx = canvas.getContext("2d");
   drawCell(ctx, state.channel, canvas.width, canvas.height);
   if (state.unit && state.unit.location.length) {
-    const loc = state.unit.location;
-    const y = loc.length === 2 ? loc[0] : 0, x = loc[loc.length - 1];
+    const [x0, y0, x1, y1] = cellFraction(state.unit.location);
+    const W = canvas.width, H = canvas.height;
     ctx.strokeStyle = "#ff4d4d";
     ctx.lineWidth = Math.max(1, zoom / 6);
-    ctx.strokeRect(x * zoom, y * zoom, zoom, zoom);
+    ctx.strokeRect(x0 * W, y0 * H, Math.max(2, (x1 - x0) * W), Math.max(2, (y1 - y0) * H));
   }
 }
 
@@ -420,23 +466,70 @@ async function refreshTop() {
   const result = await task("reading top examples", () =>
     getJSON(api("top", { layer: state.layer, channel })));
   if (!result || channel !== state.channel) return;
+  drawHistogram(result.labels);
   const box = $("top-hits");
   box.textContent = "";
+  const audio = Boolean(state.info.sample_rate) && isSignal();
   for (const hit of result.hits) {
     const fig = document.createElement("figure");
     const img = document.createElement("img");
-    loadImage(img, api("input.png", { input: `dataset:${hit.index}` })).catch(
-      (err) => status(err.message, true));
+    const input = `dataset:${hit.index}`;
+    loadImage(img, inputPicture(input)).catch((err) => status(err.message, true));
+    if (isSignal()) img.classList.add("signal");
     img.alt = `example ${hit.index}`;
     img.title = `example ${hit.index}: score ${num(hit.score, 4)} at (${hit.location.join(", ")})`;
     const cap = document.createElement("figcaption");
     cap.textContent = `#${hit.index}`;
+    if (hit.label !== null && hit.label !== undefined) {
+      const label = document.createElement("span");
+      label.className = "label";
+      label.textContent = String(hit.label);  // text, never markup
+      cap.append(" ", label);
+    }
     fig.append(img, cap);
+    if (audio) {
+      const layer = result.layer;
+      fig.append(playButton("▶", `play example ${hit.index}`, { input }));
+      if (hit.location.length) {
+        fig.append(playButton("▶ field", `play what the unit sees of example ${hit.index}`,
+                              { input, layer, location: hit.location }));
+      }
+    }
     fig.addEventListener("click", () => {
       $("dataset-index").value = hit.index;
       datasetInput(hit.index);
     });
     box.append(fig);
+  }
+}
+
+// The channel's top-k spread over labels, as bars with text labels.
+function drawHistogram(histogram) {
+  const box = $("label-hist");
+  box.textContent = "";
+  box.hidden = !histogram;
+  if (!histogram) return;
+  const most = Math.max(1, ...histogram.counts);
+  histogram.bins.forEach((bin, i) => {
+    const row = document.createElement("div");
+    row.className = "hist-row";
+    const name = document.createElement("span");
+    name.className = "hist-label";
+    name.textContent = Array.isArray(bin) ? `${num(bin[0], 4)} – ${num(bin[1], 4)}` : String(bin);
+    const bar = document.createElement("span");
+    bar.className = "hist-bar";
+    bar.style.width = `${(100 * histogram.counts[i]) / most}%`;
+    const count = document.createElement("span");
+    count.className = "hist-count";
+    count.textContent = String(histogram.counts[i]);
+    row.append(name, bar, count);
+    box.append(row);
+  });
+  if (histogram.missing) {
+    const row = document.createElement("div");
+    row.className = "hist-row";
+    row.textContent = `${histogram.missing} without a label (NaN)`;
+    box.append(row);
   }
 }
 
@@ -497,6 +590,16 @@ async function init() {
   }
   setMethod(info.methods.includes("deconvnet") ? "deconvnet" : info.methods[0]);
   $("dataset-index").max = info.data_size - 1;
+  $("play-input").hidden = !(info.sample_rate && isSignal());
+  $("input-img").classList.toggle("signal", isSignal());
+  $("play-input").addEventListener("click", () => task("playing", () => play({ input: state.input })));
+  $("play-field").addEventListener("click", () => task("playing", () => play({
+    input: state.input, layer: state.layer, location: state.unit.location,
+  })));
+  if (info.other_activations === "gradient") {
+    $("other-note").textContent = "deconvnet and guided pass activations that are not " +
+      "rectifiers (GELU, SiLU, ...) as the plain gradient (--other-activations gradient)";
+  }
 
   $("layer").addEventListener("change", async (e) => {
     state.layer = e.target.value;
