@@ -26,6 +26,7 @@ import io
 import math
 import sys
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -55,7 +56,7 @@ from featurelens.graph import capture, model_device, preserved
 from featurelens.projection import project
 from featurelens.receptive_field import ReceptiveField
 from featurelens.render import STYLES, render_patch, render_projection
-from featurelens.rules import METHODS, check_other_activations
+from featurelens.rules import METHODS, check_other_activations, rule_mode
 from featurelens.unit import argmax_location, first_argmax
 
 __all__ = [
@@ -869,31 +870,8 @@ class Explorer:
         )
 
     def _maps(self, ref: InputRef, layer: str) -> tuple[torch.Tensor, bool]:
-        """Per-channel maps as drawn, (C, h, w), and whether they are transposed.
-
-        1-D maps become one row, scalars one pixel; a 2-D map of one column ``(L, 1)`` (a
-        signal a model unsqueezed to 2-D) is drawn as the row ``(1, L)`` (transposed), not as
-        a tile ``L`` pixels tall. Rows longer than :data:`MAX_ROW_PIXELS` are reduced: each
-        drawn pixel shows the value of largest magnitude among the samples it covers.
-        """
-        act = self.activations(ref, layer)
-        transposed = False
-        if act.dim() == 1:
-            maps = act.reshape(-1, 1, 1)
-        elif act.dim() == 2:
-            maps = act[:, None, :]
-        elif act.dim() == 3:
-            maps = act
-            if act.shape[2] == 1 and act.shape[1] > 1:
-                maps, transposed = act.transpose(1, 2), True
-        else:
-            raise AtlasError(
-                f"layer {layer!r} has {act.dim() - 1} spatial axes; the explorer draws 1-D and "
-                "2-D maps"
-            )
-        if maps.shape[1] == 1 and maps.shape[2] > MAX_ROW_PIXELS:
-            maps = _reduce_row(maps, MAX_ROW_PIXELS)
-        return maps, transposed
+        """:func:`_drawn_maps` of the layer's output for the input."""
+        return _drawn_maps(self.activations(ref, layer), layer)
 
     def activation_layout(self, ref: InputRef, layer: str, scale: str = "layer") -> dict[str, Any]:
         """Where each channel's map is in the sprite, and per-channel peak values and places.
@@ -914,42 +892,14 @@ class Explorer:
             A layer with more than 2 spatial axes.
         """
         scale = self.check_scale(scale)
-        maps, transposed = self._maps(ref, layer)
-        channels, h, w = maps.shape
-        act = self.activations(ref, layer)  # (C, *spatial)
-        spatial = tuple(act.shape[1:])
-        map_shape = [1, 1] if not spatial else [1, spatial[0]] if len(spatial) == 1 else spatial
-        cols = max(1, math.ceil(math.sqrt(channels * h / w))) if w else 1
-        cols = min(cols, channels)
-        rows = math.ceil(channels / cols)
-        flat = act.reshape(channels, -1)
-        return {
-            "input": str(ref),
-            "layer": layer,
-            "scale": scale,
-            "channels": channels,
-            "map_shape": [int(n) for n in map_shape],
-            "cell": [h, w],
-            "transposed": transposed,
-            "spatial_dims": act.dim() - 1,
-            "cols": cols,
-            "rows": rows,
-            "gap": 1,
-            "min": float(flat.nan_to_num(nan=math.inf).min()),
-            "max": float(flat.nan_to_num(nan=-math.inf).max()),
-            "channel_max": [round(float(v), 6) for v in flat.max(1).values],
-            "channel_argmax": _argmax_locations(act),
-            "signed": bool((flat < 0).any()),
-        }
+        return {"input": str(ref), **_layout(self.activations(ref, layer), layer, scale)}
 
     def activation_png(self, ref: InputRef, layer: str, scale: str = "layer") -> bytes:
         """Every channel's map in one sprite (PNG), laid out as :meth:`activation_layout` says."""
         scale = self.check_scale(scale)
 
         def compute() -> bytes:
-            maps, _ = self._maps(ref, layer)
-            layout = self.activation_layout(ref, layer, scale)
-            return encode_png(_sprite(maps, layout["cols"], layout["rows"], layout["gap"], scale))
+            return _sprite_png(self.activations(ref, layer), layer, scale)
 
         return self.cache.get_or_compute(("sprite", str(ref), layer, scale), compute)
 
@@ -1062,13 +1012,129 @@ class Explorer:
                     self.model, x, layer, channel, location=loc, method=method,
                     other_activations=self.other_activations, field=self.fields[layer],
                 )  # fmt: skip
-            rgb = render_projection(maps[0].detach().cpu(), style)  # (*spatial, 3) in [0, 1]
-            if rgb.ndim == 2:  # a signal: one row of pixels, as /api/input.png draws it
-                rgb = rgb[None]
-            return encode_png(Image.fromarray(np.round(rgb * 255).astype(np.uint8), "RGB"))
+            return _projection_png(maps[0], style)
 
         key = ("proj", str(ref), layer, channel, loc, method, style)
         return self.cache.get_or_compute(key, compute)
+
+    # ---- live video --------------------------------------------------------------------------
+    def frame(
+        self,
+        raw: bytes,
+        layer: str,
+        channel: int | None = None,
+        location: Sequence[int] | None = None,
+        method: str | None = None,
+        style: str | None = None,
+        scale: str | None = None,
+        invert: bool = False,
+    ) -> dict[str, Any]:
+        """One video frame: the layer's activations and, for a channel, the unit's projection.
+
+        The frame (a PNG or JPEG, as an upload; nothing is kept) is preprocessed like an upload
+        and run through the model truncated at ``layer`` *once*, under the method's rule and
+        with gradients on: the layer's output gives the activation sprite and the unit's value,
+        and one backward pass from the unit gives its projection on the whole frame (what
+        :func:`featurelens.project` with ``crop=False`` computes; equal to it).
+
+        Parameters
+        ----------
+        raw
+            The frame's bytes.
+        layer
+            The layer whose maps are drawn.
+        channel, location
+            The unit to project; None: no projection (``location`` None: the channel's arg-max
+            on this frame).
+        method, style, scale
+            As for :meth:`projection_png` and :meth:`activation_png`.
+        invert
+            As for :meth:`add_upload`.
+
+        Returns
+        -------
+        dict
+            ``layout`` (as :meth:`activation_layout`, ``input`` ``"frame"``), ``sprite`` (PNG
+            bytes), and with a channel: ``unit`` (as :meth:`unit`) and ``projection`` (PNG
+            bytes of the input's size); ``seconds``: the time the model took.
+
+        Raises
+        ------
+        LimitError, FormatError, UsageError
+            As for :meth:`add_upload`: too large, not a PNG/JPEG, empty.
+        AtlasError
+            Not a model of 2-D images of 1 or 3 channels.
+        ActivationError
+            A rectifier without a rule for ``method`` (see ``other_activations``).
+        """
+        layer = self.check_layer(layer)
+        if channel is not None:
+            channel = self.check_channel(layer, channel)
+        method, style = self.check_method(method), self.check_style(style)
+        scale = self.check_scale(scale)
+        if len(raw) > self.max_upload_bytes:
+            raise LimitError(
+                f"frame of {len(raw)} bytes exceeds the limit of {self.max_upload_bytes}"
+            )
+        if not raw:
+            raise UsageError("empty frame: send a PNG or JPEG image")
+        self._check_image_model()
+        x, _, _ = self._decoder.submit(self._decode, raw, invert).result()
+        start = time.perf_counter()
+        act, grad, loc = self._frame_pass(x, layer, channel, location, method)
+        seconds = time.perf_counter() - start
+        answer: dict[str, Any] = {
+            "layout": {"input": "frame", **_layout(act, layer, scale)},
+            "sprite": _sprite_png(act, layer, scale),
+            "seconds": seconds,
+        }
+        if channel is not None and loc is not None and grad is not None:
+            try:
+                box, why = self.rf_box(layer, loc), self.field_errors.get(layer)
+            except ReceptiveFieldError as exc:
+                box, why = None, str(exc)
+            answer["unit"] = {
+                "input": "frame",
+                "layer": layer,
+                "channel": channel,
+                "location": list(loc),
+                "value": float(act[(channel, *loc)]),
+                "rf": box,
+                "rf_error": why,
+            }
+            answer["projection"] = _projection_png(grad, style)
+        return answer
+
+    def _frame_pass(
+        self,
+        x: torch.Tensor,
+        layer: str,
+        channel: int | None,
+        location: Sequence[int] | None,
+        method: str,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, ...] | None]:
+        """One truncated forward of ``x`` (C, *spatial) under ``method``'s rule, and the
+        backward pass from the unit: (layer output (C', *spatial'), projection (C, *spatial)
+        or None, the unit's location or None), on the CPU."""
+        with (
+            self._using_model(),
+            preserved(self.model),
+            torch.inference_mode(False),
+            torch.enable_grad(),
+            rule_mode(self.model, method, self.other_activations),
+        ):
+            xg = x.to(self.device)[None].clone().requires_grad_(channel is not None)
+            with capture(self.model, [layer]) as run:
+                out = run(xg)[layer]
+            act = out[0].detach().to("cpu").clone()
+            if channel is None:
+                return act, None, None
+            if location is None:
+                loc = argmax_location(act[channel])
+            else:
+                loc = _check_location(location, tuple(act.shape[1:]), layer)
+            (grad,) = torch.autograd.grad(out[(0, channel, *loc)], xg)
+        return act, grad[0].detach().to("cpu"), loc
 
     def zf_png(
         self,
@@ -1388,6 +1454,81 @@ def _waveform(x: np.ndarray, height: int) -> np.ndarray:
         band[height // 2] = (70, 70, 70)  # the zero line
         band[(rows >= top) & (rows <= bottom)] = (120, 200, 255)
     return sheet
+
+
+def _drawn_maps(act: torch.Tensor, layer: str) -> tuple[torch.Tensor, bool]:
+    """Per-channel maps of ``act`` (C, *spatial) as drawn, (C, h, w), and whether transposed.
+
+    1-D maps become one row, scalars one pixel; a 2-D map of one column ``(L, 1)`` (a signal a
+    model unsqueezed to 2-D) is drawn as the row ``(1, L)`` (transposed), not as a tile ``L``
+    pixels tall. Rows longer than :data:`MAX_ROW_PIXELS` are reduced: each drawn pixel shows
+    the value of largest magnitude among the samples it covers.
+
+    Raises
+    ------
+    AtlasError
+        More than 2 spatial axes.
+    """
+    transposed = False
+    if act.dim() == 1:
+        maps = act.reshape(-1, 1, 1)
+    elif act.dim() == 2:
+        maps = act[:, None, :]
+    elif act.dim() == 3:
+        maps = act
+        if act.shape[2] == 1 and act.shape[1] > 1:
+            maps, transposed = act.transpose(1, 2), True
+    else:
+        raise AtlasError(
+            f"layer {layer!r} has {act.dim() - 1} spatial axes; the explorer draws 1-D and 2-D maps"
+        )
+    if maps.shape[1] == 1 and maps.shape[2] > MAX_ROW_PIXELS:
+        maps = _reduce_row(maps, MAX_ROW_PIXELS)
+    return maps, transposed
+
+
+def _layout(act: torch.Tensor, layer: str, scale: str) -> dict[str, Any]:
+    """:meth:`Explorer.activation_layout` of a layer output ``act`` (C, *spatial), but the input."""
+    maps, transposed = _drawn_maps(act, layer)
+    channels, h, w = maps.shape
+    spatial = [int(n) for n in act.shape[1:]]
+    map_shape = [1, 1] if not spatial else [1, spatial[0]] if len(spatial) == 1 else spatial
+    cols = max(1, math.ceil(math.sqrt(channels * h / w))) if w else 1
+    cols = min(cols, channels)
+    rows = math.ceil(channels / cols)
+    flat = act.reshape(channels, -1)
+    return {
+        "layer": layer,
+        "scale": scale,
+        "channels": channels,
+        "map_shape": map_shape,
+        "cell": [h, w],
+        "transposed": transposed,
+        "spatial_dims": act.dim() - 1,
+        "cols": cols,
+        "rows": rows,
+        "gap": 1,
+        "min": float(flat.nan_to_num(nan=math.inf).min()),
+        "max": float(flat.nan_to_num(nan=-math.inf).max()),
+        "channel_max": [round(float(v), 6) for v in flat.max(1).values],
+        "channel_argmax": _argmax_locations(act),
+        "signed": bool((flat < 0).any()),
+    }
+
+
+def _sprite_png(act: torch.Tensor, layer: str, scale: str) -> bytes:
+    """Every channel's map of ``act`` (C, *spatial) in one sprite, as :func:`_layout` says."""
+    maps, _ = _drawn_maps(act, layer)
+    layout = _layout(act, layer, scale)
+    return encode_png(_sprite(maps, layout["cols"], layout["rows"], layout["gap"], scale))
+
+
+def _projection_png(proj: torch.Tensor, style: str) -> bytes:
+    """A projection (C, *spatial) rendered in ``style`` as PNG; a signal's is one row."""
+    rgb = render_projection(proj.detach().cpu(), style)  # (*spatial, 3) in [0, 1]
+    if rgb.ndim == 2:  # a signal: one row of pixels, as /api/input.png draws it
+        rgb = rgb[None]
+    return encode_png(Image.fromarray(np.round(rgb * 255).astype(np.uint8), "RGB"))
 
 
 def _reduce_row(maps: torch.Tensor, width: int) -> torch.Tensor:

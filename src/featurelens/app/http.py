@@ -46,6 +46,10 @@ Endpoints (all ``GET`` unless said)::
                                                          of one location) as WAV, bounded
     POST /api/inputs          [?invert=1] raw PNG/JPEG body or multipart form with one file
                               -> {"input": "upload:ID", "width", "height"}
+    POST /api/frame           ?layer[&channel&location&method&style&scale&invert] raw PNG/JPEG
+                              video frame -> {"layout", "sprite", "unit", "projection"}: the
+                              activations and the unit's projection from one forward pass
+                              (images as data: URLs); the frame is not kept
     /api/activations          ?input&layer&scale         sprite layout and per-channel stats
     /api/activations.png      ?input&layer&scale         every channel's map in one sprite
     /api/unit                 ?input&layer&channel[&location]  location, value, receptive field
@@ -58,6 +62,7 @@ Inputs are named ``dataset:INDEX`` or ``upload:ID`` (``ID`` as returned by ``POS
 
 from __future__ import annotations
 
+import base64
 import hmac
 import logging
 import math
@@ -633,6 +638,25 @@ def create_app(
         raw = await _upload_bytes(request, ex.max_upload_bytes)
         return _json(await run_in_threadpool(ex.add_upload, raw, invert == "1"), status=201)
 
+    async def frame(request: Request) -> Response:
+        layer = layer_of(request)
+        channel = None if _param(request, "channel") is None else channel_of(request, layer)
+        method = ex.check_method(_param(request, "method"))
+        style = ex.check_style(_param(request, "style"))
+        scale = ex.check_scale(_param(request, "scale"))
+        location = _location_param(request)
+        invert = _param(request, "invert") or "0"
+        if invert not in ("0", "1"):
+            raise HTTPException(400, f"invert={invert!r}: use 0 or 1")
+        raw = await _read_limited(request, ex.max_upload_bytes)
+        answer = await run_in_threadpool(
+            ex.frame, raw, layer, channel, location, method, style, scale, invert == "1"
+        )
+        for key in ("sprite", "projection"):
+            if key in answer:
+                answer[key] = "data:image/png;base64," + base64.b64encode(answer[key]).decode()
+        return _json(answer)
+
     async def activations(request: Request) -> Response:
         ref, layer = input_of(request), layer_of(request)
         scale = ex.check_scale(_param(request, "scale"))
@@ -699,6 +723,7 @@ def create_app(
         Route("/api/waveform.png", waveform_png),
         Route("/api/audio.wav", audio_wav),
         Route("/api/inputs", upload, methods=["POST"]),
+        Route("/api/frame", frame, methods=["POST"]),
         Route("/api/activations", activations),
         Route("/api/activations.png", activations_png),
         Route("/api/unit", unit),
