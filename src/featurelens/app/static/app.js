@@ -256,6 +256,7 @@ function playButton(text, title, params) {
 }
 
 async function setInput(input, label, fromPad = false) {
+  if (live.running) stopLive();  // another input was chosen: the video no longer drives the page
   state.inputSeq = (state.inputSeq || 0) + 1;
   pad.current = fromPad;
   state.input = input;
@@ -353,6 +354,197 @@ function setupPad() {
   $("draw-clear").addEventListener("click", () => { clearPad(); sendPad(); });
 }
 
+// ---- live video: the camera or a video file, frame by frame -----------------------------
+// One request in flight at most: when an answer arrives, the newest frame is grabbed and
+// sent; frames the server had no time for are never sent (no queue). The camera stops when
+// the button is pressed again, when the page is hidden, or on an error.
+const live = {
+  running: false, source: null, stream: null, inFlight: 0, maxInFlight: 0, frames: 0,
+  times: [], canvas: null, objectURL: null, seq: 0,
+};
+
+function liveStatus() {
+  const b = document.body.dataset;
+  b.camera = live.running ? live.source : "off";
+  b.liveFrames = String(live.frames);
+  b.maxInFlight = String(live.maxInFlight);
+}
+
+async function startCamera() {
+  if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
+    status("this browser offers no camera here (it needs https or localhost)", true);
+    return;
+  }
+  let stream;
+  try {
+    stream = await navigator.mediaDevices.getUserMedia({ video: true, audio: false });
+  } catch (err) {
+    status(`the camera was refused: ${err.message || err.name}`, true);
+    return;
+  }
+  const video = $("camera-video");
+  video.srcObject = stream;
+  live.stream = stream;
+  await startLive(video, "camera");
+}
+
+async function startVideoFile(file) {
+  stopLive();
+  const video = $("camera-video");
+  live.objectURL = URL.createObjectURL(file);
+  video.src = live.objectURL;
+  video.loop = false;
+  video.onended = () => stopLive();
+  await startLive(video, "video");
+}
+
+async function startLive(video, source) {
+  try {
+    await video.play();
+  } catch (err) {
+    status(`the video cannot be played: ${err.message || err.name}`, true);
+    stopLive();
+    return;
+  }
+  live.running = true;
+  live.source = source;
+  live.frames = 0;
+  live.times = [];
+  live.seq += 1;
+  $("camera").classList.toggle("active", source === "camera");
+  $("camera").textContent = source === "camera" ? "stop camera" : "camera";
+  liveStatus();
+  pumpFrame(live.seq);
+}
+
+function stopLive() {
+  const wasRunning = live.running;
+  live.running = false;
+  live.seq += 1;
+  const video = $("camera-video");
+  if (live.stream) {
+    for (const track of live.stream.getTracks()) track.stop();
+    document.body.dataset.cameraTracks = live.stream.getTracks().map((t) => t.readyState).join(",");
+    live.stream = null;
+  }
+  video.pause();
+  video.srcObject = null;
+  video.removeAttribute("src");
+  if (live.objectURL) { URL.revokeObjectURL(live.objectURL); live.objectURL = null; }
+  $("camera").classList.remove("active");
+  $("camera").textContent = "camera";
+  if (wasRunning) $("live-fps").textContent += " (stopped)";
+  liveStatus();
+}
+
+// Grab the video's current frame as a JPEG, no larger than the model needs.
+function grabFrame(video) {
+  const [, h, w] = state.info.input_shape;
+  const side = 2 * Math.max(h, w, 112);
+  const scale = Math.min(1, side / Math.min(video.videoWidth, video.videoHeight));
+  const c = live.canvas || (live.canvas = document.createElement("canvas"));
+  c.width = Math.max(1, Math.round(video.videoWidth * scale));
+  c.height = Math.max(1, Math.round(video.videoHeight * scale));
+  c.getContext("2d").drawImage(video, 0, 0, c.width, c.height);
+  return new Promise((resolve) => c.toBlob(resolve, "image/jpeg", 0.85));
+}
+
+async function pumpFrame(seq) {
+  if (!live.running || seq !== live.seq || live.inFlight > 0) return;
+  const video = $("camera-video");
+  if (!video.videoWidth) {  // no frame yet
+    setTimeout(() => pumpFrame(seq), 30);
+    return;
+  }
+  live.inFlight += 1;
+  live.maxInFlight = Math.max(live.maxInFlight, live.inFlight);
+  let answer = null;
+  try {
+    const blob = await grabFrame(video);
+    const params = { layer: state.layer, scale: state.scale, method: state.method,
+                     style: state.style, invert: $("invert").checked ? 1 : null };
+    if (state.channel !== null) {
+      params.channel = state.channel;
+      params.location = state.location;
+    }
+    answer = await getJSON(api("frame", params), {
+      method: "POST", headers: { "Content-Type": "image/jpeg" }, body: blob,
+    });
+    if (seq === live.seq && answer.layout.layer === state.layer) {
+      await showFrame(blob, answer);
+    }
+  } catch (err) {
+    status(err.message, true);
+    if (seq === live.seq) stopLive();
+  } finally {
+    live.inFlight -= 1;
+    liveStatus();
+  }
+  if (answer && live.running && seq === live.seq) pumpFrame(seq);  // the newest frame next
+}
+
+async function showFrame(blob, answer) {
+  live.frames += 1;
+  const now = performance.now();
+  live.times.push(now);
+  while (live.times.length && now - live.times[0] > 2000) live.times.shift();
+  const span = (live.times[live.times.length - 1] - live.times[0]) / 1000;
+  const fps = live.times.length > 1 && span > 0 ? (live.times.length - 1) / span : 0;
+  $("live-fps").textContent = `${live.source}: ${fps.toFixed(1)} fps, ` +
+    `model ${(answer.seconds * 1000).toFixed(0)} ms per frame`;
+  document.body.dataset.liveFps = fps.toFixed(2);
+  // The frame becomes the input picture; the maps and the unit follow it.
+  const input = $("input-img");
+  const previous = input.objectURL;
+  input.objectURL = URL.createObjectURL(blob);
+  input.src = input.objectURL;
+  if (previous) URL.revokeObjectURL(previous);
+  $("input-label").textContent = `live ${live.source} frame ${live.frames}`;
+  const sprite = new Image();
+  sprite.src = answer.sprite;
+  await sprite.decode();
+  const sameCells = state.layout && state.layout.channels === answer.layout.channels &&
+    state.layout.layer === answer.layout.layer && $("maps").children.length;
+  state.layout = answer.layout;
+  state.sprite = sprite;
+  if (sameCells) {
+    for (const tile of $("maps").children) {
+      const canvas = tile.querySelector("canvas");
+      drawCell(canvas.getContext("2d"), Number(tile.dataset.channel), canvas.width, canvas.height);
+    }
+  } else {
+    drawTiles();
+  }
+  $("maps").dataset.frame = String(live.frames);
+  if (answer.unit && state.channel !== null && answer.unit.channel === state.channel) {
+    state.unit = answer.unit;
+    const where = answer.unit.location.length ? `(${answer.unit.location.join(", ")})` : "";
+    $("unit-title").textContent = `Unit: ${state.layer} channel ${state.channel} at ${where} (live)`;
+    $("unit-meta").textContent = `activation ${num(answer.unit.value, 4)} on frame ${live.frames}; ` +
+      `receptive field ${answer.unit.rf ? regionText(answer.unit.rf.region) : "unknown"}`;
+    drawUnitMap();
+    $("projection").src = answer.projection;  // a data: URL of this frame's projection
+    $("projection").dataset.frame = String(live.frames);
+    redrawOverlays();
+  }
+}
+
+function setupLive() {
+  const imageModel = state.info.input_shape.length === 3 && [1, 3].includes(state.info.input_shape[0]);
+  $("live-controls").hidden = !imageModel;
+  $("camera").addEventListener("click", () => {
+    if (live.running && live.source === "camera") stopLive();
+    else { stopLive(); startCamera(); }
+  });
+  $("video-file").addEventListener("change", (e) => {
+    if (e.target.files.length) startVideoFile(e.target.files[0]);
+    e.target.value = "";
+  });
+  document.addEventListener("visibilitychange", () => { if (document.hidden) stopLive(); });
+  window.addEventListener("pagehide", stopLive);
+  liveStatus();
+}
+
 // ---- the layer's maps --------------------------------------------------------------------
 async function refreshMaps() {
   const token = ++state.tokens.maps;
@@ -417,7 +609,8 @@ async function selectChannel(k) {
   }
   $("unit-hint").hidden = true;
   $("unit-body").hidden = false;
-  await Promise.all([refreshUnit(), refreshTop(), refreshZF()]);
+  // Live: the next frame's answer brings the unit and its projection.
+  await Promise.all([live.running ? null : refreshUnit(), refreshTop(), refreshZF()]);
 }
 
 async function refreshUnit() {
@@ -584,7 +777,7 @@ async function init() {
     b.dataset.method = m;
     b.addEventListener("click", () => {
       setMethod(m);
-      if (state.channel !== null) { refreshUnit(); refreshZF(); }
+      if (state.channel !== null) { if (!live.running) refreshUnit(); refreshZF(); }
     });
     $("methods").append(b);
   }
@@ -609,7 +802,7 @@ async function init() {
     $("unit-hint").hidden = false;
     $("unit-title").textContent = "Unit";
     redrawOverlays();
-    await refreshMaps();
+    if (!live.running) await refreshMaps();  // live: the next frame brings the new layer
   });
   $("scale").addEventListener("change", async (e) => {
     state.scale = e.target.value;
@@ -618,7 +811,7 @@ async function init() {
   });
   $("style").addEventListener("change", (e) => {
     state.style = e.target.value;
-    if (state.channel !== null) { refreshUnit(); refreshZF(); }
+    if (state.channel !== null) { if (!live.running) refreshUnit(); refreshZF(); }
   });
   $("dataset-index").addEventListener("change", (e) => datasetInput(e.target.value));
   $("prev").addEventListener("click", () => datasetInput(Number($("dataset-index").value) - 1));
@@ -632,9 +825,12 @@ async function init() {
   unitMap.addEventListener("mouseleave", () => hover(null, null));
   unitMap.addEventListener("click", (e) => {
     state.location = locationAt(unitMap, e);
-    refreshUnit();
+    if (!live.running) refreshUnit();
   });
-  $("argmax").addEventListener("click", () => { state.location = null; refreshUnit(); });
+  $("argmax").addEventListener("click", () => {
+    state.location = null;
+    if (!live.running) refreshUnit();
+  });
   window.addEventListener("resize", redrawOverlays);
   // Arrow keys step through the dataset (when no form field has the focus).
   document.addEventListener("keydown", (e) => {
@@ -643,6 +839,7 @@ async function init() {
     if (step) datasetInput(Number($("dataset-index").value) + step);
   });
   setupPad();
+  setupLive();
   await datasetInput(0);
   document.body.dataset.ready = "1";
 }
