@@ -495,3 +495,39 @@ def test_an_uploaded_video_plays_through_the_same_path(server, media_page):
     assert requests.sent >= 3 and requests.most == 1
     page.wait_for_function("() => document.body.dataset.camera === 'off'")  # the clip ended
     assert not errors, errors
+
+
+def test_signals_labels_and_audio_in_the_page(tmp_path, page):
+    import featurelens
+    from featurelens.app import serve
+    from test_explorer_signals import Tones, _net
+
+    data = Tones()
+    data.labels = [f"<img src=x onerror=alert({i})>" if i % 3 == 2 else v
+                   for i, v in enumerate(data.labels)]  # fmt: skip
+    net = _net()
+    featurelens.scan(net, data, ["4"], top_k=4, progress=False).save(tmp_path / "atlas")
+    errors = console_errors(page)
+    handle = serve(tmp_path / "atlas", port=0, model=net, data=data)
+    try:
+        page.goto(handle.url)
+        page.wait_for_selector("body[data-ready='1']")
+        assert page.locator("#maps.rows .tile").count() == 5  # 1-D maps: one row each
+        assert page.locator("#input-img.signal").count() == 1  # the waveform
+        page.click(".tile[data-channel='1']")
+        page.wait_for_selector("#top-hits figure .label")
+        shown = page.locator("#top-hits .label").all_text_contents()
+        hits = [h for h in featurelens.Atlas.load(tmp_path / "atlas").top("4", 1)]
+        assert shown == [data.labels[h.index] for h in hits]  # markup shown as text
+        assert page.locator("#top-hits .label img, #label-hist img").count() == 0
+        assert page.locator("#label-hist .hist-row").count() == len(set(shown))
+        page.click("#play-input")
+        page.wait_for_function("() => document.getElementById('player').dataset.playing")
+        assert page.get_attribute("#player", "src").startswith("blob:")
+        page.locator("#top-hits figure button.play").nth(1).click()  # the first hit's field
+        page.wait_for_function(
+            "() => document.getElementById('player').dataset.playing === 'window'"
+        )
+    finally:
+        handle.stop()
+    assert not [e for e in errors if "play()" not in e], errors
