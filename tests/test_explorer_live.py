@@ -159,3 +159,22 @@ def test_other_activations_lets_deconvnet_and_guided_run_on_silu(tmp_path: Path)
         featurelens.project(net, images[2:3], "relu", 1, (5, 6), "guided")
     with pytest.raises(ValueError, match="other_activations"):
         Explorer(Atlas.load(tmp_path / "a"), net, images, other_activations="ignore")
+
+
+def test_cli_serve_other_activations(app, monkeypatch):
+    import featurelens.app as app_package
+    from featurelens.cli import build_parser
+
+    assert build_parser().parse_args(["serve", "a"]).other_activations == "error"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "a", "--other-activations", "ignore"])
+    seen = {}
+
+    def fake_serve(atlas, **kwargs):
+        seen.update(kwargs)
+        raise KeyboardInterrupt  # as a user stopping the server
+
+    monkeypatch.setattr(app_package, "serve", fake_serve)
+    atlas_dir = app.state.explorer.atlas._directory
+    args = build_parser().parse_args(["serve", str(atlas_dir), "--other-activations", "gradient"])
+    assert args.func(args) == 0 and seen["other_activations"] == "gradient"

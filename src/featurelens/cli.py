@@ -426,7 +426,21 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
         "(16+ characters of A-Z a-z 0-9 - _ . ~), and is printed in the URL",
     )
     _add_trust_code(p)
+    _add_other_activations(p)
     p.set_defaults(func=_run_serve)
+
+
+def _add_other_activations(p: argparse.ArgumentParser) -> None:
+    from featurelens.rules import OTHER_ACTIVATIONS
+
+    p.add_argument(
+        "--other-activations",
+        choices=list(OTHER_ACTIVATIONS),
+        default="error",
+        help="under deconvnet/guided, what activations that are not rectifiers (GELU, SiLU, "
+        "Hardswish, ...) do: error (default: refuse, naming them) or gradient (pass them as "
+        "the plain gradient; the figures say so)",
+    )
 
 
 def _run_serve(args: argparse.Namespace) -> int:
@@ -442,7 +456,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     try:
         server = serve(
             atlas, host=args.host, port=args.port, device=args.device,
-            allow_hosts=args.allow_host, token=token,
+            allow_hosts=args.allow_host, token=token, other_activations=args.other_activations,
         )  # fmt: skip
         print(f"featurelens explorer: {server.url}", flush=True)
         loopback = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(args.host)

@@ -539,7 +539,7 @@ def create_app(
     **options
         Passed to :class:`featurelens.explorer.Explorer`: ``cache_bytes``,
         ``max_upload_bytes``, ``max_upload_pixels``, ``max_uploads``, ``decode_slots``,
-        ``device``.
+        ``device``, ``other_activations``.
 
     Returns
     -------

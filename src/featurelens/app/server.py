@@ -203,7 +203,7 @@ def serve(
     **options
         Passed to :class:`featurelens.explorer.Explorer`: ``cache_bytes``,
         ``max_upload_bytes``, ``max_upload_pixels``, ``max_uploads``, ``decode_slots``,
-        ``device``.
+        ``device``, ``other_activations``.
 
     Returns
     -------
