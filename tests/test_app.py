@@ -220,7 +220,7 @@ def test_top_hits_come_from_the_atlas(client, atlas):
     for layer in ("features.0", "head.1"):
         r = client.get("/api/top", params={"layer": layer, "channel": 2}).json()
         expected = [
-            {"index": h.index, "score": h.score, "location": list(h.location)}
+            {"index": h.index, "score": h.score, "location": list(h.location), "label": h.label}
             for h in atlas.top(layer, 2)
         ]
         assert r["hits"] == expected

@@ -40,19 +40,25 @@ def server(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="module")
-def browser():
+def playwright():
+    """One Playwright per module: the sync API cannot run two at once in a process."""
     sync_api = pytest.importorskip("playwright.sync_api")
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=CHROMIUM,
-            headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update"],
-        )  # fmt: skip
-        try:
-            yield browser
-        finally:
-            browser.close()
+        yield p
+
+
+@pytest.fixture(scope="module")
+def browser(playwright):
+    browser = playwright.chromium.launch(
+        executable_path=CHROMIUM,
+        headless=True,
+        args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+              "--disable-component-update"],
+    )  # fmt: skip
+    try:
+        yield browser
+    finally:
+        browser.close()
 
 
 @pytest.fixture
@@ -337,3 +343,191 @@ def test_manifest_strings_are_shown_as_text(tmp_path, page):
         assert page.locator("img[src='x']").count() == 0  # no element made from the name
         assert page.evaluate("() => typeof window.pwned") == "undefined"
     assert errors == []
+
+
+# --------------------------------------------------------------------------------------------
+# Live video: Chromium's fake camera (a moving test pattern) and a WebM recorded in the page
+
+FAKE_MEDIA = ["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]
+
+
+@pytest.fixture(scope="module")
+def media_browser(playwright):
+    browser = playwright.chromium.launch(
+        executable_path=CHROMIUM,
+        headless=True,
+        args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+              "--disable-component-update", *FAKE_MEDIA],
+    )  # fmt: skip
+    try:
+        yield browser
+    finally:
+        browser.close()
+
+
+@pytest.fixture
+def media_page(media_browser, server):
+    context = media_browser.new_context(viewport={"width": 1400, "height": 900})
+    context.grant_permissions(["camera"], origin=server.url.rstrip("/"))
+    page = context.new_page()
+    page.set_default_timeout(30_000)
+    try:
+        yield page
+    finally:
+        context.close()
+
+
+class FrameRequests:
+    """Counts the page's POST /api/frame requests and the most ever in flight at once, as the
+    browser's network layer reports them (independent of the page's own bookkeeping)."""
+
+    def __init__(self, page) -> None:
+        self.sent = 0
+        self.open = 0
+        self.most = 0
+        page.on("request", self._start)
+        page.on("requestfinished", self._end)
+        page.on("requestfailed", self._end)
+
+    def _start(self, request) -> None:
+        if "/api/frame" in request.url:
+            self.sent += 1
+            self.open += 1
+            self.most = max(self.most, self.open)
+
+    def _end(self, request) -> None:
+        if "/api/frame" in request.url:
+            self.open -= 1
+
+
+def frames(page) -> int:
+    return int(page.evaluate("() => Number(document.body.dataset.liveFrames || 0)"))
+
+
+def test_the_camera_drives_the_maps_and_the_projection_live(server, media_page):
+    page = media_page
+    errors = console_errors(page)
+    requests = FrameRequests(page)
+    page.goto(server.url)
+    page.wait_for_selector("body[data-ready='1']")
+    page.click("#camera")
+    page.wait_for_function("() => Number(document.body.dataset.liveFrames || 0) >= 5")
+    assert page.get_attribute("body", "data-camera") == "camera"
+    assert page.locator("#maps .tile").count() == 4  # features.0's maps, from the frames
+    # Pick a unit: its projection follows the video, frame after frame.
+    page.click(".tile[data-channel='2']")
+    page.wait_for_function(
+        "() => Number(document.getElementById('projection').dataset.frame || 0) > 0"
+    )
+    first = int(page.get_attribute("#projection", "data-frame"))
+    page.wait_for_function(
+        f"() => Number(document.getElementById('projection').dataset.frame) >= {first + 3}"
+    )
+    assert page.get_attribute("#projection", "src").startswith("data:image/png;base64,")
+    assert "channel 2" in page.text_content("#unit-title")
+    assert "(live)" in page.text_content("#unit-title")
+    fps = page.text_content("#live-fps")
+    assert "fps" in fps and float(page.get_attribute("body", "data-live-fps")) > 0, fps
+    # One request in flight at most: the newest frame wins, nothing queues.
+    assert requests.most == 1
+    assert page.get_attribute("body", "data-max-in-flight") == "1"
+    # Pressing the button stops the camera: its tracks end and no frame is sent any more.
+    page.click("#camera")
+    page.wait_for_function("() => document.body.dataset.camera === 'off'")
+    assert page.get_attribute("body", "data-camera-tracks") == "ended"
+    page.wait_for_timeout(300)  # a request in flight at the press may still complete
+    sent = requests.sent
+    page.wait_for_timeout(800)
+    assert requests.sent == sent and requests.open == 0
+    assert not errors, errors
+
+
+def test_a_hidden_page_stops_the_camera(server, media_page):
+    page = media_page
+    page.goto(server.url)
+    page.wait_for_selector("body[data-ready='1']")
+    page.click("#camera")
+    page.wait_for_function("() => Number(document.body.dataset.liveFrames || 0) >= 2")
+    page.evaluate(
+        """() => { Object.defineProperty(document, 'hidden', {value: true, configurable: true});
+                   document.dispatchEvent(new Event('visibilitychange')); }"""
+    )
+    page.wait_for_function("() => document.body.dataset.camera === 'off'")
+    assert page.get_attribute("body", "data-camera-tracks") == "ended"
+
+
+RECORD_WEBM = """async () => {
+  const c = document.createElement('canvas'); c.width = 160; c.height = 120;
+  const ctx = c.getContext('2d');
+  const stream = c.captureStream(25);
+  const rec = new MediaRecorder(stream, { mimeType: 'video/webm' });
+  const chunks = [];
+  rec.ondataavailable = (e) => chunks.push(e.data);
+  const done = new Promise((r) => { rec.onstop = r; });
+  rec.start();
+  for (let i = 0; i < 40; i++) {
+    ctx.fillStyle = '#000'; ctx.fillRect(0, 0, 160, 120);
+    ctx.fillStyle = '#fff'; ctx.fillRect(10 + 3 * i, 30, 20, 60);
+    await new Promise((r) => setTimeout(r, 40));
+  }
+  rec.stop();
+  await done;
+  const buf = new Uint8Array(await new Blob(chunks, { type: 'video/webm' }).arrayBuffer());
+  let s = ''; for (const b of buf) s += String.fromCharCode(b);
+  return btoa(s);
+}"""
+
+
+def test_an_uploaded_video_plays_through_the_same_path(server, media_page):
+    import base64
+
+    page = media_page
+    errors = console_errors(page)
+    requests = FrameRequests(page)
+    page.goto(server.url)
+    page.wait_for_selector("body[data-ready='1']")
+    webm = base64.b64decode(page.evaluate(RECORD_WEBM))
+    assert webm[:4] == b"\x1a\x45\xdf\xa3"  # an EBML (WebM) header
+    page.set_input_files(
+        "#video-file", files=[{"name": "clip.webm", "mimeType": "video/webm", "buffer": webm}]
+    )
+    page.wait_for_function("() => Number(document.body.dataset.liveFrames || 0) >= 3")
+    assert requests.sent >= 3 and requests.most == 1
+    page.wait_for_function("() => document.body.dataset.camera === 'off'")  # the clip ended
+    assert not errors, errors
+
+
+def test_signals_labels_and_audio_in_the_page(tmp_path, page):
+    import featurelens
+    from featurelens.app import serve
+    from test_explorer_signals import Tones, _net
+
+    data = Tones()
+    data.labels = [f"<img src=x onerror=alert({i})>" if i % 3 == 2 else v
+                   for i, v in enumerate(data.labels)]  # fmt: skip
+    net = _net()
+    featurelens.scan(net, data, ["4"], top_k=4, progress=False).save(tmp_path / "atlas")
+    errors = console_errors(page)
+    handle = serve(tmp_path / "atlas", port=0, model=net, data=data)
+    try:
+        page.goto(handle.url)
+        page.wait_for_selector("body[data-ready='1']")
+        assert page.locator("#maps.rows .tile").count() == 5  # 1-D maps: one row each
+        assert page.locator("#input-img.signal").count() == 1  # the waveform
+        page.click(".tile[data-channel='1']")
+        page.wait_for_selector("#top-hits figure .label")
+        shown = page.locator("#top-hits .label").all_text_contents()
+        hits = [h for h in featurelens.Atlas.load(tmp_path / "atlas").top("4", 1)]
+        assert shown == [data.labels[h.index] for h in hits]  # markup shown as text
+        assert page.locator("#top-hits .label img, #label-hist img").count() == 0
+        assert page.locator("#label-hist .hist-row").count() == len(set(shown))
+        page.click("#play-input")
+        page.wait_for_function("() => document.getElementById('player').dataset.playing")
+        assert page.get_attribute("#player", "src").startswith("blob:")
+        page.locator("#top-hits figure button.play").nth(1).click()  # the first hit's field
+        page.wait_for_function(
+            "() => document.getElementById('player').dataset.playing === 'window'"
+        )
+    finally:
+        handle.stop()
+    assert not [e for e in errors if "play()" not in e], errors

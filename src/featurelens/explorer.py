@@ -26,6 +26,7 @@ import io
 import math
 import sys
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -55,7 +56,7 @@ from featurelens.graph import capture, model_device, preserved
 from featurelens.projection import project
 from featurelens.receptive_field import ReceptiveField
 from featurelens.render import STYLES, render_patch, render_projection
-from featurelens.rules import DEFAULT_METHOD, METHODS, check_other_activations
+from featurelens.rules import DEFAULT_METHOD, METHODS, check_other_activations, rule_mode
 from featurelens.unit import argmax_location, first_argmax
 
 __all__ = [
@@ -63,13 +64,17 @@ __all__ = [
     "DECODE_SLOTS",
     "MAX_UPLOADS",
     "MAX_UPLOAD_BYTES",
+    "MAX_AUDIO_SAMPLES",
+    "MAX_ROW_PIXELS",
     "MAX_UPLOAD_PIXELS",
     "SCALES",
+    "WAVEFORM_HEIGHT",
     "Decoded",
     "Explorer",
     "InputRef",
     "LRUCache",
     "decode_image",
+    "encode_wav",
     "parse_int",
 ]
 
@@ -80,6 +85,9 @@ MAX_UPLOADS = 64
 CACHE_BYTES = 256 * 1024 * 1024
 DECODE_SLOTS = 2  # uploads decoded at once: decoding a huge JPEG briefly needs tens of MB
 SCALES = ("layer", "channel")  # activation sprites: one peak per layer, or one per channel
+MAX_ROW_PIXELS = 4096  # a longer 1-D map (or waveform) is drawn reduced to this many pixels
+MAX_AUDIO_SAMPLES = 1 << 23  # the most samples one WAV answer holds (16 MiB of 16-bit mono)
+WAVEFORM_HEIGHT = 64  # pixels of one channel's waveform
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,7 +245,8 @@ class UnitAnswer(TypedDict):
     channel: int
     location: list[int]
     value: float
-    rf: RFBox | None
+    rf: RFBox | None  # None: no box can be drawn, ``rf_error`` says why
+    rf_error: str | None
 
 
 class TopHit(TypedDict):
@@ -246,6 +255,7 @@ class TopHit(TypedDict):
     index: int
     score: float
     location: list[int]
+    label: int | float | str | None  # the example's label when the atlas records labels
 
 
 def parse_int(text: str | None, what: str) -> int:
@@ -459,6 +469,10 @@ class Explorer:
             except ValueError as exc:  # a channels-last layer: every channel would be misread
                 field, error = None, str(exc)
                 self.refused[layer] = str(exc)
+            if field is not None and layer not in self.refused:
+                misfit = _misfit(field, self.layer_shape(layer), layer)
+                if misfit is not None:  # no box at all rather than boxes of other locations
+                    field, error = None, misfit
             self.fields[layer] = field
             if error is not None:
                 self.field_errors[layer] = error
@@ -634,6 +648,96 @@ class Explorer:
             rgb = rgb[None]
         return Image.fromarray(np.round(rgb * 255).astype(np.uint8), "RGB")
 
+    # ---- signals: waveforms and audio ------------------------------------------------------
+    def _signal(self, ref: InputRef) -> np.ndarray:
+        """The 1-D input as the data has it (denormalised with the spec's mean/std): (C, L).
+
+        Raises
+        ------
+        AtlasError
+            The model's inputs are not 1-D signals (C, L).
+        """
+        if len(self.input_shape) != 2:
+            raise AtlasError(
+                f"waveforms and audio are for 1-D inputs (channels, samples); this model's inputs "
+                f"are {self.input_shape}"
+            )
+        x = self.input_tensor(ref).detach().double().cpu().numpy()
+        spec = self.atlas.data_spec
+        if spec is not None and spec.mean is not None and spec.std is not None:
+            c = x.shape[0]
+            mean = np.broadcast_to(np.asarray(spec.mean, np.float64), (c,))[:, None]
+            std = np.broadcast_to(np.asarray(spec.std, np.float64), (c,))[:, None]
+            x = x * std + mean
+        return x
+
+    def waveform_png(self, ref: InputRef) -> bytes:
+        """The 1-D input drawn as waveforms, one row of :data:`WAVEFORM_HEIGHT` pixels per channel.
+
+        Each of the ``min(L, MAX_ROW_PIXELS)`` columns spans the smallest to the largest sample
+        it covers, on a scale symmetric about zero (the channel's largest magnitude fills the
+        row), so that no peak is lost when a long signal is reduced.
+
+        Raises
+        ------
+        AtlasError
+            The model's inputs are not 1-D signals.
+        """
+
+        def compute() -> bytes:
+            x = np.nan_to_num(self._signal(ref), nan=0.0, posinf=0.0, neginf=0.0)
+            return encode_png(Image.fromarray(_waveform(x, WAVEFORM_HEIGHT), "RGB"))
+
+        return self.cache.get_or_compute(("wave", str(ref)), compute)
+
+    def audio_wav(
+        self, ref: InputRef, layer: str | None = None, location: Sequence[int] | None = None
+    ) -> bytes:
+        """The input (or the receptive field of one location of ``layer``) as a WAV file.
+
+        Mono 16-bit PCM at the atlas's sample rate; channels are averaged and the sound is
+        scaled so that its largest magnitude is full scale (a silent window stays silent).
+
+        Parameters
+        ----------
+        ref
+            The input.
+        layer, location
+            Both or neither: the window of input samples that ``location`` of ``layer`` sees
+            (:meth:`rf`), else the whole input.
+
+        Raises
+        ------
+        AtlasError
+            The atlas records no sample rate, or the inputs are not 1-D signals.
+        ReceptiveFieldError
+            The layer has no receptive field to cut the window from.
+        LimitError
+            More than :data:`MAX_AUDIO_SAMPLES` samples.
+        UsageError
+            A layer without a location or a location without a layer.
+        """
+        rate = getattr(self.atlas, "sample_rate", None)
+        if rate is None:
+            raise AtlasError(
+                "the atlas records no sample rate, so its signals cannot be played: scan data "
+                "whose spec or dataset says its sample_rate"
+            )
+        if (layer is None) != (location is None):
+            raise UsageError("audio of a receptive field needs both a layer and a location")
+        window = None
+        if layer is not None and location is not None:
+            window = self.rf(layer, location)["region"][0]
+        signal = self._signal(ref)  # AtlasError for inputs that are not signals
+        if window is not None:
+            signal = signal[:, window[0] : window[1] + 1]
+        if signal.shape[1] > MAX_AUDIO_SAMPLES:
+            raise LimitError(
+                f"{signal.shape[1]} samples exceed the {MAX_AUDIO_SAMPLES} one WAV answer holds"
+            )
+        key = ("wav", str(ref), None if window is None else tuple(window))
+        return self.cache.get_or_compute(key, lambda: encode_wav(signal.mean(0), float(rate)))
+
     def add_upload(self, raw: bytes, invert: bool = False) -> Upload:
         """Decode, check and preprocess an uploaded PNG/JPEG and keep it as an input.
 
@@ -768,18 +872,9 @@ class Explorer:
             ("act", str(ref), layer), lambda: self.layer_output(self.input_tensor(ref), layer)
         )
 
-    def _maps(self, ref: InputRef, layer: str) -> torch.Tensor:
-        """Per-channel maps as (C, h, w): 1-D maps become one row, scalars one pixel."""
-        act = self.activations(ref, layer)
-        if act.dim() == 1:
-            return act.reshape(-1, 1, 1)
-        if act.dim() == 2:
-            return act[:, None, :]
-        if act.dim() == 3:
-            return act
-        raise AtlasError(
-            f"layer {layer!r} has {act.dim() - 1} spatial axes; the explorer draws 1-D and 2-D maps"
-        )
+    def _maps(self, ref: InputRef, layer: str) -> tuple[torch.Tensor, bool]:
+        """:func:`_drawn_maps` of the layer's output for the input."""
+        return _drawn_maps(self.activations(ref, layer), layer)
 
     def activation_layout(self, ref: InputRef, layer: str, scale: str = "layer") -> dict[str, Any]:
         """Where each channel's map is in the sprite, and per-channel peak values and places.
@@ -787,10 +882,12 @@ class Explorer:
         Returns
         -------
         dict
-            ``input``, ``layer``, ``scale``, ``channels``, ``map_shape`` [h, w] of one cell,
-            ``spatial_dims``, ``cols``, ``rows``, ``gap`` (pixels between cells), ``min``,
-            ``max``, ``channel_max`` (NaN where a map is all NaN), ``channel_argmax`` (one
-            location per channel, by the scan's rule), ``signed`` (any negative value).
+            ``input``, ``layer``, ``scale``, ``channels``, ``map_shape`` [h, w] of the layer's
+            map (a 1-D map is [1, L]), ``cell`` [h, w] of one drawn cell in the sprite,
+            ``transposed`` (an (L, 1) map drawn as a row), ``spatial_dims``, ``cols``,
+            ``rows``, ``gap`` (pixels between cells), ``min``, ``max``, ``channel_max`` (NaN
+            where a map is all NaN), ``channel_argmax`` (one location per channel, by the
+            scan's rule), ``signed`` (any negative value).
 
         Raises
         ------
@@ -798,38 +895,14 @@ class Explorer:
             A layer with more than 2 spatial axes.
         """
         scale = self.check_scale(scale)
-        maps = self._maps(ref, layer)
-        channels, h, w = maps.shape
-        cols = max(1, math.ceil(math.sqrt(channels * h / w))) if w else 1
-        cols = min(cols, channels)
-        rows = math.ceil(channels / cols)
-        flat = maps.reshape(channels, -1)
-        act = self.activations(ref, layer)  # (C, *spatial)
-        return {
-            "input": str(ref),
-            "layer": layer,
-            "scale": scale,
-            "channels": channels,
-            "map_shape": [h, w],
-            "spatial_dims": act.dim() - 1,
-            "cols": cols,
-            "rows": rows,
-            "gap": 1,
-            "min": float(flat.nan_to_num(nan=math.inf).min()),
-            "max": float(flat.nan_to_num(nan=-math.inf).max()),
-            "channel_max": [round(float(v), 6) for v in flat.max(1).values],
-            "channel_argmax": _argmax_locations(act),
-            "signed": bool((flat < 0).any()),
-        }
+        return {"input": str(ref), **_layout(self.activations(ref, layer), layer, scale)}
 
     def activation_png(self, ref: InputRef, layer: str, scale: str = "layer") -> bytes:
         """Every channel's map in one sprite (PNG), laid out as :meth:`activation_layout` says."""
         scale = self.check_scale(scale)
 
         def compute() -> bytes:
-            maps = self._maps(ref, layer)
-            layout = self.activation_layout(ref, layer, scale)
-            return encode_png(_sprite(maps, layout["cols"], layout["rows"], layout["gap"], scale))
+            return _sprite_png(self.activations(ref, layer), layer, scale)
 
         return self.cache.get_or_compute(("sprite", str(ref), layer, scale), compute)
 
@@ -843,9 +916,12 @@ class Explorer:
         ------
         UsageError
             A location the field does not have.
+        ReceptiveFieldError
+            The field's locations are not the layer's (a model that changes the rank of its
+            data): no box rather than the box of another location.
         """
         field = self.fields.get(layer)
-        return None if field is None else _box(field, location)
+        return None if field is None else _box(field, location, self.layer_shape(layer), layer)
 
     def rf(self, layer: str, location: Sequence[int]) -> RFBox:
         """The receptive field of one location of ``layer`` (no input needed).
@@ -858,22 +934,36 @@ class Explorer:
             The wrong number of coordinates, or one outside the layer's output.
         """
         field = self.check_field(self.check_layer(layer))
-        return _box(field, _check_location(location, field.output_shape, layer))
+        shape = self.layer_shape(layer)
+        return _box(field, _check_location(location, shape, layer), shape, layer)
+
+    def layer_shape(self, layer: str) -> tuple[int, ...]:
+        """Spatial shape of ``layer``'s maps in its own rank, as the atlas recorded it."""
+        return tuple(int(n) for n in self.atlas.layer(layer).output_shape)
 
     def unit(
         self, ref: InputRef, layer: str, channel: int, location: Sequence[int] | None = None
     ) -> UnitAnswer:
-        """A unit on an input: its location (default: the arg-max), value and receptive field."""
+        """A unit on an input: its location (default: the arg-max), value and receptive field.
+
+        The field is None, with ``rf_error`` saying why, when the layer has none or when its
+        field's locations are not the layer's (never the box of another location).
+        """
         channel = self.check_channel(self.check_layer(layer), channel)
         loc = self.location(ref, layer, channel, location)
         act = self.activations(ref, layer)
+        try:
+            box, why = self.rf_box(layer, loc), self.field_errors.get(layer)
+        except ReceptiveFieldError as exc:
+            box, why = None, str(exc)
         return {
             "input": str(ref),
             "layer": layer,
             "channel": channel,
             "location": list(loc),
             "value": float(act[(channel, *loc)]),
-            "rf": self.rf_box(layer, loc),
+            "rf": box,
+            "rf_error": why,
         }
 
     def projection_png(
@@ -923,15 +1013,131 @@ class Explorer:
             with self._using_model():
                 maps = project(
                     self.model, x, layer, channel, location=loc, method=method,
-                    other_activations=self.other_activations,
+                    other_activations=self.other_activations, field=self.fields[layer],
                 )  # fmt: skip
-            rgb = render_projection(maps[0].detach().cpu(), style)  # (*spatial, 3) in [0, 1]
-            if rgb.ndim == 2:  # a signal: one row of pixels, as /api/input.png draws it
-                rgb = rgb[None]
-            return encode_png(Image.fromarray(np.round(rgb * 255).astype(np.uint8), "RGB"))
+            return _projection_png(maps[0], style)
 
         key = ("proj", str(ref), layer, channel, loc, method, style)
         return self.cache.get_or_compute(key, compute)
+
+    # ---- live video --------------------------------------------------------------------------
+    def frame(
+        self,
+        raw: bytes,
+        layer: str,
+        channel: int | None = None,
+        location: Sequence[int] | None = None,
+        method: str | None = None,
+        style: str | None = None,
+        scale: str | None = None,
+        invert: bool = False,
+    ) -> dict[str, Any]:
+        """One video frame: the layer's activations and, for a channel, the unit's projection.
+
+        The frame (a PNG or JPEG, as an upload; nothing is kept) is preprocessed like an upload
+        and run through the model truncated at ``layer`` *once*, under the method's rule and
+        with gradients on: the layer's output gives the activation sprite and the unit's value,
+        and one backward pass from the unit gives its projection on the whole frame (what
+        :func:`featurelens.project` with ``crop=False`` computes; equal to it).
+
+        Parameters
+        ----------
+        raw
+            The frame's bytes.
+        layer
+            The layer whose maps are drawn.
+        channel, location
+            The unit to project; None: no projection (``location`` None: the channel's arg-max
+            on this frame).
+        method, style, scale
+            As for :meth:`projection_png` and :meth:`activation_png`.
+        invert
+            As for :meth:`add_upload`.
+
+        Returns
+        -------
+        dict
+            ``layout`` (as :meth:`activation_layout`, ``input`` ``"frame"``), ``sprite`` (PNG
+            bytes), and with a channel: ``unit`` (as :meth:`unit`) and ``projection`` (PNG
+            bytes of the input's size); ``seconds``: the time the model took.
+
+        Raises
+        ------
+        LimitError, FormatError, UsageError
+            As for :meth:`add_upload`: too large, not a PNG/JPEG, empty.
+        AtlasError
+            Not a model of 2-D images of 1 or 3 channels.
+        ActivationError
+            A rectifier without a rule for ``method`` (see ``other_activations``).
+        """
+        layer = self.check_layer(layer)
+        if channel is not None:
+            channel = self.check_channel(layer, channel)
+        method, style = self.check_method(method), self.check_style(style)
+        scale = self.check_scale(scale)
+        if len(raw) > self.max_upload_bytes:
+            raise LimitError(
+                f"frame of {len(raw)} bytes exceeds the limit of {self.max_upload_bytes}"
+            )
+        if not raw:
+            raise UsageError("empty frame: send a PNG or JPEG image")
+        self._check_image_model()
+        x, _, _ = self._decoder.submit(self._decode, raw, invert).result()
+        start = time.perf_counter()
+        act, grad, loc = self._frame_pass(x, layer, channel, location, method)
+        seconds = time.perf_counter() - start
+        answer: dict[str, Any] = {
+            "layout": {"input": "frame", **_layout(act, layer, scale)},
+            "sprite": _sprite_png(act, layer, scale),
+            "seconds": seconds,
+        }
+        if channel is not None and loc is not None and grad is not None:
+            try:
+                box, why = self.rf_box(layer, loc), self.field_errors.get(layer)
+            except ReceptiveFieldError as exc:
+                box, why = None, str(exc)
+            answer["unit"] = {
+                "input": "frame",
+                "layer": layer,
+                "channel": channel,
+                "location": list(loc),
+                "value": float(act[(channel, *loc)]),
+                "rf": box,
+                "rf_error": why,
+            }
+            answer["projection"] = _projection_png(grad, style)
+        return answer
+
+    def _frame_pass(
+        self,
+        x: torch.Tensor,
+        layer: str,
+        channel: int | None,
+        location: Sequence[int] | None,
+        method: str,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, ...] | None]:
+        """One truncated forward of ``x`` (C, *spatial) under ``method``'s rule, and the
+        backward pass from the unit: (layer output (C', *spatial'), projection (C, *spatial)
+        or None, the unit's location or None), on the CPU."""
+        with (
+            self._using_model(),
+            preserved(self.model),
+            torch.inference_mode(False),
+            torch.enable_grad(),
+            rule_mode(self.model, method, self.other_activations),
+        ):
+            xg = x.to(self.device)[None].clone().requires_grad_(channel is not None)
+            with capture(self.model, [layer]) as run:
+                out = run(xg)[layer]
+            act = out[0].detach().to("cpu").clone()
+            if channel is None:
+                return act, None, None
+            if location is None:
+                loc = argmax_location(act[channel])
+            else:
+                loc = _check_location(location, tuple(act.shape[1:]), layer)
+            (grad,) = torch.autograd.grad(out[(0, channel, *loc)], xg)
+        return act, grad[0].detach().to("cpu"), loc
 
     def zf_png(
         self,
@@ -972,9 +1178,36 @@ class Explorer:
         """The channel's top hits in the atlas, best first."""
         channel = self.check_channel(self.check_layer(layer), channel)
         return [
-            {"index": int(h.index), "score": float(h.score), "location": list(h.location)}
+            {
+                "index": int(h.index),
+                "score": float(h.score),
+                "location": list(h.location),
+                "label": _label(h.label),
+            }
             for h in self.atlas.top(layer, channel)
         ]
+
+    def label_histogram(self, layer: str, channel: int) -> dict[str, Any] | None:
+        """How the channel's top hits spread over labels (:meth:`featurelens.Atlas.label_histogram`)
+        as JSON values; None when the atlas records no labels.
+
+        Returns
+        -------
+        dict or None
+            ``kind`` (``int``, ``float``, ``str``), ``bins`` (labels; ``[low, high]`` intervals
+            for ``float``), ``counts`` and ``missing`` (NaN labels).
+        """
+        channel = self.check_channel(self.check_layer(layer), channel)
+        if getattr(self.atlas, "label_kind", None) is None:
+            return None
+        hist = self.atlas.label_histogram(layer, channel)
+        bins = [list(map(float, b)) if isinstance(b, tuple) else _label(b) for b in hist.bins]
+        return {
+            "kind": hist.kind,
+            "bins": bins,
+            "counts": [int(n) for n in hist.counts],
+            "missing": int(hist.missing),
+        }
 
     def info(self) -> dict[str, Any]:
         """What the page needs to start: specs, sizes, layers with their fields, menus, limits.
@@ -1002,6 +1235,8 @@ class Explorer:
             "data": _public_spec(spec),
             "data_size": len(self.data),
             "input_shape": list(self.input_shape),
+            "sample_rate": getattr(self.atlas, "sample_rate", None),
+            "labels": getattr(self.atlas, "label_kind", None),
             "top_k": int(getattr(self.atlas, "top_k", 9)),
             "layers": layers,
             "methods": self.methods,
@@ -1014,6 +1249,17 @@ class Explorer:
             "max_upload_bytes": self.max_upload_bytes,
             "max_upload_pixels": self.max_upload_pixels,
         }
+
+
+def _label(label: Any) -> int | float | str | None:
+    """A label as a JSON value (numpy scalars as Python numbers)."""
+    if label is None or isinstance(label, str):
+        return label
+    if isinstance(label, (bool, np.bool_)):
+        return int(label)
+    if isinstance(label, (int, np.integer)):
+        return int(label)
+    return float(label)
 
 
 def _public_spec(spec: Any) -> Any:
@@ -1104,11 +1350,31 @@ def _check_location(location: Sequence[int], shape: Sequence[int], layer: str) -
     return loc
 
 
-def _box(field: ReceptiveField, location: tuple[int, ...]) -> RFBox:
-    """The field of ``location`` (in the layer's own rank, as the field takes it)."""
-    rf_loc = location
+def _box(
+    field: ReceptiveField, location: tuple[int, ...], layer_shape: Sequence[int], layer: str
+) -> RFBox:
+    """The field of ``location`` (in the layer's own rank, on its map of ``layer_shape``).
+
+    The box is read from the field only where the field's locations are the layer's: its
+    ``output_shape`` is the layer's map (``region`` then maps a location to the input's axes),
+    or the layer has no spatial axes and the field one location (a classifier's logits, a
+    global field). Anything else (a model that unsqueezes its ``(N, 1, L)`` input to 2-D maps
+    over ``(L, 1)``, when the field is on the input's axes) is refused: no box is ever drawn
+    from another location.
+
+    Raises
+    ------
+    ReceptiveFieldError
+        The field's locations are not the layer's.
+    UsageError
+        A location the field does not have.
+    """
+    why = _misfit(field, layer_shape, layer)
+    if why is not None:
+        raise ReceptiveFieldError(why)
+    rf_loc = tuple(location) if location else (0,) * len(field.output_shape)
     try:
-        interval = field.interval(rf_loc) if field.regular else None
+        interval = field.interval(rf_loc) if getattr(field, "regular", True) else None
         region = field.region(rf_loc)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
@@ -1120,12 +1386,167 @@ def _box(field: ReceptiveField, location: tuple[int, ...]) -> RFBox:
     }
 
 
+def _misfit(field: ReceptiveField, layer_shape: Sequence[int], layer: str) -> str | None:
+    """Why ``field``'s locations are not those of ``layer``'s maps (``layer_shape``), or None.
+
+    They are when the field's ``output_shape`` is the layer's map, or when the layer has no
+    spatial axes and the field one location (a classifier's logits).
+    """
+    layer_shape = tuple(int(n) for n in layer_shape)
+    field_shape = tuple(int(n) for n in field.output_shape)
+    if field_shape == layer_shape or (not layer_shape and all(n == 1 for n in field_shape)):
+        return None
+    return (
+        f"layer {layer!r} has maps of shape {list(layer_shape)} ({len(layer_shape)} axes) but "
+        f"its receptive field was computed over locations of shape {list(field_shape)} (the "
+        f"input has {field.ndim} spatial axes): the model changes the rank of its data (e.g. "
+        "it unsqueezes a signal to 2-D maps) and the explorer cannot say which input positions "
+        "a location sees, so it draws no box rather than a wrong one"
+    )
+
+
 def _argmax_locations(act: torch.Tensor) -> list[list[int]]:
     """Per channel of ``act`` (C, *spatial): where its map peaks, by the scan's rule."""
     if act.dim() == 1:
         return [[] for _ in range(act.shape[0])]
     flat = first_argmax(act.reshape(act.shape[0], -1))  # (C,) first maximum, NaN ignored
     return torch.stack(torch.unravel_index(flat, tuple(act.shape[1:])), dim=-1).tolist()
+
+
+def encode_wav(samples: np.ndarray, rate: float) -> bytes:
+    """Mono ``samples`` (L,) as a 16-bit PCM WAV file at ``rate`` (rounded to whole Hz),
+    scaled so that the largest magnitude is full scale; NaN and infinities play as silence.
+
+    Raises
+    ------
+    UsageError
+        A rate that rounds to less than 1 Hz or more than WAV's 2**32 - 1.
+    """
+    import wave
+
+    hz = round(rate)
+    if not 1 <= hz <= 2**32 - 1:
+        raise UsageError(
+            f"sample rate {rate!r} cannot be written to a WAV file (1 .. 2**32 - 1 Hz)"
+        )
+    x = np.nan_to_num(np.asarray(samples, np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    peak = float(np.abs(x).max()) if x.size else 0.0
+    pcm = np.round(x / peak * 32767).astype("<i2") if peak > 0 else np.zeros(x.shape, "<i2")
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(hz)
+        out.writeframes(pcm.tobytes())
+    return buf.getvalue()
+
+
+def _waveform(x: np.ndarray, height: int) -> np.ndarray:
+    """Signals (C, L) as RGB waveforms (C * height + C - 1, min(L, MAX_ROW_PIXELS), 3), uint8."""
+    channels, length = x.shape
+    width = min(length, MAX_ROW_PIXELS)
+    edges = np.linspace(0, length, width + 1).round().astype(int)
+    starts = edges[:-1]  # column q covers samples starts[q] .. edges[q + 1] - 1 (at least one)
+    lo = np.minimum.reduceat(x, starts, axis=1)
+    hi = np.maximum.reduceat(x, starts, axis=1)
+    sheet = np.full((channels * (height + 1) - 1, width, 3), 24, np.uint8)
+    rows = np.arange(height)[:, None]
+    for c in range(channels):
+        peak = float(np.abs(x[c]).max()) or 1.0
+        top = np.floor((height - 1) * (1 - hi[c] / peak) / 2)  # larger values higher up
+        bottom = np.ceil((height - 1) * (1 - lo[c] / peak) / 2)
+        band = sheet[c * (height + 1) : c * (height + 1) + height]
+        band[height // 2] = (70, 70, 70)  # the zero line
+        band[(rows >= top) & (rows <= bottom)] = (120, 200, 255)
+    return sheet
+
+
+def _drawn_maps(act: torch.Tensor, layer: str) -> tuple[torch.Tensor, bool]:
+    """Per-channel maps of ``act`` (C, *spatial) as drawn, (C, h, w), and whether transposed.
+
+    1-D maps become one row, scalars one pixel; a 2-D map of one column ``(L, 1)`` (a signal a
+    model unsqueezed to 2-D) is drawn as the row ``(1, L)`` (transposed), not as a tile ``L``
+    pixels tall. Rows longer than :data:`MAX_ROW_PIXELS` are reduced: each drawn pixel shows
+    the value of largest magnitude among the samples it covers.
+
+    Raises
+    ------
+    AtlasError
+        More than 2 spatial axes.
+    """
+    transposed = False
+    if act.dim() == 1:
+        maps = act.reshape(-1, 1, 1)
+    elif act.dim() == 2:
+        maps = act[:, None, :]
+    elif act.dim() == 3:
+        maps = act
+        if act.shape[2] == 1 and act.shape[1] > 1:
+            maps, transposed = act.transpose(1, 2), True
+    else:
+        raise AtlasError(
+            f"layer {layer!r} has {act.dim() - 1} spatial axes; the explorer draws 1-D and 2-D maps"
+        )
+    if maps.shape[1] == 1 and maps.shape[2] > MAX_ROW_PIXELS:
+        maps = _reduce_row(maps, MAX_ROW_PIXELS)
+    return maps, transposed
+
+
+def _layout(act: torch.Tensor, layer: str, scale: str) -> dict[str, Any]:
+    """:meth:`Explorer.activation_layout` of a layer output ``act`` (C, *spatial), but the input."""
+    maps, transposed = _drawn_maps(act, layer)
+    channels, h, w = maps.shape
+    spatial = [int(n) for n in act.shape[1:]]
+    map_shape = [1, 1] if not spatial else [1, spatial[0]] if len(spatial) == 1 else spatial
+    cols = max(1, math.ceil(math.sqrt(channels * h / w))) if w else 1
+    cols = min(cols, channels)
+    rows = math.ceil(channels / cols)
+    flat = act.reshape(channels, -1)
+    return {
+        "layer": layer,
+        "scale": scale,
+        "channels": channels,
+        "map_shape": map_shape,
+        "cell": [h, w],
+        "transposed": transposed,
+        "spatial_dims": act.dim() - 1,
+        "cols": cols,
+        "rows": rows,
+        "gap": 1,
+        "min": float(flat.nan_to_num(nan=math.inf).min()),
+        "max": float(flat.nan_to_num(nan=-math.inf).max()),
+        "channel_max": [round(float(v), 6) for v in flat.max(1).values],
+        "channel_argmax": _argmax_locations(act),
+        "signed": bool((flat < 0).any()),
+    }
+
+
+def _sprite_png(act: torch.Tensor, layer: str, scale: str) -> bytes:
+    """Every channel's map of ``act`` (C, *spatial) in one sprite, as :func:`_layout` says."""
+    maps, _ = _drawn_maps(act, layer)
+    layout = _layout(act, layer, scale)
+    return encode_png(_sprite(maps, layout["cols"], layout["rows"], layout["gap"], scale))
+
+
+def _projection_png(proj: torch.Tensor, style: str) -> bytes:
+    """A projection (C, *spatial) rendered in ``style`` as PNG; a signal's is one row."""
+    rgb = render_projection(proj.detach().cpu(), style)  # (*spatial, 3) in [0, 1]
+    if rgb.ndim == 2:  # a signal: one row of pixels, as /api/input.png draws it
+        rgb = rgb[None]
+    return encode_png(Image.fromarray(np.round(rgb * 255).astype(np.uint8), "RGB"))
+
+
+def _reduce_row(maps: torch.Tensor, width: int) -> torch.Tensor:
+    """Rows (C, 1, L) reduced to ``width`` pixels: each the value of largest magnitude (NaN
+    first) among the ``ceil(L / width)`` samples it covers (the last pixel may cover fewer)."""
+    channels, _, length = maps.shape
+    group = math.ceil(length / width)
+    pad = group * math.ceil(length / group) - length
+    padded = torch.nn.functional.pad(maps[:, 0], (0, pad), value=0.0)
+    blocks = padded.reshape(channels, -1, group)
+    magnitude = blocks.abs().nan_to_num(nan=math.inf)
+    pick = magnitude.argmax(-1, keepdim=True)
+    return blocks.gather(-1, pick)[..., 0][:, None, :]
 
 
 def _sprite(maps: torch.Tensor, cols: int, rows: int, gap: int, scale: str) -> Image.Image:

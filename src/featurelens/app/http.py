@@ -39,9 +39,17 @@ Endpoints (all ``GET`` unless said)::
     /static/NAME              index.html, app.js, style.css
     /api/info                 model, data, layers (channels, receptive field), methods, styles
     /api/top                  ?layer&channel             the channel's top hits in the atlas
+                                                         (labels) and their label histogram
     /api/input.png            ?input                     the input, denormalised
+    /api/waveform.png         ?input                     a 1-D input drawn as waveforms
+    /api/audio.wav            ?input[&layer&location]    a 1-D input (or the receptive field
+                                                         of one location) as WAV, bounded
     POST /api/inputs          [?invert=1] raw PNG/JPEG body or multipart form with one file
                               -> {"input": "upload:ID", "width", "height"}
+    POST /api/frame           ?layer[&channel&location&method&style&scale&invert] raw PNG/JPEG
+                              video frame -> {"layout", "sprite", "unit", "projection"}: the
+                              activations and the unit's projection from one forward pass
+                              (images as data: URLs); the frame is not kept
     /api/activations          ?input&layer&scale         sprite layout and per-channel stats
     /api/activations.png      ?input&layer&scale         every channel's map in one sprite
     /api/unit                 ?input&layer&channel[&location]  location, value, receptive field
@@ -54,6 +62,7 @@ Inputs are named ``dataset:INDEX`` or ``upload:ID`` (``ID`` as returned by ``POS
 
 from __future__ import annotations
 
+import base64
 import hmac
 import logging
 import math
@@ -138,7 +147,7 @@ TOKEN_COOKIE = "featurelens-token"
 #: fetched and shown from ``blob:`` URLs; ``data:`` is the empty favicon.
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; script-src 'self'; object-src 'none'; "
-    "img-src 'self' blob: data:; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+    "img-src 'self' blob: data:; media-src 'self' blob:; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
     "X-Frame-Options": "DENY",  # frame-ancestors for browsers without CSP level 2
@@ -604,11 +613,23 @@ def create_app(
     async def top(request: Request) -> Response:
         layer = layer_of(request)
         channel = channel_of(request, layer)
-        return _json({"layer": layer, "channel": channel, "hits": ex.top(layer, channel)})
+        hits, histogram = ex.top(layer, channel), ex.label_histogram(layer, channel)
+        return _json({"layer": layer, "channel": channel, "hits": hits, "labels": histogram})
 
     async def input_png(request: Request) -> Response:
         ref = input_of(request)
         return _png_response(await run_in_threadpool(ex.input_png, ref))
+
+    async def waveform_png(request: Request) -> Response:
+        ref = input_of(request)
+        return _png_response(await run_in_threadpool(ex.waveform_png, ref))
+
+    async def audio_wav(request: Request) -> Response:
+        ref = input_of(request)
+        layer = None if _param(request, "layer") is None else layer_of(request)
+        location = _location_param(request)
+        wav = await run_in_threadpool(ex.audio_wav, ref, layer, location)
+        return Response(wav, media_type="audio/wav", headers={"Cache-Control": "no-store"})
 
     async def upload(request: Request) -> Response:
         invert = _param(request, "invert") or "0"
@@ -616,6 +637,25 @@ def create_app(
             raise HTTPException(400, f"invert={invert!r}: use 0 or 1")
         raw = await _upload_bytes(request, ex.max_upload_bytes)
         return _json(await run_in_threadpool(ex.add_upload, raw, invert == "1"), status=201)
+
+    async def frame(request: Request) -> Response:
+        layer = layer_of(request)
+        channel = None if _param(request, "channel") is None else channel_of(request, layer)
+        method = ex.check_method(_param(request, "method"))
+        style = ex.check_style(_param(request, "style"))
+        scale = ex.check_scale(_param(request, "scale"))
+        location = _location_param(request)
+        invert = _param(request, "invert") or "0"
+        if invert not in ("0", "1"):
+            raise HTTPException(400, f"invert={invert!r}: use 0 or 1")
+        raw = await _read_limited(request, ex.max_upload_bytes)
+        answer = await run_in_threadpool(
+            ex.frame, raw, layer, channel, location, method, style, scale, invert == "1"
+        )
+        for key in ("sprite", "projection"):
+            if key in answer:
+                answer[key] = "data:image/png;base64," + base64.b64encode(answer[key]).decode()
+        return _json(answer)
 
     async def activations(request: Request) -> Response:
         ref, layer = input_of(request), layer_of(request)
@@ -680,7 +720,10 @@ def create_app(
         Route("/api/info", info),
         Route("/api/top", top),
         Route("/api/input.png", input_png),
+        Route("/api/waveform.png", waveform_png),
+        Route("/api/audio.wav", audio_wav),
         Route("/api/inputs", upload, methods=["POST"]),
+        Route("/api/frame", frame, methods=["POST"]),
         Route("/api/activations", activations),
         Route("/api/activations.png", activations_png),
         Route("/api/unit", unit),

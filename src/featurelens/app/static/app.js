@@ -132,7 +132,10 @@ function rfRegion(location) {
   const spatial = state.info.input_shape.slice(1);
   if (!rf) return null;
   const whole = spatial.map((n) => [0, n - 1]);
-  if (rf.is_global || location.length !== rf.size.length) return whole;
+  if (rf.is_global) return whole;
+  // A location of another rank than the field's (a model that changes the rank of its data)
+  // gets no box: never the box of another location.
+  if (location.length !== rf.size.length) return null;
   return location.map((u, axis) => {
     const first = u * rf.stride[axis] - rf.padding[axis];
     const last = first + rf.size[axis] - 1;
@@ -141,7 +144,10 @@ function rfRegion(location) {
 }
 
 function regionText(region) {
-  if (!region) return "no receptive-field geometry for this layer";
+  if (!region) {
+    const why = layerInfo().rf_error;
+    return why ? `no box (${why})` : "no receptive-field geometry for this layer";
+  }
   const axes = region.length === 2 ? ["rows", "cols"] : region.map((_, i) => `axis ${i}`);
   return region.map(([a, b], i) => `${axes[i]} ${a}–${b}`).join(", ");
 }
@@ -195,24 +201,69 @@ function hover(channel, location) {
 }
 
 // Map a pointer position on a canvas showing an (h, w) map to a map location.
+// A cell shows the map as drawn (layout.cell): an (L, 1) map is drawn as a row (transposed),
+// a long row reduced; locations are always the map's own (layout.map_shape).
 function locationAt(canvas, event) {
   const [h, w] = state.layout.map_shape;
   const rect = canvas.getBoundingClientRect();
-  const x = Math.min(w - 1, Math.max(0, Math.floor(((event.clientX - rect.left) / rect.width) * w)));
-  const y = Math.min(h - 1, Math.max(0, Math.floor(((event.clientY - rect.top) / rect.height) * h)));
+  const fx = (event.clientX - rect.left) / rect.width, fy = (event.clientY - rect.top) / rect.height;
+  const clamp = (v, n) => Math.min(n - 1, Math.max(0, Math.floor(v * n)));
   const dims = state.layout.spatial_dims;
-  return dims === 2 ? [y, x] : dims === 1 ? [x] : [];
+  if (state.layout.transposed) return [clamp(fx, h), 0];
+  return dims === 2 ? [clamp(fy, h), clamp(fx, w)] : dims === 1 ? [clamp(fx, w)] : [];
+}
+
+// Where a map location is in a drawn cell, as fractions [x0, y0, x1, y1] of its width/height.
+function cellFraction(location) {
+  const [h, w] = state.layout.map_shape;
+  if (!location.length) return [0, 0, 1, 1];
+  if (state.layout.transposed) return [location[0] / h, 0, (location[0] + 1) / h, 1];
+  if (location.length === 1) return [location[0] / w, 0, (location[0] + 1) / w, 1];
+  return [location[1] / w, location[0] / h, (location[1] + 1) / w, (location[0] + 1) / h];
 }
 
 // ---- the current input -------------------------------------------------------------------
+const isSignal = () => state.info.input_shape.length === 2;  // (channels, samples)
+
+// The picture of an input: a signal's waveforms, else the image.
+function inputPicture(input) {
+  return api(isSignal() ? "waveform.png" : "input.png", { input });
+}
+
+// Play a WAV answer of /api/audio.wav (fetched with the client header, played from blob:).
+async function play(params) {
+  const response = await apiFetch(api("audio.wav", params));
+  if (!response.ok) throw new Error(await errorOf(response));
+  const player = $("player");
+  if (player.objectURL) URL.revokeObjectURL(player.objectURL);
+  player.objectURL = URL.createObjectURL(await response.blob());
+  player.src = player.objectURL;
+  player.dataset.playing = params.location ? "window" : "input";
+  await player.play().catch(() => { /* autoplay refused: the controls are there */ });
+}
+
+function playButton(text, title, params) {
+  const b = document.createElement("button");
+  b.type = "button";
+  b.className = "play";
+  b.textContent = text;
+  b.title = title;
+  b.addEventListener("click", (e) => {
+    e.stopPropagation();
+    task("playing", () => play(params));
+  });
+  return b;
+}
+
 async function setInput(input, label, fromPad = false) {
+  if (live.running) stopLive();  // another input was chosen: the video no longer drives the page
   state.inputSeq = (state.inputSeq || 0) + 1;
   pad.current = fromPad;
   state.input = input;
   state.inputLabel = label;
   state.location = null;
   $("input-label").textContent = label;
-  await task("loading input", () => loadImage($("input-img"), api("input.png", { input })));
+  await task("loading input", () => loadImage($("input-img"), inputPicture(input)));
   redrawOverlays();
   await refreshMaps();
   if (state.channel !== null) await refreshUnit();
@@ -303,6 +354,197 @@ function setupPad() {
   $("draw-clear").addEventListener("click", () => { clearPad(); sendPad(); });
 }
 
+// ---- live video: the camera or a video file, frame by frame -----------------------------
+// One request in flight at most: when an answer arrives, the newest frame is grabbed and
+// sent; frames the server had no time for are never sent (no queue). The camera stops when
+// the button is pressed again, when the page is hidden, or on an error.
+const live = {
+  running: false, source: null, stream: null, inFlight: 0, maxInFlight: 0, frames: 0,
+  times: [], canvas: null, objectURL: null, seq: 0,
+};
+
+function liveStatus() {
+  const b = document.body.dataset;
+  b.camera = live.running ? live.source : "off";
+  b.liveFrames = String(live.frames);
+  b.maxInFlight = String(live.maxInFlight);
+}
+
+async function startCamera() {
+  if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
+    status("this browser offers no camera here (it needs https or localhost)", true);
+    return;
+  }
+  let stream;
+  try {
+    stream = await navigator.mediaDevices.getUserMedia({ video: true, audio: false });
+  } catch (err) {
+    status(`the camera was refused: ${err.message || err.name}`, true);
+    return;
+  }
+  const video = $("camera-video");
+  video.srcObject = stream;
+  live.stream = stream;
+  await startLive(video, "camera");
+}
+
+async function startVideoFile(file) {
+  stopLive();
+  const video = $("camera-video");
+  live.objectURL = URL.createObjectURL(file);
+  video.src = live.objectURL;
+  video.loop = false;
+  video.onended = () => stopLive();
+  await startLive(video, "video");
+}
+
+async function startLive(video, source) {
+  try {
+    await video.play();
+  } catch (err) {
+    status(`the video cannot be played: ${err.message || err.name}`, true);
+    stopLive();
+    return;
+  }
+  live.running = true;
+  live.source = source;
+  live.frames = 0;
+  live.times = [];
+  live.seq += 1;
+  $("camera").classList.toggle("active", source === "camera");
+  $("camera").textContent = source === "camera" ? "stop camera" : "camera";
+  liveStatus();
+  pumpFrame(live.seq);
+}
+
+function stopLive() {
+  const wasRunning = live.running;
+  live.running = false;
+  live.seq += 1;
+  const video = $("camera-video");
+  if (live.stream) {
+    for (const track of live.stream.getTracks()) track.stop();
+    document.body.dataset.cameraTracks = live.stream.getTracks().map((t) => t.readyState).join(",");
+    live.stream = null;
+  }
+  video.pause();
+  video.srcObject = null;
+  video.removeAttribute("src");
+  if (live.objectURL) { URL.revokeObjectURL(live.objectURL); live.objectURL = null; }
+  $("camera").classList.remove("active");
+  $("camera").textContent = "camera";
+  if (wasRunning) $("live-fps").textContent += " (stopped)";
+  liveStatus();
+}
+
+// Grab the video's current frame as a JPEG, no larger than the model needs.
+function grabFrame(video) {
+  const [, h, w] = state.info.input_shape;
+  const side = 2 * Math.max(h, w, 112);
+  const scale = Math.min(1, side / Math.min(video.videoWidth, video.videoHeight));
+  const c = live.canvas || (live.canvas = document.createElement("canvas"));
+  c.width = Math.max(1, Math.round(video.videoWidth * scale));
+  c.height = Math.max(1, Math.round(video.videoHeight * scale));
+  c.getContext("2d").drawImage(video, 0, 0, c.width, c.height);
+  return new Promise((resolve) => c.toBlob(resolve, "image/jpeg", 0.85));
+}
+
+async function pumpFrame(seq) {
+  if (!live.running || seq !== live.seq || live.inFlight > 0) return;
+  const video = $("camera-video");
+  if (!video.videoWidth) {  // no frame yet
+    setTimeout(() => pumpFrame(seq), 30);
+    return;
+  }
+  live.inFlight += 1;
+  live.maxInFlight = Math.max(live.maxInFlight, live.inFlight);
+  let answer = null;
+  try {
+    const blob = await grabFrame(video);
+    const params = { layer: state.layer, scale: state.scale, method: state.method,
+                     style: state.style, invert: $("invert").checked ? 1 : null };
+    if (state.channel !== null) {
+      params.channel = state.channel;
+      params.location = state.location;
+    }
+    answer = await getJSON(api("frame", params), {
+      method: "POST", headers: { "Content-Type": "image/jpeg" }, body: blob,
+    });
+    if (seq === live.seq && answer.layout.layer === state.layer) {
+      await showFrame(blob, answer);
+    }
+  } catch (err) {
+    status(err.message, true);
+    if (seq === live.seq) stopLive();
+  } finally {
+    live.inFlight -= 1;
+    liveStatus();
+  }
+  if (answer && live.running && seq === live.seq) pumpFrame(seq);  // the newest frame next
+}
+
+async function showFrame(blob, answer) {
+  live.frames += 1;
+  const now = performance.now();
+  live.times.push(now);
+  while (live.times.length && now - live.times[0] > 2000) live.times.shift();
+  const span = (live.times[live.times.length - 1] - live.times[0]) / 1000;
+  const fps = live.times.length > 1 && span > 0 ? (live.times.length - 1) / span : 0;
+  $("live-fps").textContent = `${live.source}: ${fps.toFixed(1)} fps, ` +
+    `model ${(answer.seconds * 1000).toFixed(0)} ms per frame`;
+  document.body.dataset.liveFps = fps.toFixed(2);
+  // The frame becomes the input picture; the maps and the unit follow it.
+  const input = $("input-img");
+  const previous = input.objectURL;
+  input.objectURL = URL.createObjectURL(blob);
+  input.src = input.objectURL;
+  if (previous) URL.revokeObjectURL(previous);
+  $("input-label").textContent = `live ${live.source} frame ${live.frames}`;
+  const sprite = new Image();
+  sprite.src = answer.sprite;
+  await sprite.decode();
+  const sameCells = state.layout && state.layout.channels === answer.layout.channels &&
+    state.layout.layer === answer.layout.layer && $("maps").children.length;
+  state.layout = answer.layout;
+  state.sprite = sprite;
+  if (sameCells) {
+    for (const tile of $("maps").children) {
+      const canvas = tile.querySelector("canvas");
+      drawCell(canvas.getContext("2d"), Number(tile.dataset.channel), canvas.width, canvas.height);
+    }
+  } else {
+    drawTiles();
+  }
+  $("maps").dataset.frame = String(live.frames);
+  if (answer.unit && state.channel !== null && answer.unit.channel === state.channel) {
+    state.unit = answer.unit;
+    const where = answer.unit.location.length ? `(${answer.unit.location.join(", ")})` : "";
+    $("unit-title").textContent = `Unit: ${state.layer} channel ${state.channel} at ${where} (live)`;
+    $("unit-meta").textContent = `activation ${num(answer.unit.value, 4)} on frame ${live.frames}; ` +
+      `receptive field ${answer.unit.rf ? regionText(answer.unit.rf.region) : "unknown"}`;
+    drawUnitMap();
+    $("projection").src = answer.projection;  // a data: URL of this frame's projection
+    $("projection").dataset.frame = String(live.frames);
+    redrawOverlays();
+  }
+}
+
+function setupLive() {
+  const imageModel = state.info.input_shape.length === 3 && [1, 3].includes(state.info.input_shape[0]);
+  $("live-controls").hidden = !imageModel;
+  $("camera").addEventListener("click", () => {
+    if (live.running && live.source === "camera") stopLive();
+    else { stopLive(); startCamera(); }
+  });
+  $("video-file").addEventListener("change", (e) => {
+    if (e.target.files.length) startVideoFile(e.target.files[0]);
+    e.target.value = "";
+  });
+  document.addEventListener("visibilitychange", () => { if (document.hidden) stopLive(); });
+  window.addEventListener("pagehide", stopLive);
+  liveStatus();
+}
+
 // ---- the layer's maps --------------------------------------------------------------------
 async function refreshMaps() {
   const token = ++state.tokens.maps;
@@ -326,7 +568,7 @@ async function refreshMaps() {
 }
 
 function drawCell(ctx, channel, width, height) {
-  const { cols, gap, map_shape: [h, w] } = state.layout;
+  const { cols, gap, cell: [h, w] } = state.layout;
   const r = Math.floor(channel / cols), c = channel % cols;
   ctx.imageSmoothingEnabled = false;
   ctx.drawImage(state.sprite, c * (w + gap), r * (h + gap), w, h, 0, 0, width, height);
@@ -335,7 +577,8 @@ function drawCell(ctx, channel, width, height) {
 function drawTiles() {
   const maps = $("maps");
   maps.textContent = "";
-  const { channels, map_shape: [h, w] } = state.layout;
+  const { channels, cell: [h, w] } = state.layout;
+  maps.classList.toggle("rows", h === 1 && w > 16);  // 1-D maps: one row per channel
   const zoom = Math.max(1, Math.round(64 / Math.max(h, w)));
   for (let k = 0; k < channels; k++) {
     const tile = document.createElement("div");
@@ -366,7 +609,8 @@ async function selectChannel(k) {
   }
   $("unit-hint").hidden = true;
   $("unit-body").hidden = false;
-  await Promise.all([refreshUnit(), refreshTop(), refreshZF()]);
+  // Live: the next frame's answer brings the unit and its projection.
+  await Promise.all([live.running ? null : refreshUnit(), refreshTop(), refreshZF()]);
 }
 
 async function refreshUnit() {
@@ -381,9 +625,10 @@ async function refreshUnit() {
   $("unit-title").textContent = `Unit: ${state.layer} channel ${state.channel} at ${where}`;
   $("unit-meta").textContent =
     `activation ${num(unit.value, 4)} ${state.location ? "at the chosen location" : "(arg-max on this input)"}; ` +
-    `receptive field ${unit.rf ? regionText(unit.rf.region) : "unknown"}`;
+    `receptive field ${unit.rf ? regionText(unit.rf.region) : `unknown${unit.rf_error ? ` (${unit.rf_error})` : ""}`}`;
   drawUnitMap();
   redrawOverlays();
+  $("play-field").hidden = !(state.info.sample_rate && isSignal() && unit.rf && unit.location.length);
   const projection = api("projection.png", {
     input: state.input, layer: state.layer, channel: state.channel, location: unit.location,
     method: state.method, style: state.style,
@@ -394,18 +639,18 @@ async function refreshUnit() {
 
 function drawUnitMap() {
   const canvas = $("unit-map");
-  const [h, w] = state.layout.map_shape;
+  const [h, w] = state.layout.cell;
   const zoom = Math.max(1, Math.ceil(200 / Math.max(h, w)));
   canvas.width = w * zoom;
-  canvas.height = h * zoom;
+  canvas.height = Math.max(h * zoom, h === 1 ? 24 : 0);  // a row is drawn 24 pixels tall
   const ctx = canvas.getContext("2d");
   drawCell(ctx, state.channel, canvas.width, canvas.height);
   if (state.unit && state.unit.location.length) {
-    const loc = state.unit.location;
-    const y = loc.length === 2 ? loc[0] : 0, x = loc[loc.length - 1];
+    const [x0, y0, x1, y1] = cellFraction(state.unit.location);
+    const W = canvas.width, H = canvas.height;
     ctx.strokeStyle = "#ff4d4d";
     ctx.lineWidth = Math.max(1, zoom / 6);
-    ctx.strokeRect(x * zoom, y * zoom, zoom, zoom);
+    ctx.strokeRect(x0 * W, y0 * H, Math.max(2, (x1 - x0) * W), Math.max(2, (y1 - y0) * H));
   }
 }
 
@@ -414,23 +659,70 @@ async function refreshTop() {
   const result = await task("reading top examples", () =>
     getJSON(api("top", { layer: state.layer, channel })));
   if (!result || channel !== state.channel) return;
+  drawHistogram(result.labels);
   const box = $("top-hits");
   box.textContent = "";
+  const audio = Boolean(state.info.sample_rate) && isSignal();
   for (const hit of result.hits) {
     const fig = document.createElement("figure");
     const img = document.createElement("img");
-    loadImage(img, api("input.png", { input: `dataset:${hit.index}` })).catch(
-      (err) => status(err.message, true));
+    const input = `dataset:${hit.index}`;
+    loadImage(img, inputPicture(input)).catch((err) => status(err.message, true));
+    if (isSignal()) img.classList.add("signal");
     img.alt = `example ${hit.index}`;
     img.title = `example ${hit.index}: score ${num(hit.score, 4)} at (${hit.location.join(", ")})`;
     const cap = document.createElement("figcaption");
     cap.textContent = `#${hit.index}`;
+    if (hit.label !== null && hit.label !== undefined) {
+      const label = document.createElement("span");
+      label.className = "label";
+      label.textContent = String(hit.label);  // text, never markup
+      cap.append(" ", label);
+    }
     fig.append(img, cap);
+    if (audio) {
+      const layer = result.layer;
+      fig.append(playButton("▶", `play example ${hit.index}`, { input }));
+      if (hit.location.length) {
+        fig.append(playButton("▶ field", `play what the unit sees of example ${hit.index}`,
+                              { input, layer, location: hit.location }));
+      }
+    }
     fig.addEventListener("click", () => {
       $("dataset-index").value = hit.index;
       datasetInput(hit.index);
     });
     box.append(fig);
+  }
+}
+
+// The channel's top-k spread over labels, as bars with text labels.
+function drawHistogram(histogram) {
+  const box = $("label-hist");
+  box.textContent = "";
+  box.hidden = !histogram;
+  if (!histogram) return;
+  const most = Math.max(1, ...histogram.counts);
+  histogram.bins.forEach((bin, i) => {
+    const row = document.createElement("div");
+    row.className = "hist-row";
+    const name = document.createElement("span");
+    name.className = "hist-label";
+    name.textContent = Array.isArray(bin) ? `${num(bin[0], 4)} – ${num(bin[1], 4)}` : String(bin);
+    const bar = document.createElement("span");
+    bar.className = "hist-bar";
+    bar.style.width = `${(100 * histogram.counts[i]) / most}%`;
+    const count = document.createElement("span");
+    count.className = "hist-count";
+    count.textContent = String(histogram.counts[i]);
+    row.append(name, bar, count);
+    box.append(row);
+  });
+  if (histogram.missing) {
+    const row = document.createElement("div");
+    row.className = "hist-row";
+    row.textContent = `${histogram.missing} without a label (NaN)`;
+    box.append(row);
   }
 }
 
@@ -485,12 +777,22 @@ async function init() {
     b.dataset.method = m;
     b.addEventListener("click", () => {
       setMethod(m);
-      if (state.channel !== null) { refreshUnit(); refreshZF(); }
+      if (state.channel !== null) { if (!live.running) refreshUnit(); refreshZF(); }
     });
     $("methods").append(b);
   }
   setMethod(info.methods.includes("deconvnet") ? "deconvnet" : info.methods[0]);
   $("dataset-index").max = info.data_size - 1;
+  $("play-input").hidden = !(info.sample_rate && isSignal());
+  $("input-img").classList.toggle("signal", isSignal());
+  $("play-input").addEventListener("click", () => task("playing", () => play({ input: state.input })));
+  $("play-field").addEventListener("click", () => task("playing", () => play({
+    input: state.input, layer: state.layer, location: state.unit.location,
+  })));
+  if (info.other_activations === "gradient") {
+    $("other-note").textContent = "deconvnet and guided pass activations that are not " +
+      "rectifiers (GELU, SiLU, ...) as the plain gradient (--other-activations gradient)";
+  }
 
   $("layer").addEventListener("change", async (e) => {
     state.layer = e.target.value;
@@ -500,7 +802,7 @@ async function init() {
     $("unit-hint").hidden = false;
     $("unit-title").textContent = "Unit";
     redrawOverlays();
-    await refreshMaps();
+    if (!live.running) await refreshMaps();  // live: the next frame brings the new layer
   });
   $("scale").addEventListener("change", async (e) => {
     state.scale = e.target.value;
@@ -509,7 +811,7 @@ async function init() {
   });
   $("style").addEventListener("change", (e) => {
     state.style = e.target.value;
-    if (state.channel !== null) { refreshUnit(); refreshZF(); }
+    if (state.channel !== null) { if (!live.running) refreshUnit(); refreshZF(); }
   });
   $("dataset-index").addEventListener("change", (e) => datasetInput(e.target.value));
   $("prev").addEventListener("click", () => datasetInput(Number($("dataset-index").value) - 1));
@@ -523,9 +825,12 @@ async function init() {
   unitMap.addEventListener("mouseleave", () => hover(null, null));
   unitMap.addEventListener("click", (e) => {
     state.location = locationAt(unitMap, e);
-    refreshUnit();
+    if (!live.running) refreshUnit();
   });
-  $("argmax").addEventListener("click", () => { state.location = null; refreshUnit(); });
+  $("argmax").addEventListener("click", () => {
+    state.location = null;
+    if (!live.running) refreshUnit();
+  });
   window.addEventListener("resize", redrawOverlays);
   // Arrow keys step through the dataset (when no form field has the focus).
   document.addEventListener("keydown", (e) => {
@@ -534,6 +839,7 @@ async function init() {
     if (step) datasetInput(Number($("dataset-index").value) + step);
   });
   setupPad();
+  setupLive();
   await datasetInput(0);
   document.body.dataset.ready = "1";
 }
