@@ -484,21 +484,7 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     )
     _add_other_activations(p)
     _add_trust_code(p)
-    _add_other_activations(p)
     p.set_defaults(func=_run_serve)
-
-
-def _add_other_activations(p: argparse.ArgumentParser) -> None:
-    from featurelens.rules import OTHER_ACTIVATIONS
-
-    p.add_argument(
-        "--other-activations",
-        choices=list(OTHER_ACTIVATIONS),
-        default="error",
-        help="under deconvnet/guided, what activations that are not rectifiers (GELU, SiLU, "
-        "Hardswish, ...) do: error (default: refuse, naming them) or gradient (pass them as "
-        "the plain gradient; the figures say so)",
-    )
 
 
 def _run_serve(args: argparse.Namespace) -> int:

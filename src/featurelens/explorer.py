@@ -1118,7 +1118,8 @@ class Explorer:
     ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, ...] | None]:
         """One truncated forward of ``x`` (C, *spatial) under ``method``'s rule, and the
         backward pass from the unit: (layer output (C', *spatial'), projection (C, *spatial)
-        or None, the unit's location or None), on the CPU."""
+        or None, the unit's location or None), on the CPU.
+        """
         with (
             self._using_model(),
             preserved(self.model),
@@ -1538,7 +1539,8 @@ def _projection_png(proj: torch.Tensor, style: str) -> bytes:
 
 def _reduce_row(maps: torch.Tensor, width: int) -> torch.Tensor:
     """Rows (C, 1, L) reduced to ``width`` pixels: each the value of largest magnitude (NaN
-    first) among the ``ceil(L / width)`` samples it covers (the last pixel may cover fewer)."""
+    first) among the ``ceil(L / width)`` samples it covers (the last pixel may cover fewer).
+    """
     channels, _, length = maps.shape
     group = math.ceil(length / width)
     pad = group * math.ceil(length / group) - length
