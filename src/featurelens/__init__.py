@@ -39,8 +39,14 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
     )
     from featurelens.figures import layer_sheet, zf_figure, zf_grid
     from featurelens.graph import get_layer, layer_names
+    from featurelens.notebook import UnitView, show
     from featurelens.projection import project, project_units
-    from featurelens.receptive_field import ReceptiveField, receptive_field, receptive_fields
+    from featurelens.receptive_field import (
+        ReceptiveField,
+        ReceptiveFieldTable,
+        receptive_field,
+        receptive_fields,
+    )
     from featurelens.render import STYLES
     from featurelens.report import write_report
     from featurelens.rules import METHODS, Rule
@@ -73,6 +79,7 @@ __all__ = [
     "LayerError",
     "NotAlignedError",
     "ReceptiveField",
+    "ReceptiveFieldTable",
     "TraceError",
     "UnsupportedOpError",
     "__version__",
@@ -82,6 +89,8 @@ __all__ = [
     "receptive_field",
     "receptive_fields",
     "serve",
+    "show",
+    "UnitView",
     "layer_sheet",
     "write_report",
     "zf_figure",
@@ -116,6 +125,7 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "ReceptiveField": ("featurelens.receptive_field", None),
     "receptive_field": ("featurelens.receptive_field", None),
     "receptive_fields": ("featurelens.receptive_field", None),
+    "ReceptiveFieldTable": ("featurelens.receptive_field", None),
     "METHODS": ("featurelens.rules", None),
     "Rule": ("featurelens.rules", None),
     "SCORES": ("featurelens.scan", None),
@@ -127,6 +137,8 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "zf_figure": ("featurelens.figures", "figures"),
     "zf_grid": ("featurelens.figures", "figures"),
     "write_report": ("featurelens.report", "figures"),
+    "show": ("featurelens.notebook", "figures"),
+    "UnitView": ("featurelens.notebook", "figures"),
     "serve": ("featurelens.app", "serve"),
 }
 

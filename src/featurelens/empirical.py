@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from featurelens._public import public
 from featurelens.graph import capture, get_layer, model_device, preserved
 from featurelens.unit import check_location
 
@@ -214,6 +215,7 @@ class _PositiveLinearMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+@public
 def empirical_receptive_field(
     model: nn.Module,
     input_shape: Sequence[int],

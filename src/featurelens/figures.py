@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from featurelens._public import public
 from featurelens.atlas import Atlas, Hit
 from featurelens.data import example_tensor
 from featurelens.receptive_field import ReceptiveField, try_receptive_field
@@ -247,6 +248,7 @@ def figure_from_batch(
     )
 
 
+@public
 def zf_figure(
     model: nn.Module,
     data: Any,
@@ -285,6 +287,7 @@ def zf_figure(
     return fig
 
 
+@public
 def zf_grid(
     model: nn.Module,
     data: Any,
@@ -337,6 +340,7 @@ def zf_grid(
     ).image
 
 
+@public
 def layer_sheet(
     model: nn.Module,
     data: Any,

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from featurelens._public import public
 from featurelens.errors import CropWarning, FeaturelensError, UsageError
 from featurelens.graph import capture, model_device, preserved, resolve_layers
 from featurelens.receptive_field import ReceptiveField, try_receptive_field
@@ -64,6 +65,7 @@ AUTO_CHUNK_VALUES = 2**19
 # Public API
 
 
+@public
 def project(
     model: nn.Module,
     inputs: torch.Tensor,
@@ -193,10 +195,11 @@ def project(
     )
     maps, fallbacks = _project(context, targets)
     for message in fallbacks:
-        warnings.warn(message, CropWarning, stacklevel=2)  # the caller's line
+        warnings.warn(message, CropWarning, stacklevel=3)  # the caller's line (past @public)
     return maps
 
 
+@public
 def project_units(
     model: nn.Module,
     inputs: torch.Tensor,
@@ -305,7 +308,7 @@ def project_units(
     )
     maps, fallbacks = _project(context, targets)
     for message in fallbacks:
-        warnings.warn(message, CropWarning, stacklevel=2)  # the caller's line
+        warnings.warn(message, CropWarning, stacklevel=3)  # the caller's line (past @public)
     return maps
 
 

@@ -38,6 +38,7 @@ arguments to names once per op kind, so that ``x.chunk(2, 1)``, ``x.chunk(2, dim
 
 from __future__ import annotations
 
+import html
 import itertools
 import operator
 import warnings
@@ -51,6 +52,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from featurelens._public import public
 from featurelens.errors import (
     NotAlignedError,
     ReceptiveFieldError,
@@ -63,6 +65,7 @@ from featurelens.unit import check_location
 __all__ = [
     "NotAlignedError",
     "ReceptiveField",
+    "ReceptiveFieldTable",
     "UnsupportedOpError",
     "receptive_field",
     "receptive_fields",
@@ -2236,11 +2239,12 @@ def _propagate(
             if strict:
                 raise
             warnings.warn(
-                f"receptive fields stop at {exc}. Layers after it are left out.", stacklevel=3
+                f"receptive fields stop at {exc}. Layers after it are left out.", stacklevel=4
             )
     return traced.outputs, prop
 
 
+@public
 def receptive_fields(
     model: nn.Module, input_shape: Sequence[int], *, strict: bool = True
 ) -> dict[str, ReceptiveField]:
@@ -2258,10 +2262,10 @@ def receptive_fields(
 
     Returns
     -------
-    dict
-        ``{layer name: ReceptiveField}`` for :func:`featurelens.layer_names` ``(model)``;
-        layers whose output carries no field (a tuple, or a value that does not depend on the
-        input) are left out.
+    ReceptiveFieldTable
+        A ``dict`` ``{layer name: ReceptiveField}`` for :func:`featurelens.layer_names`
+        ``(model)``; layers whose output carries no field (a tuple, or a value that does not
+        depend on the input) are left out. It shows as a table in a notebook.
 
     Raises
     ------
@@ -2276,11 +2280,11 @@ def receptive_fields(
     """
     outputs, prop = _propagate(model, input_shape, strict=strict)
     spatial = prop.input_shape[1:]
-    return {
-        name: _to_value(f, spatial)
+    return ReceptiveFieldTable(
+        (name, _to_value(f, spatial))
         for name, node in outputs.items()
         if isinstance(f := prop.fields.get(node), _Field)
-    }
+    )
 
 
 def _to_value(f: _Field, spatial: tuple[int, ...]) -> ReceptiveField:
@@ -2311,6 +2315,7 @@ def _to_value(f: _Field, spatial: tuple[int, ...]) -> ReceptiveField:
     )
 
 
+@public
 def receptive_field(model: nn.Module, input_shape: Sequence[int], layer: str) -> ReceptiveField:
     """Receptive field of one layer (see :func:`receptive_fields`).
 
@@ -2396,3 +2401,37 @@ def receptive_field_table(fields: dict[str, ReceptiveField]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+class ReceptiveFieldTable(dict[str, ReceptiveField]):
+    """``{layer name: ReceptiveField}`` in execution order, as :func:`receptive_fields` returns.
+
+    A plain ``dict`` in every way (it compares equal to one, copies, pickles and serialises as
+    one); in a notebook it shows as a table, one row per layer (``_repr_html_``), and
+    IPython's plain-text display prints :func:`receptive_field_table` instead of a long dict.
+    """
+
+    def table(self) -> str:
+        """The plain-text table of :func:`receptive_field_table`."""
+        return receptive_field_table(self)
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        printer.text("ReceptiveFieldTable(...)" if cycle else self.table())
+
+    def _repr_html_(self) -> str:
+        def fmt(t: tuple[int | None, ...]) -> str:
+            return " &times; ".join("&ndash;" if v is None else str(v) for v in t)
+
+        head = "".join(
+            f"<th>{h}</th>" for h in ("layer", "output", "size", "stride", "padding", "flags")
+        )
+        rows = "".join(
+            f"<tr><td><code>{html.escape(name)}</code></td><td>{fmt(rf.output_shape)}</td>"
+            f"<td>{fmt(rf.size)}</td><td>{fmt(rf.stride)}</td><td>{fmt(rf.padding)}</td>"
+            f"<td>{html.escape(', '.join(rf._flags()))}</td></tr>"
+            for name, rf in self.items()
+        )
+        return (
+            f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+            f"<p>{len(self)} layers; &ndash;: irregular axis (no single size, stride, padding)</p>"
+        )
