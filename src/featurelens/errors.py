@@ -24,6 +24,8 @@ unknown name), so existing ``except ValueError`` code keeps working.
     ├── DataError (TypeError, ValueError)    data that cannot be scanned
     ├── SpecError (ValueError)               a model or data spec that does not resolve
     ├── AtlasError (ValueError)              an atlas that cannot be used as asked
+    │   ├── UntrustedAtlasError              an atlas names code it may not run without consent
+    │   └── LockedError                      a directory another scan is writing
     └── MissingExtraError (ModuleNotFoundError)  an optional dependency that is not installed
 
     FeaturelensWarning (UserWarning)
@@ -46,6 +48,7 @@ __all__ = [
     "FormatError",
     "LayerError",
     "LimitError",
+    "LockedError",
     "MissingExtraError",
     "NotAlignedError",
     "NotFoundError",
@@ -55,6 +58,7 @@ __all__ = [
     "StyleError",
     "TraceError",
     "UnsupportedOpError",
+    "UntrustedAtlasError",
     "UsageError",
 ]
 
@@ -139,6 +143,20 @@ class SpecError(FeaturelensError, ValueError):
 
 class AtlasError(FeaturelensError, ValueError):
     """An atlas directory that cannot be used as asked (incomplete, other version, ...)."""
+
+
+class UntrustedAtlasError(AtlasError):
+    """An atlas names code (or a folder outside itself) that featurelens would run or read to
+    rebuild its model or data, and it is not trusted: it was not made by this user on this
+    machine and no consent was given. The message shows exactly what would run and how to
+    allow it (``--trust-code`` on the CLI, ``trust_code=True`` in Python).
+    """
+
+
+class LockedError(AtlasError):
+    """A directory that another scan holds the lock of; the message names the holder (process
+    id, host, start time) and what to do.
+    """
 
 
 class MissingExtraError(FeaturelensError, ModuleNotFoundError):
