@@ -136,7 +136,7 @@ def test_table_escapes_layer_names():
 def _frames(call: Callable[[], object]) -> tuple[BaseException, list[traceback.FrameSummary]]:
     try:
         call()
-    except Exception as exc:  # noqa: BLE001 - any error the call raises
+    except Exception as exc:  # any error the call raises
         return exc, traceback.extract_tb(exc.__traceback__)
     raise AssertionError("no error raised")
 

@@ -70,7 +70,7 @@ def public(func: _F) -> _F:
 
     @functools.wraps(func)
     def call(*args: Any, **kwargs: Any) -> Any:
-        __tracebackhide__ = True  # noqa: F841 - pytest and IPython leave this frame out
+        __tracebackhide__ = True  # pytest and IPython leave this frame out
         try:
             return func(*args, **kwargs)
         except Exception as exc:

@@ -406,7 +406,6 @@ def _run_audio_demo(args: argparse.Namespace) -> int:
     layers = ("conv1_BN", "conv6_BN") if args.quick else LAYERS
     if args.layers:
         layers = tuple(name.strip() for name in args.layers.split(",") if name.strip())
-    quick = {"notes": range(45, 81, 3), "per_note": 2} if args.quick else {}
     result = run_audio_demo(
         args.out,
         top_k=args.top_k,
@@ -416,7 +415,8 @@ def _run_audio_demo(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         log=lambda text: print(text, flush=True),
         layers=layers,
-        **quick,
+        notes=range(45, 81, 3) if args.quick else range(40, 85),
+        per_note=2 if args.quick else 4,
     )
     print((result.out / "units.md").resolve())
     print(f"done in {result.seconds:.0f} s")

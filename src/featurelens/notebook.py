@@ -10,9 +10,10 @@ Jupyter (``_repr_png_`` and ``_repr_html_``) and keeps the numbers behind the pi
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,16 +67,16 @@ class UnitView:
     style: str
     box: Box
     field: ReceptiveField | None
-    projection: torch.Tensor = field(repr=False)
+    projection: torch.Tensor = dataclasses.field(repr=False)
     note: str = ""
 
     def to_png(self) -> bytes:
         """The picture as PNG bytes."""
-        return save_png(self.image)  # type: ignore[return-value]
+        return save_png(self.image)
 
     def save(self, path: str | Path) -> Path:
         """Write the picture as a PNG file and return its path."""
-        return save_png(self.image, path)  # type: ignore[return-value]
+        return save_png(self.image, path)
 
     def caption(self) -> str:
         """One line: the unit, its value, the box shown and the method."""
