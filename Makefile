@@ -9,7 +9,7 @@ TORCH_PIN := torch==2.14.1
 TORCHVISION_PIN := torchvision==0.29.1
 TORCH_PINS := $(TORCH_PIN) $(TORCHVISION_PIN)
 
-.PHONY: demo test test-slow wheel-smoke lint format venv browser clean
+.PHONY: demo test test-slow wheel-smoke lint format venv browser docs clean
 
 # Every extra (vision, figures, demo, serve) and the test tools, editable.
 $(STAMP): pyproject.toml Makefile
@@ -41,7 +41,13 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format src tests bench
 	$(VENV)/bin/ruff check --fix src tests bench
 
-test: $(STAMP) browser lint
+# The documentation site (mkdocs.yml): docs/*.md and the API reference from the docstrings;
+# --strict makes every warning (a broken link, a docstring that names a parameter the function
+# does not have) an error. The notebooks under docs/notebooks run in the test suite.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir build/site
+
+test: $(STAMP) browser lint docs
 	$(PY) -m pytest -n 2 -q
 
 test-slow: $(STAMP) browser

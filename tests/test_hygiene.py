@@ -78,6 +78,12 @@ def _explorer(model: nn.Module, x: torch.Tensor, requests: list[tuple[str, dict]
                 raise LookupError(r.text)
 
 
+def _show(model: nn.Module, x: torch.Tensor, layer: str, channel: int) -> object:
+    from featurelens.notebook import show
+
+    return show(model, x, layer, channel, method="deconvnet")
+
+
 EXPLORE = [("/api/activations", {}), ("/api/unit", {"channel": 2}),
            ("/api/projection.png", {"channel": 1, "method": "guided"})]  # fmt: skip
 
@@ -112,6 +118,7 @@ CALLS: list[tuple[str, Call]] = [
     ("layer_sheet", lambda m, x: layer_sheet(m, x, _atlas(x), LAYER, "deconvnet")),
     ("write_report", lambda m, x: _report(m, x, channels=2)),
     ("explorer", lambda m, x: _explorer(m, x, EXPLORE)),
+    ("show", lambda m, x: _show(m, x[1], LAYER, 2)),
 ]  # fmt: skip
 """Public calls that must succeed on the intact model."""
 
@@ -151,6 +158,7 @@ FAILING: list[tuple[str, Call, type[Exception]]] = [
     ("explorer: bad location",
      lambda m, x: _explorer(m, x, [("/api/projection.png", {"channel": 1, "location": "99,0"})]),
      LookupError),
+    ("show: bad channel", lambda m, x: _show(m, x[0], LAYER, 99), ValueError),
 ]  # fmt: skip
 """Public calls that must raise (the exception type given) on the intact model."""
 

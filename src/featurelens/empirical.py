@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from featurelens._public import public
 from featurelens.errors import UsageError
 from featurelens.graph import capture, check_input_shape, get_layer, model_device, preserved, unwrap
 from featurelens.unit import check_location, normalized_channel_dim
@@ -234,6 +235,7 @@ def _extreme_as_mean(func, args: tuple, kwargs: dict):
     return type(real)((x.mean(dim=dim, keepdim=keepdim), real[1]))
 
 
+@public
 def empirical_receptive_field(
     model: nn.Module,
     input_shape: Sequence[int],

@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from featurelens._public import public
 from featurelens.atlas import Atlas, Hit
 from featurelens.data import example_tensor
 from featurelens.receptive_field import ReceptiveField, try_receptive_field
@@ -371,6 +372,7 @@ def atlas_sample_rate(atlas: Atlas) -> float | None:
     return getattr(atlas, "sample_rate", None)
 
 
+@public
 def zf_figure(
     model: nn.Module,
     data: Any,
@@ -423,6 +425,7 @@ def zf_figure(
     return fig
 
 
+@public
 def zf_grid(
     model: nn.Module,
     data: Any,
@@ -506,6 +509,7 @@ def zf_grid(
     ).image  # fmt: skip
 
 
+@public
 def layer_sheet(
     model: nn.Module,
     data: Any,

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from featurelens._public import public
 from featurelens.errors import CropWarning, FeaturelensError, LayoutError, UsageError
 from featurelens.graph import capture, model_device, preserved, resolve_layers
 from featurelens.receptive_field import ReceptiveField, try_receptive_field
@@ -71,6 +72,7 @@ AUTO_CHUNK_VALUES = 2**19
 # Public API
 
 
+@public
 def project(
     model: nn.Module,
     inputs: torch.Tensor,
@@ -215,10 +217,11 @@ def project(
     )
     maps, fallbacks = _project(context, targets)
     for message in fallbacks:
-        warnings.warn(message, CropWarning, stacklevel=2)  # the caller's line
+        warnings.warn(message, CropWarning, stacklevel=3)  # the caller's line (past @public)
     return maps
 
 
+@public
 def project_units(
     model: nn.Module,
     inputs: torch.Tensor,
@@ -332,7 +335,7 @@ def project_units(
     )
     maps, fallbacks = _project(context, targets)
     for message in fallbacks:
-        warnings.warn(message, CropWarning, stacklevel=2)  # the caller's line
+        warnings.warn(message, CropWarning, stacklevel=3)  # the caller's line (past @public)
     return maps
 
 

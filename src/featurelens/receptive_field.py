@@ -49,6 +49,7 @@ refused: the zero input may take another path than real data.
 
 from __future__ import annotations
 
+import html
 import itertools
 import linecache
 import os
@@ -66,6 +67,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
+from featurelens._public import public
 from featurelens.errors import (
     LayerError,
     LayoutError,
@@ -98,6 +100,7 @@ __all__ = [
     "LayoutError",
     "NotAlignedError",
     "ReceptiveField",
+    "ReceptiveFieldTable",
     "UnsupportedOpError",
     "layer_layout",
     "receptive_field",
@@ -3384,7 +3387,7 @@ def _propagate(
             if strict:
                 raise
             warnings.warn(
-                f"receptive fields stop at {exc}. Layers after it are left out.", stacklevel=3
+                f"receptive fields stop at {exc}. Layers after it are left out.", stacklevel=4
             )
         except (LayerError, UsageError):
             raise
@@ -3519,9 +3522,10 @@ def _to_value(f: _Field, spatial: tuple[int, ...], layout: Layout) -> ReceptiveF
 # Public entry points
 
 
+@public
 def receptive_fields(
     model: nn.Module, input_shape: Sequence[int], *, strict: bool = True
-) -> dict[str, ReceptiveField]:
+) -> ReceptiveFieldTable:
     """Receptive fields of every addressable layer, in execution order.
 
     Parameters
@@ -3539,9 +3543,9 @@ def receptive_fields(
 
     Returns
     -------
-    dict
-        ``{layer name: ReceptiveField}`` for the layers the forward pass calls once, in the
-        order they return. Left out: layers whose output carries no field (a tuple, or a value
+    ReceptiveFieldTable
+        A ``dict`` ``{layer name: ReceptiveField}`` for the layers the forward pass calls once,
+        in the order they return; it shows as a table in a notebook. Left out: layers whose output carries no field (a tuple, or a value
         that does not depend on the input) or has no layout the trace can establish (attention
         scores, the windows of a window partition).
 
@@ -3558,7 +3562,7 @@ def receptive_fields(
     """
     tracer = _propagate(model, input_shape, strict=strict)
     spatial = tracer.input_shape[1:]
-    out: dict[str, ReceptiveField] = {}
+    out = ReceptiveFieldTable()
     for name in tracer.layers():
         entry = tracer.outputs[name]
         if entry.field is None:
@@ -3611,6 +3615,7 @@ def _layer_output(
     return tracer, entry
 
 
+@public
 def receptive_field(
     model: nn.Module, input_shape: Sequence[int], layer: str, *, channel_dim: int | None = None
 ) -> ReceptiveField:
@@ -3784,3 +3789,37 @@ def receptive_field_table(fields: dict[str, ReceptiveField]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+class ReceptiveFieldTable(dict[str, ReceptiveField]):
+    """``{layer name: ReceptiveField}`` in execution order, as :func:`receptive_fields` returns.
+
+    A plain ``dict`` in every way (it compares equal to one, copies, pickles and serialises as
+    one); in a notebook it shows as a table, one row per layer (``_repr_html_``), and
+    IPython's plain-text display prints :func:`receptive_field_table` instead of a long dict.
+    """
+
+    def table(self) -> str:
+        """The plain-text table of :func:`receptive_field_table`."""
+        return receptive_field_table(self)
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        printer.text("ReceptiveFieldTable(...)" if cycle else self.table())
+
+    def _repr_html_(self) -> str:
+        def fmt(t: tuple[int | None, ...]) -> str:
+            return " &times; ".join("&ndash;" if v is None else str(v) for v in t)
+
+        head = "".join(
+            f"<th>{h}</th>" for h in ("layer", "output", "size", "stride", "padding", "flags")
+        )
+        rows = "".join(
+            f"<tr><td><code>{html.escape(name)}</code></td><td>{fmt(rf.output_shape)}</td>"
+            f"<td>{fmt(rf.size)}</td><td>{fmt(rf.stride)}</td><td>{fmt(rf.padding)}</td>"
+            f"<td>{html.escape(', '.join(rf._flags()))}</td></tr>"
+            for name, rf in self.items()
+        )
+        return (
+            f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+            f"<p>{len(self)} layers; &ndash;: irregular axis (no single size, stride, padding)</p>"
+        )

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from featurelens._public import public
 from featurelens.atlas import Atlas, AtlasError
 from featurelens.errors import ReportError
 from featurelens.figures import (
@@ -130,6 +131,7 @@ def is_within(path: Path, parent: Path) -> bool:
     return True
 
 
+@public
 def write_report(
     atlas: Atlas | str | os.PathLike,
     out: str | os.PathLike,

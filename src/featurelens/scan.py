@@ -50,6 +50,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from featurelens._public import public
 from featurelens.atlas import (
     FORMAT_VERSION,
     MANIFEST,
@@ -86,7 +87,7 @@ __all__ = ["SCORES", "DataError", "LayerCandidates", "Score", "ScanInterrupted",
 
 #: ``stacklevel`` of a warning issued in :func:`scan` itself, so that it points at the user's
 #: call; a helper ``n`` calls below ``scan`` warns with ``_USER_FRAME + n``.
-_USER_FRAME = 2
+_USER_FRAME = 3  # scan, its @public wrapper, the caller
 
 
 class ScanInterrupted(KeyboardInterrupt):
@@ -1034,6 +1035,7 @@ def _scan_pass(
 # The scan
 
 
+@public
 def scan(
     model: nn.Module,
     data: SizedDataset | torch.Tensor,
