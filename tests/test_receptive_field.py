@@ -20,8 +20,9 @@ def assert_matches_empirical(model: nn.Module, shape: tuple[int, ...], layer: st
     for loc in itertools.product(*(range(n) for n in rf.output_shape)):
         emp = fl.empirical_receptive_field(model, shape, layer, loc)
         assert rf.region(loc) == emp.region, (layer, loc, rf)
-        # the geometry (what crops and figure boxes use) holds the exact region
-        for (first, last), sl in zip(rf.interval(loc), emp.region):
+        # the geometry (what crops and figure boxes use) holds the exact region; an irregular
+        # field has none (interval() refuses it)
+        for (first, last), sl in zip(rf.interval(loc) if rf.regular else (), emp.region):
             assert sl.start == sl.stop or first <= sl.start and sl.stop - 1 <= last, (loc, rf)
 
 
@@ -395,11 +396,32 @@ class Upsampling(nn.Module):
         return F.interpolate(self.up(self.conv(x)), scale_factor=2)
 
 
-def test_transposed_conv_and_upsampling_say_not_supported():
-    with pytest.raises(
-        fl.UnsupportedOpError, match="ConvTranspose2d module 'up'.*not supported yet"
-    ):
-        fl.receptive_fields(Upsampling(), (1, 8, 8))
+def test_transposed_conv_and_upsampling_are_exact_and_irregular():
+    m = Upsampling()
+    rf = fl.receptive_field(m, (1, 8, 8), "up")
+    assert rf.size == rf.stride == rf.padding == (None, None) and not rf.regular
+    with pytest.raises(fl.ReceptiveFieldError, match="irregular on axis 0, 1"):
+        rf.interval((0, 0))
+    assert_matches_empirical(m, (1, 8, 8), "up")
+
+
+class Unpooling(nn.Module):
+    """Max unpooling puts each value where the pooling indices (the data) say."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 3)
+        self.pool = nn.MaxPool2d(2, return_indices=True)
+        self.unpool = nn.MaxUnpool2d(2)
+
+    def forward(self, x):
+        values, indices = self.pool(self.conv(x))
+        return self.unpool(values, indices)
+
+
+def test_ops_whose_field_depends_on_the_data_say_so():
+    with pytest.raises(fl.UnsupportedOpError, match="MaxUnpool2d module 'unpool'.*pooling indices"):
+        fl.receptive_fields(Unpooling(), (1, 8, 8))
 
 
 class UnknownOp(nn.Module):
@@ -508,7 +530,7 @@ def test_try_receptive_field_decides_no_field_here(small_cnn):
     rf, why = try_receptive_field(small_cnn, (1, 28, 28), "features.3")
     assert why == "" and rf == fl.receptive_field(small_cnn, (1, 28, 28), "features.3")
     cases = [
-        (Upsampling(), (1, 8, 8), "up", "UnsupportedOpError: ConvTranspose2d module 'up'"),
+        (Unpooling(), (1, 8, 8), "unpool", "UnsupportedOpError: MaxUnpool2d module 'unpool'"),
         (StrideMismatchNamed(), (1, 9, 9), "merged", "NotAlignedError: "),
         (Untraceable(), (1, 8, 8), "conv", "TraceError: cannot trace Untraceable"),
         (WithIndices(), (1, 9, 9), "pool", "ReceptiveFieldError: layer 'pool' outputs a tuple"),
@@ -523,7 +545,7 @@ def test_try_receptive_field_decides_no_field_here(small_cnn):
 
 
 def test_lenient_table_warns_at_the_callers_line():
-    m = nn.Sequential(nn.Conv2d(1, 1, 3), nn.Upsample(scale_factor=2), nn.Conv2d(1, 1, 3))
-    with pytest.warns(UserWarning, match=r"receptive fields stop at Upsample module '1'") as w:
+    m = nn.Sequential(nn.Conv2d(1, 1, 3), nn.Unfold(2), nn.Conv1d(4, 1, 1))
+    with pytest.warns(UserWarning, match=r"receptive fields stop at Unfold module '1'") as w:
         fields = fl.receptive_fields(m, (1, 8, 8), strict=False)
     assert list(fields) == ["0"] and w[0].filename == __file__

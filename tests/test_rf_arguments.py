@@ -287,16 +287,16 @@ def test_padding_forms_agree_with_the_verifier():
     assert rf.region((8, 0)) == (slice(0, 0), slice(0, 0))  # sees only padding
 
 
-@pytest.mark.parametrize(
-    "op",
-    [
-        lambda m, y: F.pad(y, (1, 1, 1, 1), mode="reflect"),
-        lambda m, y: F.pad(y, (1, 1, 1, 1), "replicate"),
-    ],
-)
-def test_other_padding_modes_are_refused(op):
-    with pytest.raises(fl.UnsupportedOpError, match="padding mode '(reflect|replicate)'"):
-        field_of(op)
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_padding_mode_forms_agree_with_the_verifier(mode):
+    """Reflected, replicated and wrapped borders (modules and convolutions with a
+    padding_mode are in tests/test_rf_upsampling.py)."""
+    forms = {
+        "F.pad, mode positional": lambda m, y: F.pad(y, (1, 2, 0, 1), mode),
+        "F.pad, keywords": lambda m, y: F.pad(y, pad=[1, 2, 0, 1], mode=mode),
+        "F.pad, value too": lambda m, y: F.pad(y, (1, 2, 0, 1), mode, None),
+    }
+    assert_forms_agree(forms, assert_matches_empirical)
 
 
 # --- concatenation ---------------------------------------------------------------------------

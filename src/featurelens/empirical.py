@@ -2,11 +2,11 @@
 
 Run in float64 with the model's weights swapped for strictly positive averaging kernels (in
 each call, at the ``__torch_function__`` level: the model itself is neither copied nor
-changed), activations and norms replaced by the identity and max pooling by average pooling of
-the same geometry, the network is a positive linear map: an input position influences a unit exactly
-when the unit's gradient with respect to it is non-zero. No cancellation can hide a pixel, and
-float64 keeps the tiny contributions of border pixels from underflowing (float32 does not on
-deep nets).
+changed), activations and norms replaced by the identity, max pooling by average pooling of
+the same geometry and bicubic interpolation by its absolute weights, the network is a positive
+linear map: an input position influences a unit exactly when the unit's gradient with respect
+to it is non-zero. No cancellation can hide a pixel, and float64 keeps the tiny contributions
+of border pixels from underflowing (float32 does not on deep nets).
 
 This module shares nothing with the analytic engine (:mod:`featurelens.receptive_field`): it
 needs no tracing, only a forward pass with the layer captured by a hook, and it replaces
@@ -123,7 +123,45 @@ _ADAPTIVE_MAX.update(
 )
 
 
-_WEIGHTED = {F.conv1d, F.conv2d, F.conv3d, F.linear, torch.conv1d, torch.conv2d, torch.conv3d}
+_WEIGHTED = {
+    F.conv1d, F.conv2d, F.conv3d, F.linear, torch.conv1d, torch.conv2d, torch.conv3d,
+    F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+}  # fmt: skip
+
+
+def _positive_bicubic(args: tuple, kwargs: dict) -> torch.Tensor:
+    """Bicubic interpolation with the absolute values of its weights, one axis at a time.
+
+    The bicubic kernel has negative lobes, so paths through it could cancel in the gradient;
+    with ``|w|`` the map stays positive and reads exactly the same input positions. Each
+    axis's weights are read off ``F.interpolate`` itself: the identity matrix resampled along
+    that axis only (the other axes kept at length 2 and scale 1; length 1 would trip PyTorch's
+    antialiased kernel).
+    """
+    names = ("input", "size", "scale_factor", "mode", "align_corners", "recompute_scale_factor",
+             "antialias")  # fmt: skip
+    a = dict(zip(names, args))
+    a.update(kwargs)
+    x = a.pop("input")
+    a.pop("mode", None)
+    size, scale = a.pop("size", None), a.pop("scale_factor", None)
+    d = x.dim() - 2
+    for i in range(d):
+        n = x.shape[2 + i]
+        shape = [n if k == i else 2 for k in range(d)]
+        eye = torch.eye(n, dtype=x.dtype, device=x.device)
+        eye = eye.reshape(n, 1, *[n if k == i else 1 for k in range(d)]).expand(n, 1, *shape)
+        per_axis: dict = {}
+        if size is not None:
+            sizes = list(size) if isinstance(size, (list, tuple)) else [size] * d
+            per_axis["size"] = [int(sizes[i]) if k == i else 2 for k in range(d)]
+        else:
+            scales = list(scale) if isinstance(scale, (list, tuple)) else [scale] * d
+            per_axis["scale_factor"] = [float(scales[i]) if k == i else 1.0 for k in range(d)]
+        y = F.interpolate(eye, mode="bicubic", **per_axis, **a)
+        weights = y[(slice(None), 0, *[slice(None) if k == i else 0 for k in range(d)])].abs()
+        x = torch.movedim(torch.movedim(x, 2 + i, -1) @ weights, -1, 2 + i)
+    return x
 
 
 def _positive(func, args: tuple, kwargs: dict) -> tuple[tuple, dict]:  # noqa: ANN001
@@ -164,6 +202,10 @@ class _PositiveLinearMode(TorchFunctionMode):
             size = args[1] if len(args) > 1 else kwargs["output_size"]
             out = _ADAPTIVE_MAX[func](x, size)
             return (out, None) if func.__name__.endswith("indices") else out
+        if func is F.interpolate:
+            mode = args[3] if len(args) > 3 else kwargs.get("mode", "nearest")
+            if mode == "bicubic":
+                return _positive_bicubic(args, kwargs)
         if func in (torch.amax, torch.Tensor.amax):
             x = args[0]
             dim = args[1] if len(args) > 1 else kwargs.get("dim", ())

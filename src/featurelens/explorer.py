@@ -224,7 +224,7 @@ class RFBox(TypedDict):
     """
 
     location: list[int]
-    interval: list[list[int]]
+    interval: list[list[int]] | None  # None: an irregular field has no Distill interval
     region: list[list[int]]
     is_global: bool
 
@@ -975,7 +975,7 @@ class Explorer:
             layers.append({
                 "name": layer,
                 "channels": int(self.atlas.channels(layer)),
-                "rf": None if field is None else {
+                "rf": None if field is None or not field.regular else {
                     "size": list(field.size), "stride": list(field.stride),
                     "padding": list(field.padding), "output_shape": list(field.output_shape),
                     "is_global": field.is_global,
@@ -1091,13 +1091,13 @@ def _box(field: ReceptiveField, location: tuple[int, ...]) -> RFBox:
     """The field of ``location``; a global field (no spatial axes at the layer) at its origin."""
     rf_loc = location if len(location) == field.ndim else (0,) * field.ndim
     try:
-        interval = field.interval(rf_loc)
+        interval = field.interval(rf_loc) if field.regular else None
         region = field.region(rf_loc)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     return {
         "location": list(rf_loc),
-        "interval": [list(v) for v in interval],
+        "interval": None if interval is None else [list(v) for v in interval],
         "region": [[s.start, s.stop - 1] for s in region],
         "is_global": field.is_global,
     }

@@ -216,7 +216,10 @@ def zf_title(layer: str, channel: int, method: str, style: str, rf: ReceptiveFie
     if rf is None:
         field = "receptive field not computable: whole input shown"
     else:
-        field = "receptive field " + "x".join(map(str, rf.input_shape if rf.is_global else rf.size))
+        size = rf.input_shape if rf.is_global or not rf.regular else rf.size
+        field = (
+            "receptive field " + "x".join(map(str, size)) + ("" if rf.regular else " (irregular)")
+        )
     return f"{layer} · channel {channel} · {method} · {style} · {field}"
 
 

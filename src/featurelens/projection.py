@@ -646,6 +646,7 @@ class _CropHazards(TorchFunctionMode):
     * Adaptive pooling to a fixed size larger than 1: on a smaller crop it would still output
       that size, with other windows. (Size 1 is global pooling, None keeps the size: both crop
       exactly, and the receptive field then spans the whole axis.)
+    * Interpolation: its grid follows the input's size (``size=``, ``align_corners``).
 
     Normalisations over positions (GroupNorm, InstanceNorm, LayerNorm over spatial dims) come
     from the receptive-field trace (:attr:`ReceptiveField.statistics`), which knows which dims
@@ -656,6 +657,7 @@ class _CropHazards(TorchFunctionMode):
         super().__init__()
         self.batch_statistics = False
         self.pools: list[str] = []
+        self.resampled = False
 
     def reasons(self, rf: ReceptiveField) -> list[str]:
         out = []
@@ -663,6 +665,8 @@ class _CropHazards(TorchFunctionMode):
             out.append(
                 f"the network normalises over positions before it ({', '.join(rf.statistics)})"
             )
+        if self.resampled:
+            out.append("the network resamples before it (F.interpolate), on a grid a crop changes")
         if self.pools:
             out.append(
                 "the network pools to a fixed size before it, which a crop would change "
@@ -675,6 +679,8 @@ class _CropHazards(TorchFunctionMode):
         if func is F.batch_norm:
             if args[5] if len(args) > 5 else kwargs.get("training", False):
                 self.batch_statistics = True
+        elif func is F.interpolate:
+            self.resampled = True
         elif func in _ADAPTIVE_POOLS:
             size = args[1] if len(args) > 1 else kwargs.get("output_size")
             sizes = tuple(size) if isinstance(size, (list, tuple)) else (size,)
@@ -812,6 +818,9 @@ def plan_crop(
         if rf.is_global:
             return whole, ""
         why = "; ".join(hazards.reasons(rf))
+        if not rf.regular or rf.wraps:  # crops need one (size, stride, padding), unwrapped
+            why = "its receptive field is irregular or wraps around the input (upsampling, "
+            why += "circular padding): no crop is known to reproduce its units"
         if not why and tuple(rf.output_shape) != spatial:
             why = (
                 f"its output's spatial shape {spatial} does not match the receptive-field "

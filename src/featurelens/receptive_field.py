@@ -14,6 +14,15 @@ are *aligned* when their centres coincide (Distill's alignment check). Branches 
 strides raise :class:`NotAlignedError`. Normalisation statistics do not count as dependencies
 (norms keep the field), the same convention as :func:`featurelens.empirical_receptive_field`.
 
+Beside the geometry, every location's exact bounds are tracked: each op says which locations
+of its input every output location reads (:meth:`_Field.gather`; a sliding window is one case).
+That is what makes upsampling exact: transposed convolutions, interpolation (read off
+PyTorch's own kernel), pixel shuffle and adaptive pooling with unequal windows read lists of
+locations that no single (size, stride, padding) describes. Those axes are *irregular*: their
+geometry is None from there on (:attr:`ReceptiveField.regular`) while :meth:`ReceptiveField.region`
+stays exact. Circular padding makes a border location read both ends of an axis: the bounds
+are then kept as an arc of the axis seen as a circle too (:meth:`ReceptiveField.regions`).
+
 An operation the engine does not know raises :class:`UnsupportedOpError` naming it; the engine
 never guesses.
 
@@ -29,6 +38,7 @@ arguments to names once per op kind, so that ``x.chunk(2, 1)``, ``x.chunk(2, dim
 
 from __future__ import annotations
 
+import itertools
 import operator
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -69,12 +79,14 @@ class ReceptiveField:
     """Receptive field of one layer, per spatial axis (Distill 2019 definitions).
 
     Output location ``u`` sees the unclipped input interval
-    ``[u*stride - padding, u*stride - padding + size - 1]`` on each axis.
+    ``[u*stride - padding, u*stride - padding + size - 1]`` on each *regular* axis.
 
     Attributes
     ----------
     size, stride, padding
-        One int per spatial axis of the input.
+        One entry per spatial axis of the input: an int where one Distill geometry describes
+        the axis, ``None`` on an *irregular* axis (see :attr:`regular`). None is not a number
+        on purpose: arithmetic on it fails loudly instead of computing a wrong crop.
     input_shape
         Spatial shape of the input the field was computed for.
     output_shape
@@ -85,14 +97,17 @@ class ReceptiveField:
         Every unit of the layer depends on the whole input (global pooling, flatten + linear,
         squeeze-and-excitation gating, ...); :meth:`region` then returns the whole input.
     aligned
-        False where merged branches have different centres (Distill's alignment check), or
-        where one location is broadcast over a map without seeing the whole input; the
-        region is then the union of the branches' regions.
+        False where merged regular branches have different centres (Distill's alignment
+        check), or where one location is broadcast over a map without seeing the whole input;
+        the region is then the union of the branches' regions. Only judged between regular
+        branches.
     bounds
-        Exact clipped input bounds ``(first, last)`` (inclusive) of every output location, per
-        axis; ``(0, -1)`` for a location that sees only padding. :meth:`region` reads them:
-        away from the borders they equal the clipped Distill interval, at the borders they are
-        exact where the formula is not (explicit pads, crops, dilated taps that skip pixels).
+        Exact input bounds ``(first, last)`` (inclusive) of every output location, per axis;
+        ``(0, -1)`` for a location that sees only padding. :meth:`region` reads them: away from
+        the borders they equal the clipped Distill interval, at the borders they are exact
+        where the formula is not (explicit pads, crops, dilated taps that skip pixels,
+        reflected or replicated borders). They are bounding boxes: where a location sees both
+        ends of an axis (circular padding, ``torch.roll``) they span the axis.
     channel_dim
         The output tensor's channel dim: 1 for ``(N, C, *spatial)``, the last dim for a
         channels-last layer (see :meth:`check_channels_first`).
@@ -101,11 +116,17 @@ class ReceptiveField:
         InstanceNorm, LayerNorm over spatial dims, BatchNorm with batch statistics). Their
         statistics do not count as dependencies (the empirical verifier agrees), but a unit
         computed on a crop of the input sees other statistics: projections do not crop then.
+    arcs
+        Where some location sees both ends of an axis (:attr:`wraps`): per axis and location
+        an arc of the axis, seen as a circle, that holds what the location reads, as
+        ``(first, last)`` positions read modulo ``n`` (``(-1, 1)`` is positions ``n - 1``, 0
+        and 1; the shortest such arc where the reads wrap as a circular border does).
+        :meth:`regions` cuts them into boxes. Empty when nothing wraps.
     """
 
-    size: tuple[int, ...]
-    stride: tuple[int, ...]
-    padding: tuple[int, ...]
+    size: tuple[int | None, ...]
+    stride: tuple[int | None, ...]
+    padding: tuple[int | None, ...]
     input_shape: tuple[int, ...]
     output_shape: tuple[int, ...]
     is_global: bool = False
@@ -113,6 +134,7 @@ class ReceptiveField:
     bounds: tuple[tuple[tuple[int, int], ...], ...] = field(default=(), repr=False, compare=False)
     channel_dim: int = 1
     statistics: tuple[str, ...] = field(default=(), compare=False)
+    arcs: tuple[tuple[tuple[int, int], ...], ...] = field(default=(), repr=False, compare=False)
 
     def check_channels_first(self, layer: str) -> None:
         """Refuse a layer whose output is not ``(N, C, *spatial)``.
@@ -137,41 +159,152 @@ class ReceptiveField:
         """Number of spatial axes."""
         return len(self.size)
 
+    @property
+    def regular(self) -> bool:
+        """One Distill geometry (integer size, stride, padding) describes every axis.
+
+        Regular means every op on the way is a sliding window (convolution, pooling, padding
+        of any mode, crop, transposed convolution with stride 1, downsampling by an integer
+        factor, adaptive pooling whose windows are one window: 7 -> 3) and the Distill
+        interval of every location holds its exact bounds. Irregular axes have ``None`` for
+        their size, stride and padding: past upsampling (transposed convolutions with stride
+        > 1, interpolation to a larger size or by a non-integer factor, pixel shuffle) and
+        adaptive pooling with windows of unequal size, from there on; and at a layer whose
+        border locations read past their interval (a reflected border before the convolution
+        that covers it, circular padding of a strided map whose length times its stride is
+        not the input's). :meth:`interval` refuses an irregular axis; :meth:`region` and
+        :meth:`regions` are exact on every axis (they read the per-location :attr:`bounds`).
+
+        Past upsampling the axis stays irregular even where a later downsampling makes the
+        bounds fit some geometry again: a crop of the input is only known to reproduce a unit
+        when every op on its path is a sliding window, and projections crop by this geometry
+        (they run on the whole input for irregular layers). An axis pooled to one location is
+        regular again (its interval is its bounds). Integer-factor upsampling would have a
+        *fractional* geometry (nearest x2 then a 3-wide convolution: stride 1/2, size 5/2,
+        padding 1, the integers of ``[u/2 - 1, u/2 + 1/2]``), which is not reported: sizes,
+        strides and paddings are ints.
+        """
+        return all(v is not None for v in (*self.size, *self.stride, *self.padding))
+
+    @property
+    def wraps(self) -> bool:
+        """Some location sees both ends of an axis (circular padding, ``torch.roll``).
+
+        :meth:`region` is then the bounding box of :meth:`regions`, which has one box per
+        end.
+        """
+        return bool(self.arcs)
+
     def _check_location(self, location: Sequence[int] | int) -> tuple[int, ...]:
         return check_location(location, self.output_shape)
 
     def interval(self, location: Sequence[int] | int) -> tuple[tuple[int, int], ...]:
-        """Unclipped, inclusive ``(first, last)`` input positions per axis for ``location``."""
+        """Unclipped, inclusive ``(first, last)`` input positions per axis for ``location``.
+
+        Raises
+        ------
+        ReceptiveFieldError
+            An axis is irregular (:attr:`regular`): no Distill interval describes it; use
+            :meth:`region` or :meth:`regions`, which are exact.
+        """
         loc = self._check_location(location)
-        return tuple(
-            (u * j - p, u * j - p + r - 1)
-            for u, r, j, p in zip(loc, self.size, self.stride, self.padding)
-        )
+        if not self.regular:
+            axes = [a for a, v in enumerate(zip(self.size, self.stride, self.padding))
+                    if None in v]  # fmt: skip
+            raise ReceptiveFieldError(
+                f"the receptive field is irregular on axis {', '.join(map(str, axes))} (past "
+                "upsampling, unequal adaptive pooling or a wrapped border): no (size, stride, "
+                "padding) interval describes it. Use region(location) or regions(location), "
+                "which are exact at every location"
+            )
+        out = []
+        for u, r, j, p in zip(loc, self.size, self.stride, self.padding):
+            assert r is not None and j is not None and p is not None  # regular, checked above
+            out.append((u * j - p, u * j - p + r - 1))
+        return tuple(out)
+
+    def _box(self, loc: tuple[int, ...]) -> list[tuple[int, int]] | None:
+        """Per axis the inclusive bounding box of ``loc``'s field; None if it sees only
+        padding."""
+        if self.bounds:
+            spans = [b[u] for b, u in zip(self.bounds, loc)]
+        else:
+            spans = [(max(a, 0), min(b, n - 1)) for (a, b), n in
+                     zip(self.interval(loc), self.input_shape)]  # fmt: skip
+        return None if any(last < first for first, last in spans) else spans
+
+    def _pieces(self, loc: tuple[int, ...]) -> list[list[tuple[int, int]]] | None:
+        """Per axis the disjoint inclusive pieces of ``loc``'s field: its box, or on an axis
+        where it wraps the two ends of its arc (each cut to the box); None if it sees only
+        padding."""
+        box = self._box(loc)
+        if box is None:
+            return None
+        if not self.arcs:
+            return [[span] for span in box]
+        out = []
+        for arc, (low, high), n in zip(self.arcs, box, self.input_shape):
+            first, last = arc[loc[len(out)]]
+            shift = (first // n) * n  # ``first`` into [0, n)
+            first, last = first - shift, last - shift
+            if last < n or last - first + 1 >= n:  # one piece: no wrap, or the whole axis
+                out.append([(low, high)])
+            else:  # the arc's two ends, cut to the box (which holds the first and last read)
+                out.append([(first, high), (low, last - n)])
+        return out
 
     def region(self, location: Sequence[int] | int, clip: bool = True) -> tuple[slice, ...]:
         """Half-open input slices seen by ``location``: use as ``x[..., *rf.region(loc)]``.
 
-        Clipped to the input by default; with ``clip=False`` the slices may start below 0 or
-        end past the input (they then describe the padded frame, not an index into ``x``).
-        A global field returns the whole input.
+        Exact at every location: the bounding box of what the location reads (holes left by
+        dilated taps are inside it). Where the field wraps around an axis (:attr:`wraps`) the
+        box spans both ends; :meth:`regions` has the pieces. Empty slices for a location that
+        sees only padding. With ``clip=False`` the slices are the unclipped Distill interval
+        (they may start below 0 or end past the input: they describe the padded frame, not an
+        index into ``x``), which needs a regular field. A global field returns the whole input.
+
+        Raises
+        ------
+        ReceptiveFieldError
+            ``clip=False`` on an irregular field (see :meth:`interval`).
         """
         loc = self._check_location(location)
         if not clip:
             return tuple(slice(first, last + 1) for first, last in self.interval(loc))
-        if self.bounds:
-            spans = [b[u] for b, u in zip(self.bounds, loc)]
-            if any(last < first for first, last in spans):  # sees only padding
-                return tuple(slice(0, 0) for _ in spans)
-            return tuple(slice(first, last + 1) for first, last in spans)
-        out = []
-        for (first, last), n in zip(self.interval(loc), self.input_shape):
-            first, last = max(first, 0), min(last, n - 1)
-            out.append(slice(first, max(last + 1, first)))
-        return tuple(out)
+        box = self._box(loc)
+        if box is None:
+            return tuple(slice(0, 0) for _ in self.input_shape)
+        return tuple(slice(first, last + 1) for first, last in box)
+
+    def regions(self, location: Sequence[int] | int) -> list[tuple[slice, ...]]:
+        """The exact field of ``location`` as disjoint boxes of half-open input slices.
+
+        One box (equal to :meth:`region`) unless the field wraps around an axis (circular
+        padding, ``torch.roll``): then one box per combination of pieces, up to ``2**ndim``;
+        their union is what the location reads (up to dilation holes, as for
+        :meth:`region`). An empty list for a location that sees only padding.
+        """
+        loc = self._check_location(location)
+        pieces = self._pieces(loc)
+        if pieces is None:
+            return []
+        return [tuple(slice(a, b + 1) for a, b in box) for box in itertools.product(*pieces)]
+
+    def _flags(self) -> list[str]:
+        return [
+            name
+            for name, on in (
+                ("global", self.is_global),
+                ("unaligned", not self.aligned),
+                ("irregular", not self.regular),
+                ("wraps", self.wraps),
+            )
+            if on
+        ]
 
     def __repr__(self) -> str:
         """Geometry, output shape and flags (the bounds are left out)."""
-        flags = [f for f, on in (("global", self.is_global), ("unaligned", not self.aligned)) if on]
+        flags = self._flags()
         extra = f", flags={flags}" if flags else ""
         return (
             f"ReceptiveField(size={self.size}, stride={self.stride}, padding={self.padding}, "
@@ -179,15 +312,17 @@ class ReceptiveField:
         )
 
     def _repr_html_(self) -> str:
+        def cell(v: int | None) -> str:
+            return "irregular" if v is None else str(v)
+
         rows = "".join(
-            f"<tr><td>{a}</td><td>{r}</td><td>{j}</td><td>{p}</td><td>{n}</td><td>{i}</td></tr>"
+            f"<tr><td>{a}</td><td>{cell(r)}</td><td>{cell(j)}</td><td>{cell(p)}</td><td>{n}</td>"
+            f"<td>{i}</td></tr>"
             for a, (r, j, p, n, i) in enumerate(
                 zip(self.size, self.stride, self.padding, self.output_shape, self.input_shape)
             )
         )
-        flags = ", ".join(
-            f for f, on in (("global", self.is_global), ("unaligned", not self.aligned)) if on
-        )
+        flags = ", ".join(self._flags())
         return (
             "<table><thead><tr><th>axis</th><th>size</th><th>stride</th><th>padding</th>"
             f"<th>output</th><th>input</th></tr></thead><tbody>{rows}</tbody></table>"
@@ -200,6 +335,11 @@ class ReceptiveField:
 
 
 _EMPTY = np.iinfo(np.int64).max  # "first" of a location that depends on no input at all
+_NOTHING = np.iinfo(np.int64).min  # its "last" (bounds may be negative: see ``_Field``)
+
+# How an op maps an axis: a sliding window (kernel, stride, left padding, dilation). Ops that
+# are one give it so that a regular field stays regular; ops that are not give None.
+_Window: TypeAlias = tuple[int, int, int, int]
 
 
 @dataclass(frozen=True, eq=False)
@@ -208,27 +348,47 @@ class _Field:
 
     ``dims[i]`` is the input spatial axis held by tensor dim ``i`` (None for batch, channel
     and other dims). Everything else is per input axis: the Distill geometry (``size``,
-    ``stride``, ``padding``), the number of locations (``lengths``; an axis that no tensor dim
-    holds any more has length 1: it has been pooled or flattened away), the exact clipped
-    bounds of every location (``first[axis][u]``, ``last[axis][u]``, inclusive; ``first`` is
-    ``_EMPTY`` and ``last`` is -1 for a location that sees only padding) and the input's
-    spatial shape (``extent``).
+    ``stride``, ``padding``; None from an op that is no sliding window on, except on an axis
+    left with one location), the number of locations (``lengths``; an axis that no tensor dim
+    holds any more has length 1: it has been pooled or flattened away), the exact bounds of
+    every location, twice, and the input's spatial shape (``extent``):
+
+    * ``low[axis][u]``, ``high[axis][u]``: the bounding box of the input positions location
+      ``u`` reads (inclusive, in ``[0, n)``);
+    * ``first[axis][u]``, ``last[axis][u]``: an arc of the axis seen as a circle that holds
+      them, as positions read modulo ``n``: circular padding and ``torch.roll`` give a
+      location the far end of an axis as ``position - n`` (or ``+ n``), so that min and max
+      over neighbouring locations still give the tightest arc; ``[-1, 1]`` is positions
+      ``n - 1``, 0 and 1. Without wrapping both pairs are equal.
+
+    A location that sees only padding has ``_EMPTY`` as its first/low and ``_NOTHING`` as its
+    last/high.
 
     The geometry is what the layer does away from the borders; the bounds are exact everywhere,
     including border locations whose windows reach into padding, explicit pads and crops, and
-    dilated windows whose taps skip the first input positions.
+    dilated windows whose taps skip the first input positions. A geometry is only reported
+    where the Distill interval of every location holds its bounds (:meth:`reported`).
+
+    The field is the union over a location's channels, as the verifier's is. ``uniform``
+    says every channel of a location sees that same field: true after a convolution over all
+    channels, false after ``pixel_unshuffle`` or a concatenation of branches that see
+    different fields (each channel then sees its own part), until the next such convolution.
+    Pixel shuffle, which moves channels to locations, needs it.
     """
 
     dims: tuple[int | None, ...]
-    size: tuple[int, ...]
-    stride: tuple[int, ...]
-    padding: tuple[int, ...]
+    size: tuple[int | None, ...]
+    stride: tuple[int | None, ...]
+    padding: tuple[int | None, ...]
     lengths: tuple[int, ...]
     first: tuple[np.ndarray, ...]
     last: tuple[np.ndarray, ...]
     extent: tuple[int, ...]
+    low: tuple[np.ndarray, ...] = ()
+    high: tuple[np.ndarray, ...] = ()
     aligned: bool = True
     statistics: tuple[str, ...] = ()  # ops before it that normalise over positions
+    uniform: bool = True  # every channel of a location sees the same field (see pixel shuffle)
 
     @classmethod
     def identity(cls, spatial: tuple[int, ...]) -> _Field:
@@ -243,6 +403,8 @@ class _Field:
             first=tuple(np.arange(n, dtype=np.int64) for n in spatial),
             last=tuple(np.arange(n, dtype=np.int64) for n in spatial),
             extent=tuple(spatial),
+            low=tuple(np.arange(n, dtype=np.int64) for n in spatial),
+            high=tuple(np.arange(n, dtype=np.int64) for n in spatial),
         )
 
     def _put(self, axis: int, **values: Any) -> _Field:
@@ -252,28 +414,87 @@ class _Field:
             changes[name] = t[:axis] + (v,) + t[axis + 1 :]
         return replace(self, **changes)
 
+    def gather(
+        self,
+        axis: int,
+        taps: np.ndarray,
+        valid: np.ndarray | None = None,
+        wrap: np.ndarray | None = None,
+        window: _Window | None = None,
+    ) -> _Field:
+        """Each output location reads a list of locations of ``axis``: the general primitive.
+
+        Parameters
+        ----------
+        axis
+            The input axis.
+        taps
+            ``(n_out, k)`` ints: the locations of ``axis`` that output location ``u`` reads
+            (``k`` is the most any location reads; pad the rest with anything and mark them
+            in ``valid``).
+        valid
+            ``(n_out, k)`` bools: which taps count (default: those in ``[0, lengths[axis])``;
+            the others read padding).
+        wrap
+            ``(n_out, k)`` ints, for circular padding: tap ``t`` reads its location's field
+            moved by ``wrap * n`` input positions (``n`` the input's length), so that the far
+            end of the axis lands beside the near one (see the class docstring).
+        window
+            ``(k, s, q, d)`` where the op is a sliding window on this axis (its taps are
+            ``u*s - q + i*d``, whatever the padding reads): the Distill geometry is then
+            updated, ``r + d*(k - 1)*j``, ``j*s``, ``p + q*j``. None: the axis has no geometry
+            from here on (irregular), unless the op leaves one location.
+
+        Returns
+        -------
+        _Field
+            The output's field: on ``axis`` ``n_out`` locations whose bounds are the min and
+            max over their valid taps' bounds (exact), and the updated geometry.
+        """
+        n_in = self.lengths[axis]
+        taps = np.asarray(taps, dtype=np.int64)
+        if valid is None:
+            valid = (taps >= 0) & (taps < n_in)
+        safe = np.clip(taps, 0, max(n_in - 1, 0))
+        lo, hi = self.first[axis][safe], self.last[axis][safe]
+        valid = valid & (hi >= lo)  # a tap that itself sees only padding adds nothing
+        low = np.where(valid, self.low[axis][safe], _EMPTY).min(axis=1)
+        high = np.where(valid, self.high[axis][safe], _NOTHING).max(axis=1)
+        if wrap is not None:
+            move = np.asarray(wrap, dtype=np.int64) * self.extent[axis]
+            lo, hi = lo + np.where(valid, move, 0), hi + np.where(valid, move, 0)
+        first = np.where(valid, lo, _EMPTY).min(axis=1)
+        last = np.where(valid, hi, _NOTHING).max(axis=1)
+        n_out = taps.shape[0]
+        r, j, p = self.size[axis], self.stride[axis], self.padding[axis]
+        if window is None or r is None or j is None or p is None:
+            geometry: tuple[int | None, ...] = (None, None, None)
+        else:
+            k, s, q, d = window
+            geometry = (r + d * (k - 1) * j, j * s, p + q * j)
+        if n_out == 1 and geometry[0] is None and last[0] >= first[0]:
+            # one location is always regular: its interval is its bounds
+            geometry = (int(last[0] - first[0] + 1), 1, int(-first[0]))
+        return self._put(
+            axis,
+            size=geometry[0],
+            stride=geometry[1],
+            padding=geometry[2],
+            lengths=n_out,
+            first=first,
+            last=last,
+            low=low,
+            high=high,
+        )
+
     def window(self, axis: int, k: int, s: int, q: int, d: int, n_out: int) -> _Field:
         """A sliding window (kernel k, stride s, left padding q, dilation d) on ``axis``.
 
         Also expresses explicit padding (k=1, q=left), crops and strided slices (k=1, q=-start,
         s=step) and broadcasting one location (s=0).
         """
-        r, j, p = self.size[axis], self.stride[axis], self.padding[axis]
-        n_in = self.lengths[axis]
         taps = np.arange(n_out, dtype=np.int64)[:, None] * s - q + np.arange(k) * d  # (n_out, k)
-        valid = (taps >= 0) & (taps < n_in)
-        safe = np.clip(taps, 0, max(n_in - 1, 0))
-        first = np.where(valid, self.first[axis][safe], _EMPTY).min(axis=1)
-        last = np.where(valid, self.last[axis][safe], -1).max(axis=1)
-        return self._put(
-            axis,
-            size=r + d * (k - 1) * j,
-            stride=j * s,
-            padding=p + q * j,
-            lengths=n_out,
-            first=first,
-            last=last,
-        )
+        return self.gather(axis, taps, window=(k, s, q, d))
 
     def collapse(self, axis: int) -> _Field:
         """Union over all locations of ``axis`` (global pooling, flatten)."""
@@ -281,12 +502,28 @@ class _Field:
         # one output location: its stride is never used; keep the map's, not a surprising n*j
         return self.window(axis, n, 1, 0, 1, 1)
 
+    def reported(self, axis: int) -> tuple[int | None, int | None, int | None]:
+        """``(size, stride, padding)`` of ``axis`` as a :class:`ReceptiveField` states it.
+
+        The geometry where its Distill interval holds every location's bounds; None where the
+        axis has none, or where a border location reads past its interval (a reflected or
+        wrapped border before the convolution that covers it).
+        """
+        r, j, p = self.size[axis], self.stride[axis], self.padding[axis]
+        if r is None or j is None or p is None:
+            return None, None, None
+        if not _holds((r, j, p), self.first[axis], self.last[axis]):
+            return None, None, None
+        return r, j, p
+
+    def sees_whole(self, axis: int) -> np.ndarray:
+        """Per location of ``axis``: whether it sees every input position of the axis."""
+        first, last = self.first[axis], self.last[axis]
+        return (last >= first) & (last - np.minimum(first, last) + 1 >= self.extent[axis])
+
     def covers(self) -> bool:
         """Every location sees the whole input on every axis."""
-        return all(
-            bool((f == 0).all() and (lst == n - 1).all())
-            for f, lst, n in zip(self.first, self.last, self.extent)
-        )
+        return all(bool(self.sees_whole(axis).all()) for axis in range(len(self.extent)))
 
     def noting(self, label: str) -> _Field:
         """The same field, recording an op that normalises over positions (``statistics``)."""
@@ -296,12 +533,12 @@ class _Field:
         """Union of two fields over the same locations; a length-1 axis is broadcast.
 
         The tensor layout (``dims``) is the caller's business: this combines the geometry and
-        the bounds per input axis.
+        the bounds per input axis. An irregular branch makes the axis irregular.
 
         Raises
         ------
         NotAlignedError
-            The fields have different strides on an axis with several locations.
+            Two regular fields have different strides on an axis with several locations.
         UnsupportedOpError
             The maps have different lengths, or the union is not one box per axis (see
             :meth:`_check_separable`). Messages name no op: the caller prefixes it.
@@ -319,17 +556,33 @@ class _Field:
             ro, jo, po = small.size[axis], small.stride[axis], small.padding[axis]
             first = np.minimum(big.first[axis], small.first[axis])
             last = np.maximum(big.last[axis], small.last[axis])
-            if n_small == 1 and n > 1:
+            box = {
+                "low": np.minimum(big.low[axis], small.low[axis]),
+                "high": np.maximum(big.high[axis], small.high[axis]),
+            }
+            if None in (r, j, p, ro, jo, po):
+                out = out._put(
+                    axis, size=None, stride=None, padding=None, lengths=n, first=first,
+                    last=last, **box,
+                )  # fmt: skip
+                continue
+            assert r is not None and j is not None and p is not None  # for the type checker
+            assert ro is not None and jo is not None and po is not None
+            if n > 1 and (n_small == 1 or (0 in (j, jo) and j != jo)):
                 # One location reaches every location of the map (squeeze-and-excitation
-                # gating, strip pooling): the smallest geometry whose interval holds, at every
-                # location, both the map's interval and that location's fixed one.
+                # gating, strip pooling; a pooled branch upsampled back, as in ASPP: stride 0):
+                # the smallest geometry whose interval holds, at every location, both the
+                # map's interval and that location's fixed one.
+                if j == 0 and n_small == n:  # ``big`` is the repeated one
+                    (r, j, p), (ro, jo, po), small = (ro, jo, po), (r, j, p), big
                 pad = max(p, (n - 1) * j + po)
                 size = pad + max(r - p, ro - po)
-                if not (small.first[axis][0] == 0 and small.last[axis][0] == self.extent[axis] - 1):
+                if not small.sees_whole(axis).all():
                     aligned = False
                 out = out._put(
-                    axis, size=size, stride=j, padding=pad, lengths=n, first=first, last=last
-                )
+                    axis, size=size, stride=j, padding=pad, lengths=n, first=first, last=last,
+                    **box,
+                )  # fmt: skip
                 continue
             if j != jo and n > 1:
                 raise NotAlignedError(
@@ -340,13 +593,14 @@ class _Field:
             pad = max(p, po)
             size = max(r - p, ro - po) + pad
             out = out._put(
-                axis, size=size, stride=j, padding=pad, lengths=n, first=first, last=last
+                axis, size=size, stride=j, padding=pad, lengths=n, first=first, last=last, **box
             )
             if (r - 1) - 2 * p != (ro - 1) - 2 * po:
                 aligned = False
         self._check_separable(other, out)
         statistics = tuple(dict.fromkeys(self.statistics + other.statistics))
-        return replace(out, aligned=aligned, statistics=statistics)
+        uniform = self.uniform and other.uniform  # each channel: the union of its inputs
+        return replace(out, aligned=aligned, statistics=statistics, uniform=uniform)
 
     def _empty_axes(self) -> list[int]:
         """Axes with a location that sees only padding."""
@@ -376,8 +630,12 @@ class _Field:
                         n = out.lengths[ax]
                         ok = (
                             ok
-                            and np.array_equal(np.broadcast_to(y.first[ax], (n,)), out.first[ax])
-                            and np.array_equal(np.broadcast_to(y.last[ax], (n,)), out.last[ax])
+                            and all(
+                                np.array_equal(
+                                    np.broadcast_to(getattr(y, b)[ax], (n,)), getattr(out, b)[ax]
+                                )
+                                for b in ("first", "last", "low", "high")
+                            )  # fmt: skip
                         )
         if not ok:
             raise UnsupportedOpError(
@@ -385,6 +643,15 @@ class _Field:
                 "reaches further; the union is not one box per axis there (not supported yet). "
                 "Use featurelens.empirical_receptive_field for this layer."
             )
+
+
+def _holds(geometry: tuple[int, int, int], first: np.ndarray, last: np.ndarray) -> bool:
+    """Whether the Distill interval of ``(size, stride, padding)`` holds every location's
+    bounds (locations that see only padding hold trivially)."""
+    r, j, p = geometry
+    start = np.arange(len(first), dtype=np.int64) * j - p
+    seen = last >= first
+    return bool(((first >= start) & (last <= start + r - 1) | ~seen).all())
 
 
 # What a rule returns: the field of the op's output; a tuple of them for an op that returns
@@ -600,8 +867,19 @@ def _kernel_axes(call: _Call) -> list[int | None]:
     return axes
 
 
-def _slide(call: _Call, kernel: Any, stride: Any, padding: Any, dilation: Any) -> _Out:
-    """A window of ``kernel`` (stride, padding, dilation) over the last ``ndim`` dims."""
+def _slide(
+    call: _Call,
+    kernel: Any,
+    stride: Any,
+    padding: Any,
+    dilation: Any,
+    field: _Field | None = None,
+) -> _Out:
+    """A window of ``kernel`` (stride, padding, dilation) over the last ``ndim`` dims.
+
+    ``field`` is the main input's field, if not :attr:`_Call.field` (a convolution that pads
+    with a mode of its own first).
+    """
     d = call.kernel_dims()
     k = _ntuple(kernel, d)
     s = _ntuple(stride if stride is not None else kernel, d)
@@ -617,25 +895,35 @@ def _slide(call: _Call, kernel: Any, stride: Any, padding: Any, dilation: Any) -
         q = _ntuple(padding, d)
     axes = _kernel_axes(call)
     result = call.output
-    out = call.field
+    out = call.field if field is None else field
     for i, axis in enumerate(axes):
         if axis is not None:
             out = out.window(axis, k[i], s[i], q[i], dil[i], result.shape[result.dim() - d + i])
     return _with_indices(call, out)
 
 
+def _mixing(out: _Out, groups: Any) -> _Out:
+    """A convolution's field: with one group every output channel reads every input channel,
+    so all channels of a location see the same field again (``_Field.uniform``)."""
+    if isinstance(out, _Field) and int(groups) == 1:
+        return replace(out, uniform=True)
+    return out
+
+
 def _conv_module(call: _Call) -> _Out:
     m = call.module(nn.modules.conv._ConvNd)
-    if m.padding_mode != "zeros":
-        raise call.unsupported(
-            f"padding_mode={m.padding_mode!r} is not supported yet (only 'zeros')"
-        )
-    return _slide(call, m.kernel_size, m.stride, m.padding, m.dilation)
+    if m.padding_mode == "zeros":
+        return _mixing(_slide(call, m.kernel_size, m.stride, m.padding, m.dilation), m.groups)
+    # PyTorch pads first, F.pad(x, _reversed_padding_repeated_twice, padding_mode), then
+    # convolves without padding.
+    padded = _padded(call, m._reversed_padding_repeated_twice, m.padding_mode)
+    return _mixing(_slide(call, m.kernel_size, m.stride, 0, m.dilation, field=padded), m.groups)
 
 
 def _conv_function(call: _Call) -> _Out:
     a = call.args
-    return _slide(call, tuple(a["weight"].shape[2:]), a["stride"], a["padding"], a["dilation"])
+    out = _slide(call, tuple(a["weight"].shape[2:]), a["stride"], a["padding"], a["dilation"])
+    return _mixing(out, a.get("groups") or 1)
 
 
 def _max_pool_module(call: _Call) -> _Out:
@@ -660,7 +948,8 @@ def _pool_function(call: _Call) -> _Out:
 
 
 def _adaptive_pool(call: _Call) -> _Out:
-    """Adaptive pooling: windows of ``input // output`` (global when the output is 1)."""
+    """Adaptive pooling: output ``u`` of ``m`` pools input ``floor(u*n/m)`` to
+    ``ceil((u+1)*n/m) - 1`` (PyTorch's windows; global when ``m`` is 1)."""
     d = call.kernel_dims()
     axes = _kernel_axes(call)
     x, result = call.x, call.output
@@ -677,48 +966,413 @@ def _adaptive_pool(call: _Call) -> _Out:
         elif n_in % n_out == 0:
             k = n_in // n_out
             out = out.window(axis, k, k, 0, 1, n_out)
-        else:
-            raise call.unsupported(
-                f"adaptive pooling from {n_in} to {n_out} positions uses windows of unequal "
-                "size (not supported yet); choose an input size that makes the layer's input a "
-                "multiple of its output, or use empirical_receptive_field"
+        else:  # windows of unequal size (or overlapping ones): exact per location
+            u = np.arange(n_out, dtype=np.int64)
+            start = (u * n_in) // n_out
+            end = -((-(u + 1) * n_in) // n_out)  # exclusive
+            taps = start[:, None] + np.arange(int((end - start).max()))
+            out = out.gather(
+                axis, taps, taps < end[:, None], window=_fit_window(start, end - 1, n_in)
             )
     return _with_indices(call, out)
 
 
-def _constant_pad(call: _Call, pad: Sequence[int]) -> _Field:
-    """Constant (zero) padding, ``pad`` in ``F.pad`` order (last dim first, left then right)."""
-    pad = list(pad)
+def _fit_window(lo: np.ndarray, hi: np.ndarray, n: int) -> _Window | None:
+    """The sliding window ``(k, s, q, 1)`` whose windows, clipped to ``[0, n)``, are exactly
+    ``[lo[u], hi[u]]`` at every output location ``u``; the smallest if several; None if none.
+
+    An op whose per-location reads form such windows (downsampling by an integer factor,
+    adaptive pooling 7 -> 3) keeps a regular field regular.
+    """
+    m = len(lo)
+    u = np.arange(m, dtype=np.int64)
+    free_lo, free_hi = np.flatnonzero(lo > 0), np.flatnonzero(hi < n - 1)  # unclipped ends
+    strides = {0}
+    for bound, free in ((lo, free_lo), (hi, free_hi)):
+        if len(free) >= 2:
+            step, rest = divmod(int(bound[free[-1]] - bound[free[0]]), int(free[-1] - free[0]))
+            if not rest:
+                strides.add(step)
+    if m <= 3:  # too few locations to read the stride off: try them all
+        strides.update(range(1, n + 1))
+    fits = []
+    for s in strides:
+        q = int(free_lo[0] * s - lo[free_lo[0]]) if len(free_lo) else (m - 1) * s
+        k = int(hi[free_hi[0]] - free_hi[0] * s + q + 1) if len(free_hi) else n + q
+        start = u * s - q
+        if (
+            k >= 1
+            and np.array_equal(np.maximum(start, 0), lo)
+            and np.array_equal(np.minimum(start + k - 1, n - 1), hi)
+        ):
+            fits.append((k, s == 0, s, q))
+    if not fits:
+        return None
+    k, _, s, q = min(fits)
+    return k, s, q, 1
+
+
+# --------------------------------------------------------------------------------------------
+# Rules: padding (constant, reflect, replicate, circular)
+
+
+def _zero_pad(f: _Field, axis: int, left: int, n: int, n_out: int) -> _Field:
+    return f.window(axis, 1, 1, left, 1, n_out)
+
+
+def _reflect_pad(f: _Field, axis: int, left: int, n: int, n_out: int) -> _Field:
+    """Reflection without repeating the edge: position -1 reads 1, position n reads n - 2."""
+    i = np.arange(n_out, dtype=np.int64) - left
+    if n > 1:
+        i = i % (2 * (n - 1))
+        i = np.where(i < n, i, 2 * (n - 1) - i)
+    else:
+        i = np.zeros_like(i)
+    return f.gather(axis, i[:, None], window=(1, 1, left, 1))
+
+
+def _replicate_pad(f: _Field, axis: int, left: int, n: int, n_out: int) -> _Field:
+    """The edge repeated: position -1 reads 0, position n reads n - 1."""
+    i = np.clip(np.arange(n_out, dtype=np.int64) - left, 0, n - 1)
+    return f.gather(axis, i[:, None], window=(1, 1, left, 1))
+
+
+def _circular_pad(f: _Field, axis: int, left: int, n: int, n_out: int) -> _Field:
+    """The axis wrapped around: position -1 reads n - 1, which the bounds hold as seen past
+    the near end (see :class:`_Field`)."""
+    i = np.arange(n_out, dtype=np.int64) - left
+    return f.gather(axis, (i % n)[:, None], wrap=(i // n)[:, None], window=(1, 1, left, 1))
+
+
+# F.pad's modes: ``(field, axis, left pad, input length, output length) -> field``; padding
+# modules and convolutions with a ``padding_mode`` use the same entries.
+_PAD_MODES: dict[str, Callable[[_Field, int, int, int, int], _Field]] = {
+    "constant": _zero_pad,
+    "reflect": _reflect_pad,
+    "replicate": _replicate_pad,
+    "circular": _circular_pad,
+}
+
+
+def _padded(call: _Call, pad: Sequence[int], mode: str) -> _Field:
+    """The main input's field after ``F.pad(x, pad, mode)``.
+
+    ``pad`` is in ``F.pad`` order: last dim first, left then right; negative entries crop.
+    """
+    rule = _PAD_MODES.get(mode)
+    if rule is None:
+        raise call.unsupported(f"padding mode {mode!r} (known: {', '.join(map(repr, _PAD_MODES))})")
+    pad = [int(v) for v in pad]
     if len(pad) % 2:
         raise call.unsupported(f"odd pad list {pad}")
-    f, x, result = call.field, call.x, call.output
+    f, x = call.field, call.x
     out = f
     for i in range(len(pad) // 2):
         dim = x.dim() - 1 - i
-        left = int(pad[2 * i])
+        left, right = pad[2 * i], pad[2 * i + 1]
         axis = f.dims[dim]
         if axis is None:
-            if left or pad[2 * i + 1]:
+            if left or right:
                 raise call.unsupported(f"pads tensor dim {dim}, which is not spatial")
             continue
-        out = out.window(axis, 1, 1, left, 1, result.shape[dim])
+        n = int(x.shape[dim])
+        out = rule(out, axis, left, n, n + left + right)
     return out
 
 
-# F.pad's modes; a padding module's rule calls its mode's entry.
-_PAD_MODES: dict[str, Callable[[_Call, Sequence[int]], _Field]] = {"constant": _constant_pad}
-
-
 def _pad_function(call: _Call) -> _Out:
-    mode = call.args["mode"]
-    rule = _PAD_MODES.get(mode)
-    if rule is None:
-        raise call.unsupported(f"padding mode {mode!r} is not supported yet")
-    return rule(call, call.args["pad"])
+    return _padded(call, call.args["pad"], call.args["mode"] or "constant")
 
 
 def _constant_pad_module(call: _Call) -> _Out:
-    return _constant_pad(call, call.module(nn.modules.padding._ConstantPadNd).padding)
+    return _padded(call, call.module(nn.modules.padding._ConstantPadNd).padding, "constant")
+
+
+def _reflection_pad_module(call: _Call) -> _Out:
+    return _padded(call, call.module(nn.modules.padding._ReflectionPadNd).padding, "reflect")
+
+
+def _replication_pad_module(call: _Call) -> _Out:
+    return _padded(call, call.module(nn.modules.padding._ReplicationPadNd).padding, "replicate")
+
+
+def _circular_pad_module(call: _Call) -> _Out:
+    return _padded(call, call.module(nn.modules.padding._CircularPadNd).padding, "circular")
+
+
+def _roll(call: _Call) -> _Out:
+    """``torch.roll`` along spatial dims: a circular shift (see :func:`_circular_pad`)."""
+    f, x = call.field, call.x
+    shifts, dims = call.args["shifts"], call.args["dims"]
+    shifts = list(shifts) if isinstance(shifts, (list, tuple)) else [shifts]
+    if dims is None:  # rolls the flattened tensor: positions move across axes
+        if any(a is not None and x.shape[i] > 1 for i, a in enumerate(f.dims)):
+            raise call.unsupported("rolls the flattened tensor (no dims) across spatial axes")
+        return f
+    dims = list(dims) if isinstance(dims, (list, tuple)) else [dims]
+    if len(shifts) != len(dims):
+        raise call.unsupported(f"shifts {shifts} and dims {dims} differ in length")
+    out = f
+    for shift, dim in zip(shifts, dims):
+        dim = int(dim) % x.dim()
+        axis = f.dims[dim]
+        if axis is None:
+            continue
+        n = int(x.shape[dim])
+        i = np.arange(n, dtype=np.int64) - int(shift)
+        out = out.gather(
+            axis, (i % n)[:, None], wrap=(i // n)[:, None], window=(1, 1, int(shift), 1)
+        )
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Rules: upsampling (transposed convolution, interpolation, pixel shuffle)
+
+
+def _transposed(call: _Call, kernel: Any, stride: Any, padding: Any, dilation: Any) -> _Out:
+    """Transposed convolution: output ``o`` reads input ``i`` where ``o = i*s - q + t*d`` for a
+    tap ``t`` (``output_padding`` only adds locations at the far end: the output's shape
+    says how many). With stride 1 it is a convolution (a regular window); with a larger
+    stride neighbouring outputs read different numbers of inputs: the axis becomes
+    irregular."""
+    d = call.kernel_dims()
+    k, s = _ntuple(kernel, d), _ntuple(stride, d)
+    q, dil = _ntuple(padding, d), _ntuple(dilation, d)
+    axes = _kernel_axes(call)
+    x, result = call.x, call.output
+    out = call.field
+    for i, axis in enumerate(axes):
+        if axis is None:
+            continue
+        n_in = x.shape[x.dim() - d + i]
+        n_out = result.shape[result.dim() - d + i]
+        at = np.arange(n_out, dtype=np.int64)[:, None] + q[i] - np.arange(k[i]) * dil[i]
+        taps = at // s[i]
+        valid = (at % s[i] == 0) & (taps >= 0) & (taps < n_in)
+        window = (k[i], 1, (k[i] - 1) * dil[i] - q[i], dil[i]) if s[i] == 1 else None
+        out = out.gather(axis, taps, valid, window=window)
+    return out
+
+
+def _transposed_module(call: _Call) -> _Out:
+    m = call.module(nn.modules.conv._ConvTransposeNd)
+    return _mixing(_transposed(call, m.kernel_size, m.stride, m.padding, m.dilation), m.groups)
+
+
+def _transposed_function(call: _Call) -> _Out:
+    a = call.args
+    out = _transposed(call, tuple(a["weight"].shape[2:]), a["stride"], a["padding"],
+                      a["dilation"])  # fmt: skip
+    return _mixing(out, a["groups"])
+
+
+@dataclass(frozen=True)
+class _Resampling:
+    """The arguments of one ``F.interpolate`` call (``nn.Upsample`` and ``F.upsample`` too)."""
+
+    size: Any
+    scale_factor: Any
+    mode: str
+    align_corners: bool | None
+    recompute_scale_factor: bool | None
+    antialias: bool
+
+    def probe_arguments(self, i: int, d: int) -> dict[str, Any]:
+        """Keyword arguments that resample spatial dim ``i`` of ``d`` as this call does, and
+        keep the others at length 2.
+
+        (Length 2, not 1: PyTorch 2.x's antialiased forward kernels mis-weigh a map whose other
+        axis has length 1.)
+        """
+        per_axis = self.size if self.size is not None else self.scale_factor
+        values = list(per_axis) if isinstance(per_axis, (list, tuple, torch.Size)) else [per_axis]
+        value = values[i] if len(values) == d else values[0]
+        kwargs: dict[str, Any] = {"mode": self.mode, "align_corners": self.align_corners}
+        if self.antialias:
+            kwargs["antialias"] = True
+        if self.size is not None:
+            kwargs["size"] = [int(value) if a == i else 2 for a in range(d)]
+        else:
+            kwargs["scale_factor"] = [float(value) if a == i else 1.0 for a in range(d)]
+            kwargs["recompute_scale_factor"] = self.recompute_scale_factor
+        return kwargs
+
+
+# Values per probe call: one-hot rows are resampled in chunks of about this many outputs.
+_PROBE_VALUES = 1 << 22
+
+
+def _resampled_taps(
+    call: _Call, how: _Resampling, i: int, n_in: int, n_out: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(taps, valid)`` (``(n_out, k)``) of spatial dim ``i``: the input locations each output
+    location reads with a non-zero weight.
+
+    Read off PyTorch's own kernel, so that its index arithmetic (floors, clamps, the float
+    scale, zero weights at exact source positions, antialiasing) is followed exactly: the
+    one-hot inputs of the axis are resampled with the call's arguments (in float64 and in the
+    model's dtype on its device; a location reads the union). Nearest modes copy one input
+    each: one probe of input indices tells which.
+    """
+    d = call.x.dim() - 2
+    kwargs = how.probe_arguments(i, d)
+    shape = [2] * d
+    shape[i] = n_in
+    first = tuple(slice(None) if a == i else 0 for a in range(d))  # index 0 on the other axes
+
+    def resample(rows: torch.Tensor) -> torch.Tensor:
+        """``(B, n_in)`` -> ``(B, n_out)``: each row resampled along dim ``i``."""
+        b = rows.shape[0]
+        view = [b, 1] + [n_in if a == i else 1 for a in range(d)]
+        y = F.interpolate(rows.reshape(view).expand(b, 1, *shape), **kwargs)[
+            (slice(None), 0, *first)
+        ]
+        if y.shape[1:] != (n_out,):
+            raise call.unsupported(f"resampling probe gave {y.shape[1:]} positions, not {n_out}")
+        return y
+
+    x = call.x
+    settings = [(torch.float64, torch.device("cpu"))]
+    if x.device.type != "meta" and (x.dtype, x.device) != settings[0]:
+        settings.append((x.dtype, x.device))
+    pairs: list[tuple[np.ndarray, np.ndarray]] = []  # (output location, input location)
+    if how.mode in ("nearest", "nearest-exact"):  # index arithmetic in float32 whatever dtype
+        settings = list({device: (dtype, device) for dtype, device in settings}.values())
+    for dtype, device in settings:
+        if how.mode in ("nearest", "nearest-exact"):
+            y = resample(torch.arange(n_in, dtype=torch.float32, device=device)[None])[0]
+            pairs.append((np.arange(n_out), y.round().long().cpu().numpy()))
+            continue
+        rows = max(1, _PROBE_VALUES // max(n_in, n_out))
+        for start in range(0, n_in, rows):
+            stop = min(start + rows, n_in)
+            eye = torch.zeros(stop - start, n_in, dtype=dtype, device=device)
+            eye[torch.arange(stop - start), torch.arange(start, stop)] = 1
+            b, u = torch.nonzero(resample(eye), as_tuple=True)
+            pairs.append((u.cpu().numpy(), (b + start).cpu().numpy()))
+    u = np.concatenate([p[0] for p in pairs]).astype(np.int64)
+    t = np.concatenate([p[1] for p in pairs]).astype(np.int64)
+    order = np.lexsort((t, u))
+    u, t = u[order], t[order]
+    keep = np.ones(len(u), dtype=bool)
+    keep[1:] = (u[1:] != u[:-1]) | (t[1:] != t[:-1])  # the union of the probes
+    u, t = u[keep], t[keep]
+    count = np.bincount(u, minlength=n_out)
+    offset = np.concatenate([[0], np.cumsum(count)[:-1]])
+    slot = np.arange(len(u)) - offset[u]
+    taps = np.zeros((n_out, max(int(count.max()), 1)), dtype=np.int64)
+    valid = np.zeros_like(taps, dtype=bool)
+    taps[u, slot] = t
+    valid[u, slot] = True
+    return taps, valid
+
+
+def _resample(call: _Call, how: _Resampling) -> _Out:
+    """Interpolation (nearest, nearest-exact, linear, bilinear, bicubic, trilinear, area), up
+    or down, by scale factors or to sizes: exact per location (:func:`_resampled_taps`).
+
+    An axis whose reads are one sliding window at every location (an integer downsampling
+    factor, or the same size) keeps a regular field regular; the others become irregular.
+    """
+    f, x, result = call.field, call.x, call.output
+    if x.dim() < 3:
+        raise call.unsupported(f"resamples a tensor of shape {tuple(x.shape)}")
+    out = f
+    for i in range(x.dim() - 2):
+        dim = 2 + i
+        axis = f.dims[dim]
+        n_in, n_out = int(x.shape[dim]), int(result.shape[dim])
+        if axis is None:
+            if n_in > 1:
+                raise call.unsupported(
+                    f"resamples tensor dim {dim} (size {n_in}), which is not a spatial axis of "
+                    "the input (channels or a flattened dim)"
+                )
+            continue
+        taps, valid = _resampled_taps(call, how, i, n_in, n_out)
+        lo = np.where(valid, taps, n_in).min(axis=1)
+        hi = np.where(valid, taps, -1).max(axis=1)
+        dense = bool((valid.sum(axis=1) == hi - lo + 1).all())
+        window = _fit_window(lo, hi, n_in) if dense else None
+        out = out.gather(axis, taps, valid, window=window)
+    return out
+
+
+def _interpolate_function(call: _Call) -> _Out:
+    a = call.args
+    how = _Resampling(a["size"], a["scale_factor"], a["mode"], a["align_corners"],
+                      a["recompute_scale_factor"], bool(a["antialias"]))  # fmt: skip
+    return _resample(call, how)
+
+
+def _upsample_module(call: _Call) -> _Out:
+    m = call.module(nn.Upsample)
+    how = _Resampling(m.size, m.scale_factor, m.mode, m.align_corners,
+                      m.recompute_scale_factor, False)  # fmt: skip
+    return _resample(call, how)
+
+
+def _pixel_shuffle(call: _Call, factor: int, up: bool) -> _Out:
+    """PixelShuffle (``up``) and PixelUnshuffle: channels move into space and back.
+
+    ``(*, C*r*r, H, W) -> (*, C, H*r, W*r)``: output location ``o`` reads the channels
+    ``o % r`` of input location ``o // r``, so the axis becomes irregular for ``r > 1``; exact
+    where every channel of a location sees the same field (``_Field.uniform``), refused
+    where not (a shuffle right after an unshuffle or a concatenation: each output location
+    would see only its own channels' part, and one field per location cannot say which).
+    Unshuffle pools ``r`` locations into channels: a window of ``r`` with stride ``r``, whose
+    channels then see different parts of it.
+    """
+    f, x, result = call.field, call.x, call.output
+    if x.dim() < 3:
+        raise call.unsupported(f"shuffles a tensor of shape {tuple(x.shape)}")
+    if up and factor > 1 and not f.uniform:
+        raise call.unsupported(
+            "moves channels to locations, but the channels of a location see different fields "
+            "here (after pixel_unshuffle or a concatenation, with no convolution over all "
+            "channels since): the field of each location cannot be told exactly. Use "
+            "featurelens.empirical_receptive_field"
+        )
+    channels = x.dim() - 3
+    if f.dims[channels] is not None and x.shape[channels] > 1:
+        raise call.unsupported(
+            f"folds tensor dim {channels} into space, but it is a spatial axis of the input"
+        )
+    out = f
+    for dim in (x.dim() - 2, x.dim() - 1):
+        axis = f.dims[dim]
+        n_in, n_out = int(x.shape[dim]), int(result.shape[dim])
+        if axis is None:
+            if n_in > 1:
+                raise call.unsupported(
+                    f"shuffles tensor dim {dim} (size {n_in}), which is not a spatial axis"
+                )
+            continue
+        if not up:
+            out = out.window(axis, factor, factor, 0, 1, n_out)
+            out = replace(out, uniform=out.uniform and factor == 1)
+        elif factor == 1:
+            out = out.window(axis, 1, 1, 0, 1, n_out)
+        else:
+            out = out.gather(axis, (np.arange(n_out, dtype=np.int64) // factor)[:, None])
+    return out
+
+
+def _pixel_shuffle_module(call: _Call) -> _Out:
+    return _pixel_shuffle(call, int(call.module(nn.PixelShuffle).upscale_factor), up=True)
+
+
+def _pixel_unshuffle_module(call: _Call) -> _Out:
+    return _pixel_shuffle(call, int(call.module(nn.PixelUnshuffle).downscale_factor), up=False)
+
+
+def _pixel_shuffle_function(call: _Call) -> _Out:
+    return _pixel_shuffle(call, int(call.args["upscale_factor"]), up=True)
+
+
+def _pixel_unshuffle_function(call: _Call) -> _Out:
+    return _pixel_shuffle(call, int(call.args["downscale_factor"]), up=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -923,14 +1577,26 @@ def _concatenate(call: _Call) -> _Out:
     for f, x in call.inputs:
         if f.dims[dim % x.dim()] is not None:
             raise call.unsupported("concatenates along a spatial axis")
-    return _elementwise(call)
+    return _side_by_side(call, _elementwise(call))
 
 
 def _stack(call: _Call) -> _Out:
     dim = int(call.args["dim"]) % call.output.dim()
     shifted = tuple((replace(f, dims=f.dims[:dim] + (None,) + f.dims[dim:]), x.unsqueeze(dim))
                     for f, x in call.inputs)  # fmt: skip
-    return _elementwise(replace(call, inputs=shifted))
+    return _side_by_side(call, _elementwise(replace(call, inputs=shifted)))
+
+
+def _side_by_side(call: _Call, merged: _Field) -> _Field:
+    """``merged`` (a concatenation), no longer uniform where its parts see different fields."""
+    first = call.field
+    same = all(
+        np.array_equal(getattr(f, b)[axis], getattr(first, b)[axis])
+        for f, _ in call.inputs
+        for b in ("first", "last", "low", "high")
+        for axis in range(len(first.lengths))
+    )
+    return replace(merged, uniform=merged.uniform and same)
 
 
 def _normalising(
@@ -1033,8 +1699,28 @@ def _no_field(call: _Call) -> _Out:
 
 
 def _not_supported_yet(call: _Call) -> _Out:
-    """Ops whose field is not one interval per location (upsampling, transposed convs, ...)."""
+    """Ops whose field the engine does not follow yet (attention)."""
     raise call.unsupported()
+
+
+def _refusal(why: str) -> _Rule:
+    """The rule of an op that has no exact field from positions alone: it raises ``why``."""
+
+    def refuse(call: _Call) -> _Out:
+        raise call.unsupported(f"{why}. Use featurelens.empirical_receptive_field for this model.")
+
+    return _Rule(refuse)
+
+
+# Ops whose field depends on the data, not only on positions, or that the engine cannot hold.
+_BY_DATA = _refusal(
+    "where each output reads depends on the data (a sampling grid, pooling indices or random "
+    "pooling regions), not only on positions: no receptive field can be computed from the "
+    "shapes"
+)
+_WINDOWS_TO_CHANNELS = _refusal(
+    "moves sliding windows between channels and one flattened dim of locations (not supported)"
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1044,9 +1730,11 @@ def _not_supported_yet(call: _Call) -> _Out:
 # 1. Write a handler ``def _my_op(call: _Call) -> _Out`` above. It reads ``call.field`` and
 #    ``call.x`` (the main input), ``call.inputs`` (every input with a field), ``call.output``,
 #    ``call.args`` (arguments by name) or ``call.module(nn.MyModule)`` (a module's attributes),
-#    ``call.kernel_dims()``; it builds the output's field with ``_Field.window`` / ``collapse``
-#    / ``union`` / ``replace(..., dims=...)``, and raises ``call.unsupported(why)`` where no
-#    exact field exists.
+#    ``call.kernel_dims()``; it builds the output's field with ``_Field.window`` (a sliding
+#    window), ``_Field.gather`` (any list of locations read per output location: exact bounds;
+#    pass ``window=`` where the op is a sliding window, so regular fields stay regular),
+#    ``collapse`` / ``union`` / ``replace(..., dims=...)``, and raises ``call.unsupported(why)``
+#    where no exact field exists (``_refusal(why)`` for an op that never has one).
 # 2. Add one entry per form: ``nn.MyModule: _Rule(_my_op, ndim)`` in _MODULE_RULES,
 #    ``F.my_op: _Rule(_my_op, ndim, _MY_OP)`` in _FUNCTION_RULES and ``"my_op": _Rule(_my_op,
 #    params=_MY_OP)`` in _METHOD_RULES, where ``_MY_OP = _Params((...names...), defaults)`` is
@@ -1054,10 +1742,7 @@ def _not_supported_yet(call: _Call) -> _Out:
 # 3. Test every form, positional and keyword, against empirical_receptive_field at every
 #    location (tests/test_rf_arguments.py).
 
-_UNSUPPORTED_HINT = (
-    "not supported yet: its receptive field is not a single interval per location. "
-    "Use featurelens.empirical_receptive_field for this model."
-)
+_UNSUPPORTED_HINT = "not supported yet. Use featurelens.empirical_receptive_field for this model."
 
 # Argument names, once per op kind: the function and the method forms share them.
 _CONV = _Params(
@@ -1093,6 +1778,23 @@ _INSTANCE_NORM = _Params(
     {"use_input_stats": True},
 )
 _INDEX = _Params(("input", "index"))
+_CONV_TRANSPOSE = _Params(
+    ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation"),
+    {"stride": 1, "padding": 0, "output_padding": 0, "groups": 1, "dilation": 1},
+)
+_RESAMPLE_DEFAULTS = {
+    "size": None, "scale_factor": None, "mode": "nearest", "align_corners": None,
+    "recompute_scale_factor": None, "antialias": False,
+}  # fmt: skip
+_INTERPOLATE = _Params(
+    ("input", "size", "scale_factor", "mode", "align_corners", "recompute_scale_factor",
+     "antialias"),
+    _RESAMPLE_DEFAULTS,
+)  # fmt: skip
+_UPSAMPLE = _Params(("input", "size", "scale_factor", "mode", "align_corners"), _RESAMPLE_DEFAULTS)
+_PIXEL_SHUFFLE = _Params(("input", "upscale_factor"))
+_PIXEL_UNSHUFFLE = _Params(("input", "downscale_factor"))
+_ROLL = _Params(("input", "shifts", "dims"), {"dims": None})
 
 _KEEP = _Rule(_elementwise)
 _REFUSE = _Rule(_not_supported_yet)
@@ -1107,13 +1809,10 @@ _KEEP_MODULES: tuple[type[nn.Module], ...] = (
     nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
     nn.FeatureAlphaDropout, nn.LocalResponseNorm, nn.ChannelShuffle,
 )  # fmt: skip
-_NOT_YET_MODULES: tuple[type[nn.Module], ...] = (
-    nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Upsample,
-    nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.PixelShuffle, nn.PixelUnshuffle,
-    nn.Unfold, nn.Fold, nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d,
-    nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d, nn.CircularPad1d,
-    nn.CircularPad2d, nn.CircularPad3d, nn.FractionalMaxPool2d, nn.FractionalMaxPool3d,
-    nn.MaxUnpool1d, nn.MaxUnpool2d, nn.MaxUnpool3d, nn.MultiheadAttention,
+_NOT_YET_MODULES: tuple[type[nn.Module], ...] = (nn.MultiheadAttention,)
+_BY_DATA_MODULES: tuple[type[nn.Module], ...] = (
+    nn.FractionalMaxPool2d, nn.FractionalMaxPool3d, nn.MaxUnpool1d, nn.MaxUnpool2d,
+    nn.MaxUnpool3d,
 )  # fmt: skip
 _KEEP_FUNCTIONS: tuple[Any, ...] = (
     operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv,
@@ -1128,10 +1827,11 @@ _KEEP_FUNCTIONS: tuple[Any, ...] = (
     F.logsigmoid, F.threshold, F.glu, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
     F.alpha_dropout, F.feature_alpha_dropout, F.local_response_norm,
 )  # fmt: skip
-_NOT_YET_FUNCTIONS: tuple[Any, ...] = (
-    F.interpolate, F.upsample, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
-    F.pixel_shuffle, F.pixel_unshuffle, F.unfold, F.fold, F.grid_sample, torch.roll,
-    F.scaled_dot_product_attention,
+_NOT_YET_FUNCTIONS: tuple[Any, ...] = (F.scaled_dot_product_attention,)
+_BY_DATA_FUNCTIONS: tuple[Any, ...] = (
+    F.grid_sample, F.max_unpool1d, F.max_unpool2d, F.max_unpool3d, F.fractional_max_pool2d,
+    F.fractional_max_pool3d, F.fractional_max_pool2d_with_indices,
+    F.fractional_max_pool3d_with_indices,
 )  # fmt: skip
 _KEEP_METHODS: tuple[str, ...] = (
     "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "neg", "abs", "exp", "sqrt",
@@ -1185,8 +1885,23 @@ _MODULE_RULES: dict[type[nn.Module], _Rule] = {
     nn.InstanceNorm3d: _Rule(_instance_norm_module),
     nn.LayerNorm: _Rule(_layer_norm_module),
     **dict.fromkeys(_KEEP_MODULES, _KEEP),
+    nn.ConvTranspose1d: _Rule(_transposed_module, 1),
+    nn.ConvTranspose2d: _Rule(_transposed_module, 2),
+    nn.ConvTranspose3d: _Rule(_transposed_module, 3),
+    nn.Upsample: _Rule(_upsample_module),  # and UpsamplingNearest2d, UpsamplingBilinear2d
+    nn.PixelShuffle: _Rule(_pixel_shuffle_module),
+    nn.PixelUnshuffle: _Rule(_pixel_unshuffle_module),
+    **dict.fromkeys((nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d),
+                    _Rule(_reflection_pad_module)),
+    **dict.fromkeys((nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d),
+                    _Rule(_replication_pad_module)),
+    **dict.fromkeys((nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d),
+                    _Rule(_circular_pad_module)),
+    nn.Unfold: _WINDOWS_TO_CHANNELS,
+    nn.Fold: _WINDOWS_TO_CHANNELS,
+    **dict.fromkeys(_BY_DATA_MODULES, _BY_DATA),
     **dict.fromkeys(_NOT_YET_MODULES, _REFUSE),
-}
+}  # fmt: skip
 
 
 def _each_dim(
@@ -1257,6 +1972,15 @@ _FUNCTION_RULES: dict[Any, _Rule] = {
     F.group_norm: _Rule(_group_norm),
     F.layer_norm: _Rule(_layer_norm_function, params=_LAYER_NORM),
     **dict.fromkeys(_KEEP_FUNCTIONS, _KEEP),
+    **_each_dim("conv_transpose{}d", lambda d: _Rule(_transposed_function, d, _CONV_TRANSPOSE)),
+    F.interpolate: _Rule(_interpolate_function, params=_INTERPOLATE),
+    F.upsample: _Rule(_interpolate_function, params=_UPSAMPLE),
+    F.pixel_shuffle: _Rule(_pixel_shuffle_function, params=_PIXEL_SHUFFLE),
+    F.pixel_unshuffle: _Rule(_pixel_unshuffle_function, params=_PIXEL_UNSHUFFLE),
+    torch.roll: _Rule(_roll, params=_ROLL),
+    F.unfold: _WINDOWS_TO_CHANNELS,
+    F.fold: _WINDOWS_TO_CHANNELS,
+    **dict.fromkeys(_BY_DATA_FUNCTIONS, _BY_DATA),
     **dict.fromkeys(_NOT_YET_FUNCTIONS, _REFUSE),
 }
 
@@ -1287,14 +2011,16 @@ _METHOD_RULES: dict[str, _Rule] = {
     "unbind": _Rule(_unbind, params=_UNBIND),
     "softmax": _Rule(_softmax_function, params=_SOFTMAX),
     "log_softmax": _Rule(_softmax_function, params=_SOFTMAX),
+    "roll": _Rule(_roll, params=_ROLL),
     **dict.fromkeys(_KEEP_METHODS, _KEEP),
 }
 
 # What an op that is in no table gets told, per kind of fx node.
 _UNKNOWN = {
     "call_module": (
-        "unknown layer type for receptive fields. featurelens knows convolutions, pooling, "
-        "padding, flatten, linear and an allow-list of layers that keep the field "
+        "unknown layer type for receptive fields. featurelens knows convolutions (also "
+        "transposed), pooling, padding, upsampling, pixel shuffle, flatten, linear and an "
+        "allow-list of layers that keep the field "
         "(activations, norms, dropout); use featurelens.empirical_receptive_field here."
     ),
     "call_function": (
@@ -1558,10 +2284,14 @@ def receptive_fields(
 
 
 def _to_value(f: _Field, spatial: tuple[int, ...]) -> ReceptiveField:
+    size, stride, padding = zip(*(f.reported(axis) for axis in range(len(f.lengths))))
+    wraps = any(
+        ((lo < 0) | (hi >= n))[hi >= lo].any() for lo, hi, n in zip(f.first, f.last, spatial)
+    )
     return ReceptiveField(
-        size=f.size,
-        stride=f.stride,
-        padding=f.padding,
+        size=size,
+        stride=stride,
+        padding=padding,
         input_shape=tuple(spatial),
         output_shape=f.lengths,
         is_global=f.covers(),
@@ -1570,8 +2300,14 @@ def _to_value(f: _Field, spatial: tuple[int, ...]) -> ReceptiveField:
         statistics=f.statistics,
         bounds=tuple(
             tuple((int(a), int(b)) if b >= a else (0, -1) for a, b in zip(fa, la))
-            for fa, la in zip(f.first, f.last)
+            for fa, la in zip(f.low, f.high)
         ),
+        arcs=tuple(
+            tuple((int(a), int(b)) if b >= a else (0, -1) for a, b in zip(fa, la))
+            for fa, la in zip(f.first, f.last)
+        )
+        if wraps
+        else (),
     )
 
 
@@ -1642,16 +2378,16 @@ def receptive_field_table(fields: dict[str, ReceptiveField]) -> str:
     Returns
     -------
     str
-        One header line, a rule, and one line per layer.
+        One header line, a rule, and one line per layer; ``-`` for the size, stride and
+        padding of an irregular axis (flag ``irregular``), flag ``wraps`` where a location sees
+        both ends of an axis.
     """
     rows = [("layer", "output", "size", "stride", "padding", "flags")]
     for name, rf in fields.items():
-        flags = ",".join(
-            f for f, on in (("global", rf.is_global), ("unaligned", not rf.aligned)) if on
-        )
+        flags = ",".join(rf._flags())
 
-        def fmt(t: tuple[int, ...]) -> str:
-            return "x".join(map(str, t))
+        def fmt(t: tuple[int | None, ...]) -> str:
+            return "x".join("-" if v is None else str(v) for v in t)
 
         rows.append(
             (name, fmt(rf.output_shape), fmt(rf.size), fmt(rf.stride), fmt(rf.padding), flags)

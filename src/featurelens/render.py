@@ -201,8 +201,8 @@ def get_style(style: str | Style) -> Style:
 
 
 def box_of(rf, location: Sequence[int]) -> Box:  # noqa: ANN001 - a ReceptiveField
-    """The unclipped box of ``location`` (the whole input when the field is global)."""
-    if rf.is_global:
+    """The unclipped box of ``location`` (the whole input when the field is global or irregular)."""
+    if rf.is_global or not rf.regular:  # an irregular field has no box of one size
         return tuple((0, n - 1) for n in rf.input_shape)
     return rf.interval(tuple(int(v) for v in location))
 

@@ -313,6 +313,8 @@ def _rf_cells(info: _LayerInfo) -> str:
     rf = info.rf
     if rf.is_global:
         return f"<td>global ({_e(_shape(rf.input_shape))})</td><td>-</td><td>-</td>"
+    if not rf.regular:
+        return '<td colspan="3">irregular (past upsampling): exact per location</td>'
     return (
         f"<td>{_e(_shape(rf.size))}</td><td>{_e(_shape(rf.stride))}</td>"
         f"<td>{_e(_shape(rf.padding))}</td>"
@@ -456,6 +458,8 @@ def _layer_page(
         )
     elif info.rf.is_global:
         rf_text = "receptive field: the whole input"
+    elif not info.rf.regular:
+        rf_text = "receptive field irregular (past upsampling): figures show the whole input"
     else:
         rf_text = (
             f"receptive field {_e(_shape(info.rf.size))}, stride {_e(_shape(info.rf.stride))}, "
