@@ -1,7 +1,9 @@
 """featurelens: interpret the features of a convolutional network by inverting it.
 
 Receptive fields of every layer, maximally activating examples, projections of a unit back to
-the input (gradient, deconvnet, guided backprop), Zeiler-Fergus figures and an explorer.
+the input (gradient, deconvnet, guided backprop), synthetic inputs that maximise a unit
+(regularised activation maximisation on its receptive field), Zeiler-Fergus figures and an
+explorer.
 
 The public names below are imported on first use (PEP 562), so ``import featurelens`` and
 ``featurelens --help`` import neither torch nor the web stack; ``featurelens.project`` imports
@@ -27,9 +29,11 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
         AtlasError,
         CropWarning,
         DataError,
+        DeadUnitWarning,
         FeaturelensError,
         FeaturelensWarning,
         LayerError,
+        NonFiniteError,
         NotAlignedError,
         ReceptiveFieldError,
         SpecError,
@@ -47,6 +51,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
     from featurelens.scan import SCORES, scan
     from featurelens.specs import DataSpec
     from featurelens.unit import Unit
+    from featurelens.visualize import REGULARIZERS, ValueRange, Visualization, visualize
 
 __all__ = [
     "SCORES",
@@ -86,6 +91,12 @@ __all__ = [
     "write_report",
     "zf_figure",
     "zf_grid",
+    "REGULARIZERS",
+    "DeadUnitWarning",
+    "NonFiniteError",
+    "ValueRange",
+    "Visualization",
+    "visualize",
 ]
 
 _ERRORS = "featurelens.errors"
@@ -128,6 +139,12 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "zf_grid": ("featurelens.figures", "figures"),
     "write_report": ("featurelens.report", "figures"),
     "serve": ("featurelens.app", "serve"),
+    "DeadUnitWarning": (_ERRORS, None),
+    "NonFiniteError": (_ERRORS, None),
+    "REGULARIZERS": ("featurelens.visualize", None),
+    "ValueRange": ("featurelens.visualize", None),
+    "Visualization": ("featurelens.visualize", None),
+    "visualize": ("featurelens.visualize", None),
 }
 
 
