@@ -22,7 +22,7 @@ from __future__ import annotations
 import html
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,6 +94,7 @@ def write_report(
     channels: int | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
+    visualize: bool | Mapping[str, Any] = False,
 ) -> Path:
     """Write the HTML atlas of ``atlas`` into ``out``; returns the path of ``index.html``.
 
@@ -120,6 +121,12 @@ def write_report(
         from the atlas is moved there.
     progress
         Show a tqdm bar counting channels.
+    visualize
+        Add to every channel card the synthetic input that maximises the channel's centre unit
+        (:func:`featurelens.visualize`, one batched optimisation per layer, on the unit's
+        receptive-field crop). True for the defaults, or a mapping of
+        :func:`featurelens.visualize`'s keyword arguments (``steps``, ``lr``, ``seed``,
+        ``regularizers``, ...).
 
     Raises
     ------
@@ -190,8 +197,9 @@ def write_report(
     try:
         for info in infos:
             sheets[info.name] = _write_layer(
-                out, model, data, atlas, info, method, style, k, mean, std, device, bar, infos
-            )
+                out, model, data, atlas, info, method, style, k, mean, std, device, bar, infos,
+                synthetic=_synthetic_layer(out, model, atlas, info, visualize, device, progress),
+            )  # fmt: skip
     finally:
         bar.close()
     index = out / "index.html"
@@ -213,6 +221,7 @@ def _write_layer(
     device: Any,
     bar: Any,
     infos: list[_LayerInfo],
+    synthetic: Mapping[int, str] | None = None,
 ) -> tuple[int, int] | None:
     img_dir = out / info.img_dir
     img_dir.mkdir(parents=True, exist_ok=True)
@@ -251,7 +260,8 @@ def _write_layer(
             name = f"channel-{c:04d}.png"
             atomic_write(img_dir / name, fig.to_png())
             written.add(name)
-            cards.append(_card(info, c, hits, f"{info.img_dir}/{name}", fig.image.size))
+            extra = (synthetic or {}).get(c, "")  # the synthetic input (--visualize)
+            cards.append(_card(info, c, hits, f"{info.img_dir}/{name}", fig.image.size, extra))
             widths.append(fig.image.size[0])
             bar.update(1)
     sheet_size = None
@@ -268,6 +278,7 @@ def _write_layer(
         atomic_write(img_dir / "sheet.png", sheet.to_png())
         written.add("sheet.png")
         sheet_size = sheet.image.size
+    written.update(f"synthetic-{c:04d}.png" for c in (synthetic or {}))
     _remove_stale_images(img_dir, written)
     page = _layer_page(atlas, info, infos, cards, sheet_size, method, style, k, max(widths))
     atomic_write(out / info.page, page.encode())
@@ -277,11 +288,12 @@ def _write_layer(
 def _remove_stale_images(img_dir: Path, written: set[str]) -> None:
     """Delete the images an earlier report left in ``img_dir`` that this one did not write.
 
-    Only names this module writes are touched (``channel-*.png``, ``sheet.png``): a report
+    Only names this module writes are touched (``channel-*.png``, ``synthetic-*.png``,
+    ``sheet.png``): a report
     with fewer channels must not leave pictures of channels it no longer lists.
     """
     for path in img_dir.iterdir():
-        ours = path.name == "sheet.png" or re.fullmatch(r"channel-\d+\.png", path.name)
+        ours = path.name == "sheet.png" or re.fullmatch(r"(channel|synthetic)-\d+\.png", path.name)
         if ours and path.name not in written and path.is_file():
             path.unlink(missing_ok=True)
 
@@ -417,7 +429,9 @@ def _index_page(
     return _page("featurelens atlas", body)
 
 
-def _card(info: _LayerInfo, channel: int, hits: list, src: str, size: tuple[int, int]) -> str:
+def _card(
+    info: _LayerInfo, channel: int, hits: list, src: str, size: tuple[int, int], extra: str = ""
+) -> str:
     rows = "".join(
         f"<tr><td>{r + 1}</td><td>{h.index}</td><td>{h.score:.4g}</td>"
         f"<td>({', '.join(map(str, h.location))})</td></tr>"
@@ -428,7 +442,7 @@ def _card(info: _LayerInfo, channel: int, hits: list, src: str, size: tuple[int,
         f'<section class="card" id="channel-{channel}">'
         f'<h3><a href="#channel-{channel}">channel {channel}</a></h3>'
         f'<img src="{_e(src)}" width="{w}" height="{h}" loading="lazy" '
-        f'alt="Zeiler-Fergus grid of {_e(info.name)} channel {channel}">'
+        f'alt="Zeiler-Fergus grid of {_e(info.name)} channel {channel}">{extra}'
         '<table class="hits"><thead><tr><th>rank</th><th>example</th><th>score</th>'
         f"<th>location</th></tr></thead><tbody>{rows}</tbody></table></section>"
     )
@@ -532,4 +546,73 @@ img.sheet { display: block; margin-top: 8px; }
 .card img { display: block; margin-bottom: 6px; }
 table.hits { font-size: 0.85em; font-variant-numeric: tabular-nums; }
 table.hits td, table.hits th { padding: 1px 8px; }
+figure.synthetic { margin: 0 0 6px; }
+figure.synthetic img { image-rendering: pixelated; border: 1px solid var(--line); }
+figure.synthetic figcaption { font-size: 0.85em; color: var(--muted); }
 """
+
+
+# --------------------------------------------------------------------------------------------
+# Synthetic inputs (--visualize): what each channel's centre unit wants
+
+
+def _synthetic_layer(
+    out: Path,
+    model: nn.Module,
+    atlas: Atlas,
+    info: _LayerInfo,
+    options: bool | Mapping[str, Any],
+    device: Any,
+    progress: bool,
+) -> dict[int, str]:
+    """Optimise the drawn channels of one layer in one batch; write their PNGs; HTML per card.
+
+    Returns ``{channel: <figure> html}``; empty when ``options`` is False.
+    """
+    if options is False or options is None:
+        return {}
+    from featurelens.figures import synthetic_images
+
+    given = {} if options is True else dict(options)
+    v = synthetic_images(
+        model, atlas, info.name, info.channels, device=device, options=given, progress=progress
+    )
+    img_dir = out / info.img_dir
+    img_dir.mkdir(parents=True, exist_ok=True)
+    top1 = {c: top_hits(atlas, info.name, c, 1)[0].score for c in info.channels}
+    html_by_channel = {}
+    for c, tile, act in zip(v.channels, v.tiles(), v.activations.tolist()):
+        name = f"synthetic-{c:04d}.png"
+        atomic_write(img_dir / name, _png(tile))
+        html_by_channel[c] = _synthetic_html(v, c, act, top1[c], f"{info.img_dir}/{name}", tile)
+    return html_by_channel
+
+
+def _png(rgb: Any) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rgb, "RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _synthetic_html(v: Any, channel: int, act: float, top1: float, src: str, tile: Any) -> str:
+    """The card's figure: the synthetic input, its unit's value against the top-1 example's."""
+    where = "channel mean" if v.location is None else f"unit {tuple(v.location)}"
+    if v.cropped:
+        box = ", ".join(f"{s.start}:{s.stop}" for s in v.box)
+        canvas = f"receptive-field crop [{box}]"
+    else:
+        canvas = "whole input" + (f" ({v.fallback})" if v.fallback else "")
+    value = "dead: never moved" if channel in v.dead else f"{act:.4g}"
+    low, high = v.value_range.low, v.value_range.high
+    rng = f"{low[0]:.3g}..{high[0]:.3g}" if len(low) == 1 else "per channel"
+    h, w = tile.shape[:2]
+    return (
+        f'<figure class="synthetic"><img src="{_e(src)}" width="{w}" height="{h}" '
+        f'loading="lazy" alt="synthetic input of {_e(v.layer)} channel {channel}">'
+        f"<figcaption>synthetic input ({v.steps} steps, values {_e(rng)}): {_e(where)} = "
+        f"{_e(value)} (top-1 example scored {top1:.4g}) · {_e(canvas)}</figcaption></figure>"
+    )
