@@ -1270,6 +1270,11 @@ class _Image:
             freq = _frequencies(size)
             p = float(self.fourier["decay_power"])
             scale = 1.0 / np.maximum(freq, 1.0 / max(size)) ** p
+            # With Adam every coefficient moves about lr a step, so a pixel moves up to about
+            # sum_k scale_k / sqrt(N) (ortho norm): for decay 1/f, about sqrt(N) on any number
+            # of axes. Scaled by sqrt(whole input / canvas), a crop moves as the same place of
+            # a whole-input canvas does: lr means the same, cropped or not.
+            scale = scale * math.sqrt(math.prod(call.input_shape[1:]) / math.prod(size))
             self.scale = torch.tensor(scale, dtype=call.dtype, device=call.device)[..., None]
             shape, sd = (c, *freq.shape, 2), float(self.fourier["sd"])
         rows = [torch.randn(shape, generator=g, dtype=torch.float64) * sd for g in generators]
