@@ -30,9 +30,12 @@ browser:
 demo: $(STAMP)
 	$(VENV)/bin/featurelens demo --out featurelens-demo
 
+# ruff: style, imports and numpy-style docstrings on every public name (pyproject's
+# [tool.ruff.lint]); mypy: the package's types ([tool.mypy]).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/mypy
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format src tests bench

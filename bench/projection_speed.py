@@ -49,7 +49,7 @@ def images(size: int = 224) -> torch.Tensor:
     return torch.stack(out)
 
 
-def captum_channel(model: torch.nn.Module, x: torch.Tensor, channel: int, locs) -> torch.Tensor:  # noqa: ANN001
+def captum_channel(model: torch.nn.Module, x: torch.Tensor, channel: int, locs) -> torch.Tensor:
     rows = torch.arange(len(x))
     chans = torch.full((len(x),), channel)
     us, vs = locs[:, 0], locs[:, 1]

@@ -29,7 +29,7 @@ from featurelens.report import EXAMPLES_PER_CALL, write_report
 LAYER = "features.conv3"
 
 
-def timed(fn):  # noqa: ANN001, ANN201
+def timed(fn):
     t0 = time.perf_counter()
     out = fn()
     return time.perf_counter() - t0, out

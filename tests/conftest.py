@@ -2,9 +2,25 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _featurelens_home(tmp_path_factory: pytest.TempPathFactory):
+    """Every test session has its own featurelens home (the per-user secret and the signatures
+    of the atlases "this user" made, featurelens.trust), never the real user's; processes the
+    tests start inherit it."""
+    before = os.environ.get("FEATURELENS_HOME")
+    os.environ["FEATURELENS_HOME"] = str(tmp_path_factory.mktemp("featurelens-home"))
+    yield
+    if before is None:
+        os.environ.pop("FEATURELENS_HOME", None)
+    else:
+        os.environ["FEATURELENS_HOME"] = before
 
 
 @pytest.fixture(autouse=True)

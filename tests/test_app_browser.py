@@ -223,7 +223,7 @@ def foreign_site(server):
     body = FOREIGN_PAGE % {"api": api, "png": base64.b64encode(raw.getvalue()).decode()}
 
     class Page(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - the http.server name
+        def do_GET(self) -> None:
             data = body.encode()
             self.send_response(200)
             self.send_header("Content-Type", "text/html; charset=utf-8")

@@ -81,11 +81,15 @@ def test_save_load_round_trip(tmp_path: Path):
     assert m["format_version"] == FORMAT_VERSION and m["library_version"] == fl.__version__
     assert m["model"]["spec"] is None and m["model"]["fingerprint"].startswith("sha256:")
     assert m["data"].pop("fingerprint").startswith("sha256:")
-    assert m["data"] == {"spec": None, "class": "Tensor", "size": 20}
+    assert m["data"] == {
+        "spec": None, "class": "Tensor", "size": 20, "sample_rate": None, "labels": None,
+    }  # fmt: skip
     assert m["layers"][0] == {
         "name": "0",
         "channels": 3,
         "output_shape": [8, 6],
+        "channel_dim": 1,
+        "layout": "channels_first",
         "nan_counts": {"0": 1, "1": 1, "2": 1},
     }
     # saving again gives the same bytes (no timestamps); stale files are cleaned up
@@ -126,7 +130,7 @@ def test_load_errors_are_clear(tmp_path: Path):
     manifest_path = tmp_path / "a" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     manifest_path.write_text(json.dumps(manifest | {"format_version": 99}))
-    with pytest.raises(AtlasError, match="format version 99; .* reads version 1"):
+    with pytest.raises(AtlasError, match="format version 99; .* reads versions 1 and 2"):
         fl.Atlas.load(tmp_path / "a")
     manifest_path.write_text(
         json.dumps(manifest | {"complete": False, "progress": {"next_index": 12, "batch_size": 6}})

@@ -55,15 +55,22 @@ def test_batches_of_a_dataset_equal_slices_of_the_tensor_less_the_skipped_items(
 
 def test_a_batch_that_cannot_be_stacked_carries_the_message():
     x = torch.zeros(1, 5, 5)
-    for items, message in (
-        ([Loaded(0, x), Loaded(1, "text")], "dataset item 1 is a str"),
-        ([Loaded(3, x), Loaded(4, torch.zeros(1, 6, 5))],
-         r"dataset items 3\.\.4 have different shapes \[\(1, 5, 5\), \(1, 6, 5\)\]"),
-    ):  # fmt: skip
+    for items, message in (([Loaded(0, x), Loaded(1, "text")], "dataset item 1 is a str"),):
         batch = collate(items)
         assert batch.x is None and len(batch.indices) == 0 and batch.error is not None
         with pytest.raises(DataError, match=message):
             raise DataError(batch.error)
+    # an item of another shape than the first is skipped and listed, the batch goes on
+    odd = torch.zeros(1, 6, 5)
+    batch = collate([Loaded(3, x, None), Loaded(4, odd), Loaded(5, x + 1)])
+    assert batch.error is None and batch.indices.tolist() == [3, 5]
+    assert batch.x is not None and torch.equal(batch.x, torch.stack([x, x + 1]))
+    assert batch.skipped == {
+        4: "DataError: shape (1, 6, 5) differs from the first example's shape (1, 5, 5)"
+    }
+    # against the scan's first example (another batch's): every item of another shape goes
+    batch = collate([Loaded(6, odd), Loaded(7, x)], expected=(1, 5, 5))
+    assert batch.indices.tolist() == [7] and list(batch.skipped) == [6]
     nothing = collate([Loaded(7, None, "OSError: gone")])
     assert nothing.x is None and nothing.error is None and nothing.skipped == {7: "OSError: gone"}
 

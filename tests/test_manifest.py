@@ -32,10 +32,13 @@ from featurelens.specs import ModelSpec
 #: Atlases written by featurelens before ``Manifest`` existed (see make.py there).
 V1 = Path(__file__).parent / "data" / "atlas-v1"
 KINDS = ("complete", "checkpoint", "python-objects")
+#: Atlases of format version 2 (labels, sample rate, layouts, paths relative to the atlas).
+V2 = Path(__file__).parent / "data" / "atlas-v2"
+KINDS_V2 = (*KINDS, "signals")
 
 
-def _make_module():
-    spec = importlib.util.spec_from_file_location("atlas_v1_make", V1 / "make.py")
+def _make_module(folder: Path = V1):
+    spec = importlib.util.spec_from_file_location(f"atlas_{folder.name}_make", folder / "make.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -43,6 +46,7 @@ def _make_module():
 
 
 make = _make_module()
+make_v2 = _make_module(V2)
 
 
 def files(directory: Path) -> dict[str, bytes]:
@@ -106,9 +110,55 @@ def test_atlases_written_before_load_and_save_the_same_bytes(kind: str, tmp_path
 
 
 def test_the_same_scans_write_the_same_files(tmp_path: Path):
-    make.write(tmp_path)
-    for kind in KINDS:
-        assert files(tmp_path / kind) == files(V1 / kind), kind
+    # scans write format version 2 now: the same scans as atlas-v1's, and more
+    make_v2.write(tmp_path)
+    for kind in KINDS_V2:
+        assert files(tmp_path / kind) == files(V2 / kind), kind
+
+
+@pytest.mark.parametrize("kind", KINDS_V2)
+def test_version_2_manifests_round_trip_and_save_the_same_bytes(kind: str, tmp_path: Path):
+    text = (V2 / kind / MANIFEST).read_text()
+    assert Manifest.from_json(text).to_json() == text
+    assert Manifest.from_json(text).format_version == 2
+    # beside the same files (the specs are stored relative to the atlas): the same bytes
+    copy = tmp_path / "atlas-v2"
+    shutil.copytree(V2, copy)
+    fl.Atlas.load(copy / kind, allow_incomplete=True).save(copy / f"{kind}-again")
+    assert files(copy / f"{kind}-again") == files(V2 / kind)
+    assert files(copy / kind) == files(V2 / kind)  # reading changed nothing
+
+
+def test_version_2_reads_labels_sample_rate_and_layouts():
+    m = Manifest.read(V2 / "complete")
+    assert m.data.labels == "int" and m.data.sample_rate is None
+    assert m.model.spec == ModelSpec("../model.py:net", checkpoint="../model/net.pt")
+    assert [(r.layout, r.channel_dim) for r in m.layers] == [("channels_first", 1)] * 2
+    atlas = fl.Atlas.load(V2 / "complete")
+    assert atlas.model_spec == ModelSpec(
+        f"{V2 / 'model.py'}:net", checkpoint=str(V2 / "model" / "net.pt")
+    )  # resolved beside the atlas, wherever the current directory is
+    digits = make_v2.Digits()
+    for layer in atlas.layers:
+        for c in range(atlas.channels(layer)):
+            assert all(h.label == digits[h.index][1] for h in atlas.top(layer, c))
+    signals = fl.Atlas.load(V2 / "signals")
+    assert signals.sample_rate == 8000 and signals.label_kind == "float"
+    assert signals.top("1", 0)[0].label == make_v2.Tones()[signals.top("1", 0)[0].index][1]
+    words = fl.Atlas.load(V2 / "python-objects")
+    assert words.label_kind == "str" and words.top("0", 0)[0].label.startswith("caf\u00e9-")
+
+
+@pytest.mark.filterwarnings("ignore:skipping example")
+def test_a_version_2_checkpoint_resumes_to_the_complete_atlas(tmp_path: Path):
+    copy = tmp_path / "atlas-v2"
+    shutil.copytree(V2, copy)
+    resumed = fl.scan(
+        make_v2.net(), make_v2.Digits(), ["0", "3"], checkpoint=copy / "checkpoint",
+        **make_v2.scan_options(copy),
+    )  # fmt: skip
+    assert resumed.complete
+    assert files(copy / "checkpoint") == files(V2 / "complete")
 
 
 @pytest.mark.filterwarnings("ignore:skipping example")
@@ -207,7 +257,7 @@ MALFORMED = [
     (_set("progress", None), r"'progress' must be an object, got null"),
     (_set("arrays/sha256", ["x"]), r"'arrays\.sha256' must be a string, got the array \[\"x\"\]"),
     (_set("score", None), r"'score' must be a string, got null"),
-    (_set("format_version", True), r"format version True; .* reads version 1 only"),
+    (_set("format_version", True), r"format version True; .* reads versions 1 and 2 only"),
     (_set("format", "other"), r"is not a featurelens-atlas manifest"),
 ]  # fmt: skip
 

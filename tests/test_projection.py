@@ -147,7 +147,7 @@ def test_a_misaligned_crop_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
     full = project_units(model, x, units, "guided", rows=rows, crop=False)
     window = _Crop.window
 
-    def off_grid(self, location):  # noqa: ANN001, ANN202
+    def off_grid(self, location):
         start, size = window(self, location)
         moved = tuple(a + 1 if a + s < n else a for a, s, n in zip(start, size, self.input_shape))
         return moved, size
@@ -337,7 +337,7 @@ class Normalised(nn.Module):
 
 
 @pytest.mark.parametrize("factory", [Untraceable, Normalised])
-def test_crop_falls_back_to_the_whole_input_with_a_warning(factory) -> None:  # noqa: ANN001
+def test_crop_falls_back_to_the_whole_input_with_a_warning(factory) -> None:
     model = factory().double().eval()
     x = torch.randn(2, 1, 17, 15, dtype=torch.float64)
     with pytest.warns(CropWarning, match="'conv2'"):

@@ -39,7 +39,7 @@ def line_of(marker: str) -> int:
 def no_tracing(monkeypatch: pytest.MonkeyPatch) -> None:
     """Fail when a projection computes a receptive field itself."""
 
-    def refuse(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def refuse(*args, **kwargs):
         raise AssertionError("the receptive field was computed again")
 
     monkeypatch.setattr(featurelens.projection, "try_receptive_field", refuse)
@@ -170,7 +170,7 @@ def test_one_capture_per_layer(monkeypatch: pytest.MonkeyPatch) -> None:
     real = featurelens.projection.capture
 
     @contextlib.contextmanager
-    def counting(model: nn.Module, layers: list[str], *args, **kwargs) -> Iterator:  # noqa: ANN002, ANN003
+    def counting(model: nn.Module, layers: list[str], *args, **kwargs) -> Iterator:
         entered.append(tuple(layers))
         with real(model, layers, *args, **kwargs) as run:
             yield run
@@ -233,7 +233,7 @@ def test_each_reason_is_warned_once_at_the_callers_line(
     full = project_units(model, x, units, "guided", rows=rows, crop=False)
     window = featurelens.projection._Crop.window
 
-    def short_on_pool1(self, location):  # noqa: ANN001, ANN202
+    def short_on_pool1(self, location):
         start, size = window(self, location)
         if self.field is None or self.field.size != pool1.size:  # conv2.1: same grid
             return start, size

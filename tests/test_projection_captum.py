@@ -26,7 +26,7 @@ CAPTUM = {
 }
 
 
-def captum_maps(model, x, layer, channels, method):  # noqa: ANN001, ANN201
+def captum_maps(model, x, layer, channels, method):
     """Captum with a per-example selector at each example's arg-max (found with a hook)."""
     module = get_layer(model, layer)
     seen = {}

@@ -70,7 +70,7 @@ def test_a_crop_that_misses_the_field_falls_back_to_the_whole_input(
     full = project_units(model, x, units, "guided", rows=rows, crop=False)
     window = _Crop.window
 
-    def short(self, location):  # noqa: ANN001, ANN202
+    def short(self, location):
         start, size = window(self, location)
         return start, tuple(max(s - 1, 1) for s in size)
 
@@ -284,7 +284,7 @@ def net_and_x() -> tuple[nn.Module, torch.Tensor]:
     return small_net().double(), torch.randn(2, 1, 13, 11, dtype=torch.float64)
 
 
-def test_numpy_and_nested_list_locations_work(net_and_x) -> None:  # noqa: ANN001
+def test_numpy_and_nested_list_locations_work(net_and_x) -> None:
     model, x = net_and_x
     ref = project(model, x, "2", 1, torch.tensor([[1, 2], [4, 0]]))
     assert torch.equal(project(model, x, "2", 1, np.array([[1, 2], [4, 0]])), ref)
@@ -305,7 +305,7 @@ def test_numpy_integer_location_on_a_1d_layer() -> None:
     assert torch.equal(project(model, x, "0", 1, torch.tensor(4)), ref)
 
 
-def test_bad_locations_and_channels_name_the_value(net_and_x) -> None:  # noqa: ANN001
+def test_bad_locations_and_channels_name_the_value(net_and_x) -> None:
     model, x = net_and_x
     with pytest.raises(TypeError, match=r"location \(1\.5, 2\).*1\.5"):
         project(model, x, "2", 1, (1.5, 2))
@@ -326,7 +326,7 @@ def test_bad_locations_and_channels_name_the_value(net_and_x) -> None:  # noqa: 
 
 
 @pytest.mark.parametrize("channel", [1, np.int64(1), np.int32(1), torch.tensor(1)])
-def test_unit_accepts_integer_channels(channel) -> None:  # noqa: ANN001
+def test_unit_accepts_integer_channels(channel) -> None:
     unit = Unit("features.3", channel, (np.int64(2), torch.tensor(3)))
     assert unit == Unit("features.3", 1, (2, 3))
     assert type(unit.channel) is int and all(type(v) is int for v in unit.location)
@@ -335,7 +335,7 @@ def test_unit_accepts_integer_channels(channel) -> None:  # noqa: ANN001
 @pytest.mark.parametrize(
     "channel", [1.7, 1.0, True, np.float64(2.0), torch.tensor(1.0), torch.tensor([1]), "1"]
 )
-def test_unit_refuses_non_integer_channels(channel) -> None:  # noqa: ANN001
+def test_unit_refuses_non_integer_channels(channel) -> None:
     with pytest.raises(TypeError, match=r"Unit\.channel must be an integer, got "):
         Unit("features.3", channel)
 

@@ -85,7 +85,7 @@ class Page(HTMLParser):
         self.cards = 0
         self.text: list[str] = []
 
-    def handle_starttag(self, tag, attrs):  # noqa: ANN001
+    def handle_starttag(self, tag, attrs):
         a = dict(attrs)
         if "id" in a:
             self.ids.add(a["id"])
@@ -98,7 +98,7 @@ class Page(HTMLParser):
         if tag == "section" and "card" in a.get("class", ""):
             self.cards += 1
 
-    def handle_data(self, data):  # noqa: ANN001
+    def handle_data(self, data):
         self.text.append(data)
 
 
@@ -336,7 +336,10 @@ def test_a_second_report_with_fewer_channels_leaves_no_stale_files(
     real_replace = os.replace
 
     def spy(src, dst):
-        replaced.append(str(Path(dst).relative_to(out)))
+        # the report is built in a temporary folder next to `out` (.tmp-site-*), then moved
+        staged = Path(dst).relative_to(out.parent)
+        assert staged.parts[0].startswith(".tmp-site-"), dst  # nothing written into `out`
+        replaced.append(str(Path(*staged.parts[1:])))
         return real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", spy)
@@ -350,11 +353,14 @@ def test_a_second_report_with_fewer_channels_leaves_no_stale_files(
     written = {f for f in files if not f.startswith("img/3/") and f != "layer-3.html"}
     assert written == set(replaced)
     assert not [p for p in out.rglob(".tmp-*")]
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".tmp-")]
+    # the whole site was replaced: layer 3, which this report does not draw, is gone
+    assert not any(f.startswith("img/3/") or f == "layer-3.html" for f in files)
     assert tree_digest(atlas_dir) == atlas_before
 
 
 class _Up(torch.nn.Module):
-    """conv0 -> F.interpolate -> conv: the receptive-field engine cannot analyse conv."""
+    """conv0 -> torch.roll over all dims -> conv: the receptive-field engine cannot analyse conv."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -362,7 +368,7 @@ class _Up(torch.nn.Module):
         self.conv = torch.nn.Conv2d(2, 3, 3)
 
     def forward(self, x):
-        return self.conv(torch.nn.functional.interpolate(self.conv0(x), scale_factor=2))
+        return self.conv(torch.roll(self.conv0(x), 1))  # flattened roll: no field
 
 
 def test_a_layer_without_receptive_field_gets_whole_input_figures(tmp_path):
@@ -377,7 +383,7 @@ def test_a_layer_without_receptive_field_gets_whole_input_figures(tmp_path):
     page = parse(tmp_path / "s" / "layer-conv.html")
     assert page.cards == 3 and len(page.images) == 4  # a card per channel and the sheet
     text = (tmp_path / "s" / "layer-conv.html").read_text()
-    assert "interpolate" in text and "figures show the whole input" in text
+    assert "roll" in text and "figures show the whole input" in text
     assert "figures show the whole input" in index.read_text()
     with pytest.warns(CropWarning):
         expected = zf_grid(net, x, atlas, "conv", 1, k=2)

@@ -75,7 +75,7 @@ def stacks(draw, d: int):
 _SIZES = {1: (8, 32), 2: (5, 11), 3: (4, 6)}
 
 
-def _check(d: int, ops: list[nn.Module], data) -> None:  # noqa: ANN001
+def _check(d: int, ops: list[nn.Module], data) -> None:
     model = nn.Sequential(*ops).eval()
     lo, hi = _SIZES[d]
     shape = (1, *(data.draw(st.integers(lo, hi)) for _ in range(d)))

@@ -35,7 +35,7 @@ RECTIFIERS = {
 class TwoLayer(nn.Module):
     """y = W2 act(W1 x + b1): the rectifier's backward is the only non-linear step."""
 
-    def __init__(self, act) -> None:  # noqa: ANN001
+    def __init__(self, act) -> None:
         super().__init__()
         self.fc1 = nn.Linear(6, 12)
         self.fc2 = nn.Linear(12, 5)
@@ -152,7 +152,7 @@ OTHER = {
 
 
 class Wrapped(nn.Module):
-    def __init__(self, act) -> None:  # noqa: ANN001
+    def __init__(self, act) -> None:
         super().__init__()
         self.fc = nn.Linear(6, 12)
         self.head = nn.Linear(12, 5)

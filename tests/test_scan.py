@@ -317,8 +317,16 @@ def test_bad_input_errors_name_the_value_and_what_is_valid():
         fl.scan(model, [x[0], "b"], ["features.0"], top_k=2, progress=False, num_workers=1)
     with pytest.raises(DataError, match="must be a torch Dataset .* got int"):
         fl.scan(model, 42, ["features.0"], top_k=2, progress=False)
-    with pytest.raises(DataError, match=r"different shapes \[\(1, 28, 28\), \(1, 30, 30\)\]"):
-        fl.scan(model, [x[0], torch.zeros(1, 30, 30)], ["features.0"], top_k=1, progress=False)
+    # an item of another shape than the first is skipped and listed, like one that raises
+    with pytest.warns(
+        RuntimeWarning,
+        match=r"skipping example 1 \(DataError: shape \(1, 30, 30\) differs from the first "
+        r"example's shape \(1, 28, 28\)\)",
+    ):
+        odd = fl.scan(
+            model, [x[0], torch.zeros(1, 30, 30)], ["features.0"], top_k=1, progress=False
+        )
+    assert [s.index for s in odd.manifest.skipped] == [1] and odd.manifest.examples_scanned == 1
     with pytest.raises(DataError, match="empty"):
         fl.scan(model, x[:0], ["features.0"], top_k=1, progress=False)
 

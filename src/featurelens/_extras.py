@@ -36,6 +36,8 @@ EXTRAS: dict[str, dict[str, tuple[str, ...]]] = {
         "matplotlib": ("matplotlib",),
         "torchvision": ("torchvision",),
     },
+    # timm:NAME model specs (random init, or timm's pretrained weights from the Hugging Face Hub)
+    "timm": {"timm": ("timm",)},
 }
 
 
@@ -83,7 +85,8 @@ def require_extra(extra: str, purpose: str) -> None:
     Parameters
     ----------
     extra
-        A key of :data:`EXTRAS`: ``"vision"``, ``"figures"``, ``"demo"`` or ``"serve"``.
+        A key of :data:`EXTRAS`: ``"vision"``, ``"figures"``, ``"demo"``, ``"serve"`` or
+        ``"timm"``.
     purpose
         What needs it, as the start of a sentence: ``"the explorer"``,
         ``"featurelens.zf_grid"``, ``"data spec 'mnist'"``.

@@ -67,14 +67,28 @@ def _port(text: str) -> int:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "model",
-        help="torchvision:NAME, path/to/file.py:factory or package.module:factory",
+        help="torchvision:NAME, timm:NAME, path/to/file.py:factory or package.module:factory "
+        "(a module is looked for in the current directory first)",
     )
     p.add_argument(
         "--weights",
         default=None,
-        help="torchvision weights (e.g. DEFAULT); needs a network. Default: random (weights=None)",
+        help="pretrained weights of a torchvision:/timm: model (DEFAULT, or a torchvision "
+        "weights name / timm tag); downloading needs a network. Default: random, seeded. "
+        "An error for file and module factories",
     )
     p.add_argument("--checkpoint", default=None, help="a state_dict saved with torch.save")
+
+
+def _add_trust_code(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--trust-code",
+        action="store_true",
+        help="run the code the atlas names to rebuild its model and data (a Python file, a "
+        "module, an image folder outside it) although you did not make it on this machine; "
+        "only for atlases from a source you trust (without it, such an atlas is refused and "
+        "the message shows what would run)",
+    )
 
 
 # ---- rf -------------------------------------------------------------------------------------
@@ -147,6 +161,13 @@ def _add_scan(p: argparse.ArgumentParser) -> None:
         "--mean", type=_floats, default=None, help="normalisation mean per channel: 0.5,0.5,0.5"
     )
     p.add_argument("--std", type=_floats, default=None, help="normalisation std per channel")
+    p.add_argument(
+        "--sample-rate",
+        type=float,
+        default=None,
+        help="1-D data: samples per second, recorded for playing examples (default: the "
+        "dataset's sample_rate attribute, if any)",
+    )
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_scan)
@@ -163,7 +184,13 @@ def _run_scan(args: argparse.Namespace) -> int:
     if not args.resume:
         Manifest.check_new_output(out)
     model_spec = ModelSpec(args.model, weights=args.weights, checkpoint=args.checkpoint)
-    data_spec = DataSpec(args.data, input_size=args.input_size, mean=args.mean, std=args.std)
+    data_spec = DataSpec(
+        args.data,
+        input_size=args.input_size,
+        mean=args.mean,
+        std=args.std,
+        sample_rate=args.sample_rate,
+    )
     model = model_spec.build()
     data = data_spec.build()
     layers = [name.strip() for name in args.layers.split(",") if name.strip()]
@@ -226,6 +253,7 @@ def _add_figure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int, default=9, help="hits shown (default 9)")
     p.add_argument("--out", required=True, help="PNG file to write")
     _render_options(p)
+    _add_trust_code(p)
     _visualize_options(p, "beside the grid (or below the sheet)")
     p.set_defaults(func=_run_figure)
 
@@ -248,7 +276,7 @@ def _run_figure(args: argparse.Namespace) -> int:
             f"--out {str(out)!r} is inside the atlas directory {args.atlas!r}; rendering never "
             "writes into an atlas: choose another path"
         )
-    atlas = Atlas.load(args.atlas)
+    atlas = Atlas.load(args.atlas, trust_code=args.trust_code)
     atlas.layer(args.layer)  # unknown layer: a LayerError listing the atlas' layers
     if args.channel is not None:
         atlas.top(args.layer, args.channel)  # a bad channel fails before the model is built
@@ -287,6 +315,7 @@ def _add_report(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int, default=None, help="hits per channel (default: atlas top-k)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _render_options(p)
+    _add_trust_code(p)
     _visualize_options(p, "on every channel card (one batched optimisation per layer)")
     p.set_defaults(func=_run_report)
 
@@ -312,6 +341,7 @@ def _run_report(args: argparse.Namespace) -> int:
         device=args.device,
         progress=not args.quiet,
         visualize=_visualize_kwargs(args),
+        trust_code=args.trust_code,
     )
     print(index.resolve())
     return 0
@@ -335,7 +365,7 @@ def _visualize_kwargs(args: argparse.Namespace) -> dict | bool:
     return {"steps": args.visualize_steps, "seed": args.visualize_seed}
 
 
-def _with_synthetic(image, model, atlas, args: argparse.Namespace):  # noqa: ANN001, ANN202
+def _with_synthetic(image, model, atlas, args: argparse.Namespace):
     """``image`` (a ZF grid or a layer sheet) with the synthetic inputs of its channels."""
     from featurelens.figures import join, synthetic_images, synthetic_sheet
 
@@ -430,19 +460,23 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
         "The token is random, or the value of the environment variable FEATURELENS_TOKEN "
         "(16+ characters of A-Z a-z 0-9 - _ . ~), and is printed in the URL",
     )
+    _add_trust_code(p)
     p.set_defaults(func=_run_serve)
 
 
 def _run_serve(args: argparse.Namespace) -> int:
     require_extra("serve", "the explorer")
     from featurelens.app import serve
+    from featurelens.atlas import Atlas
 
     # A token from the environment, not from an argument: arguments are visible in `ps`.
     token = os.environ.get("FEATURELENS_TOKEN") or (True if args.token else None)
+    # loaded here, with the user's consent (or not), and handed to the explorer as it is
+    atlas = Atlas.load(args.atlas, trust_code=args.trust_code)
     server = None
     try:
         server = serve(
-            args.atlas, host=args.host, port=args.port, device=args.device,
+            atlas, host=args.host, port=args.port, device=args.device,
             allow_hosts=args.allow_host, token=token,
         )  # fmt: skip
         print(f"featurelens explorer: {server.url}", flush=True)
@@ -553,11 +587,18 @@ def build_parser(*, lazy: bool = False) -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line_warnings(message, category, filename, lineno, file=None, line=None) -> str:  # noqa: ANN001
+def _one_line_warnings(message, category, filename, lineno, file=None, line=None) -> str:
     return f"warning: {message}\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``featurelens`` command line with ``argv`` (default: ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        The exit status: 0 on success, 2 for a usage or library error (one line on stderr).
+    """
     import warnings
 
     parser = build_parser(lazy=True)
@@ -566,7 +607,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MissingExtraError as exc:  # declaring a command's arguments needs its extra
         print(f"featurelens: error: {exc}", file=sys.stderr)
         return 2
-    warnings.formatwarning = _one_line_warnings  # the CLI speaks in lines, not source excerpts
+    warnings.formatwarning = _one_line_warnings  # type: ignore[assignment]  # the CLI speaks in lines, not source excerpts
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt as exc:  # a scan says where its state is and how to resume

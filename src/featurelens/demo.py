@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 
 from featurelens._extras import require_extra
+from featurelens.files import replaced_directory
 
 __all__ = [
     "DemoResult",
@@ -88,6 +90,7 @@ class TrainConfig:
     heldout: int = 1000
 
     def key(self) -> str:
+        """A short hash of these settings and the demo model's spec: names its cached weights."""
         text = json.dumps({"model": DEMO_MODEL_SPEC, **asdict(self)}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -102,7 +105,7 @@ def split_indices(n: int, heldout: int, seed: int = 0) -> tuple[torch.Tensor, to
     return perm[heldout:].sort().values, perm[:heldout].sort().values
 
 
-def _stack(data, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
+def _stack(data, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     xs, ys = [], []
     for i in indices.tolist():
         x, y = data[i]
@@ -126,7 +129,7 @@ def heldout_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> floa
 def train_mnist_cnn(
     data,
     config: TrainConfig = TrainConfig(),
-    log: Callable[[str], None] | None = print,  # noqa: ANN001, B008
+    log: Callable[[str], None] | None = print,
 ) -> tuple[nn.Module, float]:
     """Train :func:`mnist_cnn` on the training split of ``data`` (MNIST digits, (x, label)).
 
@@ -182,22 +185,43 @@ class DemoResult:
     seconds: float
 
 
+def _carry_models(previous: Path, staging: Path) -> None:
+    """Bring the checkpoints an earlier run cached in ``previous/model`` into the new output
+    (hard links where the file system allows, else copies): the cache survives the swap.
+    """
+    cached = previous / "model"
+    if not cached.is_dir() or cached.is_symlink():
+        return
+    (staging / "model").mkdir(exist_ok=True)
+    for path in sorted(cached.glob("*.pt")):
+        if path.is_file() and not path.is_symlink():
+            try:
+                os.link(path, staging / "model" / path.name)
+            except OSError:
+                shutil.copy2(path, staging / "model" / path.name)
+
+
 def _cached_model(
     out: Path,
     data,
     config: TrainConfig,
-    log: Callable[[str], None],  # noqa: ANN001
+    log: Callable[[str], None],
+    final: Path | None = None,
 ) -> tuple[nn.Module, Path, float]:
     """Train the demo CNN on ``data`` (the MNIST digits), or load the checkpoint an earlier
-    run with this config cached in ``out/model``."""
-    ckpt = (out / "model" / f"mnist_cnn-{config.key()}.pt").resolve()
+    run with this config cached in ``out/model``. ``final`` is where ``out`` will be moved
+    (for the messages). Returns the model, its checkpoint in ``out`` and its accuracy.
+    """
+    name = f"mnist_cnn-{config.key()}.pt"
+    ckpt = (out / "model" / name).resolve()
+    shown = ((final or out) / "model" / name).resolve()
     if ckpt.is_file():
         model = mnist_cnn()
         model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
         model.eval()
         _, test_idx = split_indices(len(data), config.heldout, config.seed)
         acc = heldout_accuracy(model, *_stack(data, test_idx))
-        log(f"loaded the cached model {ckpt}")
+        log(f"loaded the cached model {shown}")
         return model, ckpt, acc
     steps = f"{config.max_steps} steps" if config.max_steps else f"{config.epochs} epochs"
     log(
@@ -210,6 +234,13 @@ def _cached_model(
     torch.save(model.state_dict(), tmp)
     tmp.replace(ckpt)  # a killed run never leaves half a checkpoint behind
     return model, ckpt, acc
+
+
+def _is_demo_entry(name: str) -> bool:
+    """Whether ``name`` (an entry of the output directory) is something the demo writes."""
+    from featurelens.report import _is_report_entry
+
+    return name in ("atlas", "model") or _is_report_entry(name)
 
 
 def run_demo(
@@ -231,6 +262,12 @@ def run_demo(
     log: Callable[[str], None] = print,
 ) -> DemoResult:
     """Train (or load) the demo CNN, scan every conv layer, write the HTML atlas.
+
+    Everything is written into a temporary folder next to ``out`` and moved into place when
+    the run is complete (:func:`featurelens.files.replaced_directory`): a run that fails or is
+    interrupted leaves ``out`` as it was, and no partial directory. Checkpoints cached in
+    ``out/model`` by earlier runs are carried over; files of ``out`` that the demo does not
+    write are kept.
 
     Parameters
     ----------
@@ -263,62 +300,71 @@ def run_demo(
             "your own model on your own data: give both --model and --data"
         )
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    accuracy, ckpt = None, None
-    if model is None:
-        config = QUICK if quick else TrainConfig()
-        data_spec = DataSpec("mnist")
-        dataset = data_spec.build()
-        net, ckpt, accuracy = _cached_model(out, dataset, config, log)
-        log(f"held-out accuracy: {accuracy:.1%} on {config.heldout} digits")
-        # relative to the atlas directory (resolved by Atlas.model_spec): OUT can be moved
-        atlas_rel = os.path.relpath(ckpt, (out / "atlas").resolve())
-        model_spec = ModelSpec(DEMO_MODEL_SPEC, checkpoint=atlas_rel)
-    else:
-        model_spec = ModelSpec(model, weights=weights, checkpoint=checkpoint)
-        data_spec = DataSpec(data)
-        net = model_spec.build()
-        dataset = data_spec.build()
-    names = layers or conv_layers(net)
-    if not names:
-        from featurelens.graph import layer_names
+    final = Path(os.path.abspath(out))
+    # built in a temporary folder next to OUT, moved into place when complete
+    with replaced_directory(final, _is_demo_entry, last=("index.html",)) as staging:
+        _carry_models(final, staging)
+        accuracy, ckpt = None, None
+        if model is None:
+            config = QUICK if quick else TrainConfig()
+            data_spec = DataSpec("mnist")
+            dataset = data_spec.build()
+            net, staged, accuracy = _cached_model(staging, dataset, config, log, final)
+            ckpt = final / "model" / staged.name
+            log(f"held-out accuracy: {accuracy:.1%} on {config.heldout} digits")
+            # saved relative to the atlas directory, ../model/...: OUT can be moved
+            model_spec = ModelSpec(DEMO_MODEL_SPEC, checkpoint=str(staged))
+        else:
+            assert data is not None  # checked above: both or neither
+            model_spec = ModelSpec(model, weights=weights, checkpoint=checkpoint)
+            data_spec = DataSpec(data)
+            net = model_spec.build()
+            dataset = data_spec.build()
+        names = layers or conv_layers(net)
+        if not names:
+            from featurelens.graph import layer_names
 
-        raise SpecError(
-            f"model {model_spec.spec!r} has no convolution layer; pass --layers, one of: "
-            + ", ".join(layer_names(net)[:40])
+            raise SpecError(
+                f"model {model_spec.spec!r} has no convolution layer; pass --layers, one of: "
+                + ", ".join(layer_names(net)[:40])
+            )
+        if channels is None and quick:
+            channels = 4
+        if isinstance(top_k, int) and not isinstance(top_k, bool) and top_k > len(dataset) >= 1:
+            # a handful of the user's own images is a fine demo: show them all, not refuse
+            log(
+                f"note: --top-k {top_k} > the {len(dataset)} examples; using --top-k {len(dataset)}"
+            )
+            top_k = len(dataset)
+        log(f"scanning {len(names)} layer(s) over {len(dataset)} examples: {', '.join(names)}")
+        atlas = scan(
+            net,
+            dataset,
+            names,
+            top_k=top_k,
+            batch_size=batch_size,
+            device=device,
+            progress=progress,
+            model_spec=model_spec,
+            data_spec=data_spec,
         )
-    if channels is None and quick:
-        channels = 4
-    if isinstance(top_k, int) and not isinstance(top_k, bool) and top_k > len(dataset) >= 1:
-        # a handful of the user's own images is a fine demo: show them all rather than refuse
-        log(f"note: --top-k {top_k} > the {len(dataset)} examples; using --top-k {len(dataset)}")
-        top_k = len(dataset)
-    log(f"scanning {len(names)} layer(s) over {len(dataset)} examples: {', '.join(names)}")
-    atlas = scan(
-        net,
-        dataset,
-        names,
-        top_k=top_k,
-        batch_size=batch_size,
-        device=device,
-        progress=progress,
-        model_spec=model_spec,
-        data_spec=data_spec,
-    )
-    atlas_dir = atlas.save(out / "atlas")
-    if device is not None:  # the scan gave the model back where it was; project there too
-        net.to(device)
-    index = write_report(
-        atlas_dir,
-        out,
-        model=net,
-        data=dataset,
-        method=method,
-        style=style,
-        channels=channels,
-        device=device,
-        progress=progress,
-    )
+        # paths are stored relative to the atlas directory: the temporary folder is a sibling
+        # of OUT, so they hold once it is moved
+        atlas.save(staging / "atlas")
+        if device is not None:  # the scan gave the model back where it was; project there too
+            net.to(device)
+        write_report(
+            staging / "atlas",
+            staging,
+            model=net,
+            data=dataset,
+            method=method,
+            style=style,
+            channels=channels,
+            device=device,
+            progress=progress,
+        )
+    atlas_dir, index = out / "atlas", out / "index.html"
     seconds = time.perf_counter() - t0
     log(f"atlas: {atlas_dir}")
     log(f"open {index.resolve()}")

@@ -68,7 +68,7 @@ _IDENTITY_FUNCTIONS = {
 }  # fmt: skip
 
 
-def _max_pool_as_average(func, args, kwargs, d: int):  # noqa: ANN001
+def _max_pool_as_average(func, args, kwargs, d: int):
     """Average pooling with max pooling's exact geometry (dilation and ceil_mode included)."""
     names = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
     a = dict(zip(names, args))
@@ -77,7 +77,7 @@ def _max_pool_as_average(func, args, kwargs, d: int):  # noqa: ANN001
     reference = func(*args, **kwargs)  # real max pool, for its output shape
     ref = reference[0] if isinstance(reference, tuple) else reference
 
-    def tup(v, default):  # noqa: ANN001, ANN202
+    def tup(v, default):
         v = default if v is None else v
         return (
             tuple(v) * (d if len(tuple(v)) == 1 else 1)
@@ -164,14 +164,14 @@ def _positive_bicubic(args: tuple, kwargs: dict) -> torch.Tensor:
     return x
 
 
-def _positive(func, args: tuple, kwargs: dict) -> tuple[tuple, dict]:  # noqa: ANN001
+def _positive(func, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """Swap the model's parameters for positive float64 constants, in this call only.
 
     Convolution and linear weights average their inputs (1 / fan-in, so magnitudes stay near 1
     however deep the net), biases vanish, every other parameter (layer scales, ...) becomes 1.
     """
 
-    def swap(i: int | str, a):  # noqa: ANN001, ANN202
+    def swap(i: int | str, a):
         if not isinstance(a, nn.Parameter):
             return a
         if func in _WEIGHTED and i in (1, "weight"):
@@ -188,9 +188,10 @@ def _positive(func, args: tuple, kwargs: dict) -> tuple[tuple, dict]:  # noqa: A
 
 class _PositiveLinearMode(TorchFunctionMode):
     """Parameters become positive constants, activations and norms the identity, max pooling
-    average pooling: the network becomes a positive linear map."""
+    average pooling: the network becomes a positive linear map.
+    """
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         args, kwargs = _positive(func, args, kwargs or {})
         if func in _IDENTITY_FUNCTIONS:
             x = args[0] if args else kwargs.get("input")
@@ -261,7 +262,7 @@ def empirical_receptive_field(
         target = y.sum()
     else:
         loc = check_location(loc, spatial, where=f"layer {layer!r} outputs")
-        target = y[(0, slice(None), *loc)].sum()
+        target = y[(0, slice(None), *loc)].sum()  # type: ignore[index]  # ints, not objects
     (grad,) = torch.autograd.grad(target, x)
     mask = (grad[0] != 0).any(dim=0).cpu()
     region = []

@@ -24,6 +24,8 @@ unknown name), so existing ``except ValueError`` code keeps working.
     ├── DataError (TypeError, ValueError)    data that cannot be scanned
     ├── SpecError (ValueError)               a model or data spec that does not resolve
     ├── AtlasError (ValueError)              an atlas that cannot be used as asked
+    │   ├── UntrustedAtlasError              an atlas names code it may not run without consent
+    │   └── LockedError                      a directory another scan is writing
     ├── NonFiniteError (FloatingPointError)  a value or gradient became NaN or infinite
     └── MissingExtraError (ModuleNotFoundError)  an optional dependency that is not installed
 
@@ -50,6 +52,7 @@ __all__ = [
     "LayerError",
     "LimitError",
     "NonFiniteError",
+    "LockedError",
     "MissingExtraError",
     "NotAlignedError",
     "NotFoundError",
@@ -59,6 +62,7 @@ __all__ = [
     "StyleError",
     "TraceError",
     "UnsupportedOpError",
+    "UntrustedAtlasError",
     "UsageError",
 ]
 
@@ -145,9 +149,24 @@ class AtlasError(FeaturelensError, ValueError):
     """An atlas directory that cannot be used as asked (incomplete, other version, ...)."""
 
 
+class UntrustedAtlasError(AtlasError):
+    """An atlas names code (or a folder outside itself) that featurelens would run or read to
+    rebuild its model or data, and it is not trusted: it was not made by this user on this
+    machine and no consent was given. The message shows exactly what would run and how to
+    allow it (``--trust-code`` on the CLI, ``trust_code=True`` in Python).
+    """
+
+
+class LockedError(AtlasError):
+    """A directory that another scan holds the lock of; the message names the holder (process
+    id, host, start time) and what to do.
+    """
+
+
 class NonFiniteError(FeaturelensError, FloatingPointError):
     """A value or gradient became NaN or infinite (:func:`featurelens.visualize`); the message
-    names the channel and the step."""
+    names the channel and the step.
+    """
 
 
 class MissingExtraError(FeaturelensError, ModuleNotFoundError):
@@ -164,4 +183,5 @@ class CropWarning(FeaturelensWarning):
 
 class DeadUnitWarning(FeaturelensWarning):
     """:func:`featurelens.visualize` could not move some units: their gradient was zero at
-    every step (a dead unit); their images are the starting noise."""
+    every step (a dead unit); their images are the starting noise.
+    """

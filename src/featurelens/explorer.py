@@ -607,7 +607,8 @@ class Explorer:
 
     def input_png(self, ref: InputRef) -> bytes:
         """The input as a person sees it (denormalised; a volume's central slice, a signal's
-        row), as PNG bytes."""
+        row), as PNG bytes.
+        """
         return self.cache.get_or_compute(
             ("input", str(ref)), lambda: encode_png(self._display(self.input_tensor(ref)))
         )
@@ -1009,7 +1010,7 @@ def _public_spec(spec: Any) -> Any:
 
 
 def public_name(text: str) -> str:
-    """``text`` (a spec, a file or folder) with an absolute path cut to its last component.
+    r"""``text`` (a spec, a file or folder) with an absolute path cut to its last component.
 
     ``/home/me/nets/model.py:build`` -> ``model.py:build``, ``/data/photos`` -> ``photos``,
     ``C:\\nets\\m.py:f`` -> ``m.py:f``; names that are not absolute paths
@@ -1072,7 +1073,8 @@ def _check_hits(atlas: Any, data_size: int) -> None:
 
 def _check_location(location: Sequence[int], shape: Sequence[int], layer: str) -> tuple[int, ...]:
     """``location`` on a map of spatial ``shape``: UsageError if the rank differs, NotFoundError
-    if outside."""
+    if outside.
+    """
     loc = tuple(int(v) for v in location)
     shape = tuple(int(n) for n in shape)
     if len(loc) != len(shape):

@@ -68,7 +68,8 @@ def check_method(method: str) -> str:
 
 def model_dtype(model: nn.Module) -> torch.dtype:
     """The floating dtype inputs must have for ``model``: its first floating parameter's
-    (else buffer's) dtype, else torch's default dtype."""
+    (else buffer's) dtype, else torch's default dtype.
+    """
     for t in (*model.parameters(), *model.buffers()):
         if t.is_floating_point():
             return t.dtype
@@ -221,6 +222,7 @@ def top_hits(atlas: Atlas, layer: str, channel: int, k: int) -> list[Hit]:
 
 
 def zf_title(layer: str, channel: int, method: str, style: str, rf: ReceptiveField | None) -> str:
+    """The title of a channel's figure: layer, channel, method, style and what its patches show."""
     if rf is None:
         field = "receptive field not computable: whole input shown"
     else:

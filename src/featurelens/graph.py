@@ -42,8 +42,11 @@ __all__ = [
 
 
 def unknown_name_message(bad: str, valid: Sequence[str], what: str = "layer") -> str:
-    """ "unknown layer 'x'. Did you mean ...? Valid names (in order): ..." - close matches
-    first, then the valid names in their own order (execution order for layers)."""
+    """The message for an unknown name: close matches first, then the valid names in order.
+
+    For example "unknown layer 'x'. Did you mean ...? Valid names (in order): ..." (execution
+    order for layers).
+    """
     close = difflib.get_close_matches(str(bad), list(valid), n=5, cutoff=0.5)
     shown = ", ".join(repr(v) for v in valid[:25])
     more = f", ... ({len(valid) - 25} more)" if len(valid) > 25 else ""
@@ -64,6 +67,7 @@ class ModelState:
 
 
 def model_state(model: nn.Module) -> ModelState:
+    """The ``training`` flag of every module and ``requires_grad`` of every parameter."""
     return ModelState(
         training={n: m.training for n, m in model.named_modules()},
         requires_grad={n: p.requires_grad for n, p in model.named_parameters()},
@@ -106,8 +110,8 @@ def model_device(model: nn.Module, default: torch.device | str = "cpu") -> torch
     """Where the model lives: its first parameter's device, else its first buffer's."""
     for t in model.parameters():
         return t.device
-    for t in model.buffers():
-        return t.device
+    for b in model.buffers():
+        return b.device
     return torch.device(default)
 
 
@@ -122,7 +126,7 @@ class _RecordingTracer(fx.Tracer):
         super().__init__()
         self.calls: dict[str, list[fx.Node | None]] = {}
 
-    def call_module(self, m, forward, args, kwargs):  # noqa: ANN001 - fx signature
+    def call_module(self, m, forward, args, kwargs):
         out = super().call_module(m, forward, args, kwargs)
         name = self.path_of_module(m)
         node = out.node if isinstance(out, fx.Proxy) else None
@@ -151,6 +155,7 @@ class Traced:
     not_tensor: list[str] = field(default_factory=list)
 
     def node(self, layer: str) -> fx.Node:
+        """The graph node whose value is ``layer``'s output; raises LayerError when there is none."""
         if layer in self.outputs:
             return self.outputs[layer]
         if layer in self.reused:
@@ -315,7 +320,7 @@ def capture(
     handles = []
 
     def make_hook(name: str):
-        def hook(module, args, output):  # noqa: ANN001 - torch hook signature
+        def hook(module, args, output):
             if name in outputs:
                 return None
             if not isinstance(output, torch.Tensor):

@@ -481,7 +481,7 @@ def _check_inputs(inputs: Any) -> torch.Tensor:
 
 
 def _as_tensor(v: Any) -> Any:
-    """numpy arrays as tensors (ints stay ints, floats stay floats and are refused later)."""
+    """Numpy arrays as tensors (ints stay ints, floats stay floats and are refused later)."""
     if isinstance(v, np.ndarray):
         return torch.from_numpy(np.ascontiguousarray(v)) if v.dtype != object else v
     return v
@@ -570,8 +570,12 @@ class _Crop:
 
     @classmethod
     def for_field(cls, rf: ReceptiveField) -> _Crop:
-        size, far = [], []
+        size, far, strides, pads = [], [], [], []
         for r, j, p, n in zip(rf.size, rf.stride, rf.padding, rf.input_shape):
+            # a regular field (see _analyse): every axis has its (size, stride, padding)
+            assert r is not None and j is not None and p is not None
+            strides.append(j)
+            pads.append(p)
             if j <= 0:
                 size.append(n)
                 far.append(n)
@@ -581,7 +585,7 @@ class _Crop:
             need = min(r + (-p) % j, n)
             size.append(need)
             far.append(n - j * ((n - need) // j))  # n - far is a multiple of j
-        return cls(tuple(size), tuple(far), rf.stride, rf.padding, rf.input_shape, rf)
+        return cls(tuple(size), tuple(far), tuple(strides), tuple(pads), rf.input_shape, rf)
 
     @property
     def is_full(self) -> bool:
@@ -674,7 +678,7 @@ class _CropHazards(TorchFunctionMode):
             )
         return out
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.batch_norm:
             if args[5] if len(args) > 5 else kwargs.get("training", False):

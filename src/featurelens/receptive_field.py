@@ -225,7 +225,8 @@ class ReceptiveField:
 
     def _box(self, loc: tuple[int, ...]) -> list[tuple[int, int]] | None:
         """Per axis the inclusive bounding box of ``loc``'s field; None if it sees only
-        padding."""
+        padding.
+        """
         if self.bounds:
             spans = [b[u] for b, u in zip(self.bounds, loc)]
         else:
@@ -236,13 +237,14 @@ class ReceptiveField:
     def _pieces(self, loc: tuple[int, ...]) -> list[list[tuple[int, int]]] | None:
         """Per axis the disjoint inclusive pieces of ``loc``'s field: its box, or on an axis
         where it wraps the two ends of its arc (each cut to the box); None if it sees only
-        padding."""
+        padding.
+        """
         box = self._box(loc)
         if box is None:
             return None
         if not self.arcs:
             return [[span] for span in box]
-        out = []
+        out: list[list[tuple[int, int]]] = []
         for arc, (low, high), n in zip(self.arcs, box, self.input_shape):
             first, last = arc[loc[len(out)]]
             shift = (first // n) * n  # ``first`` into [0, n)
@@ -647,7 +649,8 @@ class _Field:
 
 def _holds(geometry: tuple[int, int, int], first: np.ndarray, last: np.ndarray) -> bool:
     """Whether the Distill interval of ``(size, stride, padding)`` holds every location's
-    bounds (locations that see only padding hold trivially)."""
+    bounds (locations that see only padding hold trivially).
+    """
     r, j, p = geometry
     start = np.arange(len(first), dtype=np.int64) * j - p
     seen = last >= first
@@ -904,7 +907,8 @@ def _slide(
 
 def _mixing(out: _Out, groups: Any) -> _Out:
     """A convolution's field: with one group every output channel reads every input channel,
-    so all channels of a location see the same field again (``_Field.uniform``)."""
+    so all channels of a location see the same field again (``_Field.uniform``).
+    """
     if isinstance(out, _Field) and int(groups) == 1:
         return replace(out, uniform=True)
     return out
@@ -949,7 +953,8 @@ def _pool_function(call: _Call) -> _Out:
 
 def _adaptive_pool(call: _Call) -> _Out:
     """Adaptive pooling: output ``u`` of ``m`` pools input ``floor(u*n/m)`` to
-    ``ceil((u+1)*n/m) - 1`` (PyTorch's windows; global when ``m`` is 1)."""
+    ``ceil((u+1)*n/m) - 1`` (PyTorch's windows; global when ``m`` is 1).
+    """
     d = call.kernel_dims()
     axes = _kernel_axes(call)
     x, result = call.x, call.output
@@ -1039,7 +1044,8 @@ def _replicate_pad(f: _Field, axis: int, left: int, n: int, n_out: int) -> _Fiel
 
 def _circular_pad(f: _Field, axis: int, left: int, n: int, n_out: int) -> _Field:
     """The axis wrapped around: position -1 reads n - 1, which the bounds hold as seen past
-    the near end (see :class:`_Field`)."""
+    the near end (see :class:`_Field`).
+    """
     i = np.arange(n_out, dtype=np.int64) - left
     return f.gather(axis, (i % n)[:, None], wrap=(i // n)[:, None], window=(1, 1, left, 1))
 
@@ -1135,7 +1141,8 @@ def _transposed(call: _Call, kernel: Any, stride: Any, padding: Any, dilation: A
     tap ``t`` (``output_padding`` only adds locations at the far end: the output's shape
     says how many). With stride 1 it is a convolution (a regular window); with a larger
     stride neighbouring outputs read different numbers of inputs: the axis becomes
-    irregular."""
+    irregular.
+    """
     d = call.kernel_dims()
     k, s = _ntuple(kernel, d), _ntuple(stride, d)
     q, dil = _ntuple(padding, d), _ntuple(dilation, d)
@@ -1249,8 +1256,8 @@ def _resampled_taps(
             stop = min(start + rows, n_in)
             eye = torch.zeros(stop - start, n_in, dtype=dtype, device=device)
             eye[torch.arange(stop - start), torch.arange(start, stop)] = 1
-            b, u = torch.nonzero(resample(eye), as_tuple=True)
-            pairs.append((u.cpu().numpy(), (b + start).cpu().numpy()))
+            rows_hit, units = torch.nonzero(resample(eye), as_tuple=True)
+            pairs.append((units.cpu().numpy(), (rows_hit + start).cpu().numpy()))
     u = np.concatenate([p[0] for p in pairs]).astype(np.int64)
     t = np.concatenate([p[1] for p in pairs]).astype(np.int64)
     order = np.lexsort((t, u))

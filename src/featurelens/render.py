@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import overload
 
 import numpy as np
 import torch
@@ -157,6 +158,7 @@ class Style:
         return _apply_cmap(self.cmap, (values - lo) / (hi - lo))
 
     def __call__(self, proj: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+        """Normalise then colour ``proj``: an RGB image in ``[0, 1]``."""
         return self.colorize(self.normalize(proj, valid))
 
 
@@ -200,7 +202,7 @@ def get_style(style: str | Style) -> Style:
 # Cells
 
 
-def box_of(rf, location: Sequence[int]) -> Box:  # noqa: ANN001 - a ReceptiveField
+def box_of(rf, location: Sequence[int]) -> Box:
     """The unclipped box of ``location`` (the whole input when the field is global or irregular)."""
     if rf.is_global or not rf.regular:  # an irregular field has no box of one size
         return tuple((0, n - 1) for n in rf.input_shape)
@@ -228,7 +230,7 @@ def crop_box(x: np.ndarray, box: Box) -> tuple[np.ndarray, np.ndarray]:
             return cell, valid
         src.append(slice(lo, hi + 1))
         dst.append(slice(lo - first, hi - first + 1))
-    cell[(..., *dst)] = x[(..., *src)]
+    cell[(Ellipsis, *dst)] = x[(Ellipsis, *src)]  # type: ignore[index, arg-type]  # numpy's stubs
     valid[tuple(dst)] = True
     return cell, valid
 
@@ -416,15 +418,21 @@ class Figure:
     meta: dict = field(default_factory=dict)
 
     def to_png(self) -> bytes:
+        """The picture as PNG bytes."""
         return save_png(self.image)
 
     def _repr_png_(self) -> bytes:
         return self.to_png()
 
     def save(self, path: str | Path) -> Path:
+        """Write the picture as a PNG file at ``path``; returns the path."""
         return save_png(self.image, path)
 
 
+@overload
+def save_png(image: Image.Image, path: None = None) -> bytes: ...
+@overload
+def save_png(image: Image.Image, path: str | Path) -> Path: ...
 def save_png(image: Image.Image, path: str | Path | None = None) -> bytes | Path:
     """Encode ``image`` as PNG (no timestamps: the same image gives the same bytes).
 
@@ -555,7 +563,7 @@ def render_zf(
 # 1-D: aligned line plots
 
 
-def _matplotlib_png(fig) -> Image.Image:  # noqa: ANN001 - a matplotlib Figure
+def _matplotlib_png(fig) -> Image.Image:
     buf = io.BytesIO()
     # No "Software"/date metadata, so the bytes depend only on the drawing.
     fig.savefig(buf, format="png", metadata={"Software": None})

@@ -41,7 +41,7 @@ from featurelens.figures import (
     top_hits,
     zf_title,
 )
-from featurelens.files import atomic_write
+from featurelens.files import atomic_write, replaced_directory
 from featurelens.receptive_field import ReceptiveField
 from featurelens.render import get_style, render_cells, render_sheet_cells
 
@@ -94,9 +94,15 @@ def write_report(
     channels: int | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
+    trust_code: bool = False,
     visualize: bool | Mapping[str, Any] = False,
 ) -> Path:
     """Write the HTML atlas of ``atlas`` into ``out``; returns the path of ``index.html``.
+
+    The site is built in a temporary folder next to ``out`` and moved into place only when it
+    is complete (:func:`featurelens.files.replaced_directory`): a report that fails or is
+    interrupted leaves no partial directory, and an earlier report in ``out`` is replaced
+    whole (atomically on Linux). Files in ``out`` that a report does not write are kept.
 
     Parameters
     ----------
@@ -121,6 +127,9 @@ def write_report(
         from the atlas is moved there.
     progress
         Show a tqdm bar counting channels.
+    trust_code
+        Rebuild model and data from an atlas that this user did not make on this machine
+        (:meth:`Atlas.build_model`): only for atlases from a source you trust.
     visualize
         Add to every channel card the synthetic input that maximises the channel's centre unit
         (:func:`featurelens.visualize`, one batched optimisation per layer, on the unit's
@@ -132,6 +141,8 @@ def write_report(
     ------
     FileNotFoundError, AtlasError
         No atlas, an incomplete scan (resume it first), another format version.
+    UntrustedAtlasError
+        Rebuilding would run code the atlas names, and it is not trusted (``trust_code``).
     LayerError, ValueError
         A layer the atlas lacks (the valid ones are listed), an unknown method or style,
         ``out`` inside the atlas directory (:class:`ReportError`).
@@ -160,12 +171,20 @@ def write_report(
     chosen_layers = list(atlas.layers) if layers is None else list(layers)
     for name in chosen_layers:
         atlas.layer(name)  # a LayerError listing the atlas' layers
+    source = atlas_dir if atlas_dir is not None else atlas.directory
+    if source is not None and is_within(source, out):
+        entry = Path(os.path.relpath(Path(source).resolve(), out.resolve())).parts[0]
+        if _is_report_entry(entry):
+            raise ReportError(
+                f"the atlas {str(source)!r} lies inside --out {str(out)!r} under {entry!r}, "
+                "which a report replaces: choose another directory"
+            )
     if model is None:
-        model = atlas.build_model()
+        model = atlas.build_model(trust_code=trust_code)
         if device is not None:  # our own copy: it may live where the projections run
             model.to(device)
     if data is None:
-        data = atlas.build_data()
+        data = atlas.build_data(trust_code=trust_code)
     k = atlas.top_k if k is None else min(k, atlas.top_k)
     mean, std = normalisation(atlas, None, None)
 
@@ -183,28 +202,48 @@ def write_report(
             _LayerInfo(name, slug, picked, total, tuple(atlas.output_shape(name)), rf, err)
         )
 
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "style.css", _CSS.encode())
-    from tqdm.auto import tqdm
+    final = out
+    with replaced_directory(final, _is_report_entry, last=("index.html",)) as out:
+        atomic_write(out / "style.css", _CSS.encode())
+        from tqdm.auto import tqdm
 
-    bar = tqdm(
-        total=sum(len(info.channels) for info in infos),
-        unit="channel",
-        desc="report",
-        disable=not progress,
-    )
-    sheets: dict[str, tuple[int, int] | None] = {}
-    try:
-        for info in infos:
-            sheets[info.name] = _write_layer(
-                out, model, data, atlas, info, method, style, k, mean, std, device, bar, infos,
-                synthetic=_synthetic_layer(out, model, atlas, info, visualize, device, progress),
-            )  # fmt: skip
-    finally:
-        bar.close()
-    index = out / "index.html"
-    atomic_write(index, _index_page(atlas, atlas_dir, infos, sheets, method, style, k).encode())
-    return index
+        bar = tqdm(
+            total=sum(len(info.channels) for info in infos),
+            unit="channel",
+            desc="report",
+            disable=not progress,
+        )
+        sheets: dict[str, tuple[int, int] | None] = {}
+        try:
+            for info in infos:
+                sheets[info.name] = _write_layer(
+                    out,
+                    model,
+                    data,
+                    atlas,
+                    info,
+                    method,
+                    style,
+                    k,
+                    mean,
+                    std,
+                    device,
+                    bar,
+                    infos,
+                    synthetic=_synthetic_layer(
+                        out, model, atlas, info, visualize, device, progress
+                    ),
+                )
+        finally:
+            bar.close()
+        page = _index_page(atlas, atlas_dir, infos, sheets, method, style, k)
+        atomic_write(out / "index.html", page.encode())
+    return final / "index.html"
+
+
+def _is_report_entry(name: str) -> bool:
+    """Whether ``name`` (an entry of an output directory) is something a report writes."""
+    return name in ("index.html", "style.css", "img") or bool(re.fullmatch(r"layer-.+\.html", name))
 
 
 def _write_layer(
@@ -233,7 +272,8 @@ def _write_layer(
     per_call = max(1, EXAMPLES_PER_CALL // k)
     for start in range(0, len(info.channels), per_call):
         chunk = info.channels[start : start + per_call]
-        units, spans = [], []
+        units: list[tuple[int, Any]] = []  # (channel, hit)
+        spans: list[Any] = []
         for c in chunk:
             hits = top_hits(atlas, info.name, c, k)
             spans.append((c, len(units), len(units) + len(hits), hits))
@@ -312,7 +352,7 @@ def _e(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _shape(shape: Sequence[int]) -> str:
+def _shape(shape: Sequence[int | None]) -> str:
     return " x ".join(str(v) for v in shape) if len(shape) else "-"
 
 
@@ -360,7 +400,7 @@ def _data_text(atlas: Atlas) -> str:
     if spec is None:
         return f"{atlas.manifest.data.class_name} (Python object, no spec)"
     text = spec.spec
-    if spec.mean is not None:
+    if spec.mean is not None and spec.std is not None:
         mean = ", ".join(f"{v:g}" for v in spec.mean)
         std = ", ".join(f"{v:g}" for v in spec.std)
         text += f" (normalised: mean {mean}, std {std})"

@@ -87,12 +87,18 @@ class Rule:
     uses_mask: bool = True
 
 
+def _mask(positive: torch.Tensor | None) -> torch.Tensor:
+    """The forward mask of a rule that uses it (``uses_mask``): never None there."""
+    assert positive is not None, "a rule with uses_mask=True always gets its mask"
+    return positive
+
+
 METHODS: dict[str, Rule] = {
     rule.name: rule
     for rule in (
         Rule(
             "gradient",
-            lambda g, positive: g * positive,
+            lambda g, positive: g * _mask(positive),
             "saliency: the plain gradient d unit / d input (Simonyan et al. 2013)",
             autograd=True,
         ),
@@ -104,7 +110,7 @@ METHODS: dict[str, Rule] = {
         ),
         Rule(
             "guided",
-            lambda g, positive: g.clamp(min=0) * positive,
+            lambda g, positive: g.clamp(min=0) * _mask(positive),
             "guided backprop: rectified backward signal through the forward mask "
             "(Springenberg et al. 2014)",
         ),
@@ -149,7 +155,7 @@ class _Rectify(torch.autograd.Function):
     """``max(x, 0)`` whose backward is a :class:`Rule`; in place when asked (``relu_``)."""
 
     @staticmethod
-    def forward(ctx, x, rule, inplace):  # noqa: ANN001, ANN205 - autograd.Function signature
+    def forward(ctx, x, rule, inplace):
         out = x.relu_() if inplace else x.relu()
         if inplace:
             ctx.mark_dirty(x)
@@ -160,7 +166,7 @@ class _Rectify(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad_out):  # noqa: ANN001, ANN205
+    def backward(ctx, grad_out):
         return ctx.rule.backward(grad_out, ctx.positive), None, None
 
 
@@ -218,7 +224,7 @@ _CLAMP = {
     _T.clip_,
 }
 _CLAMP_MIN = {torch.clamp_min, _T.clamp_min, torch.clamp_min_, _T.clamp_min_}
-_THRESHOLD_INPLACE = {torch.threshold_, F.threshold_}
+_THRESHOLD_INPLACE = {torch.threshold_, F.threshold_}  # type: ignore[attr-defined]  # not in stubs
 _THRESHOLD = {F.threshold, torch.threshold} | _THRESHOLD_INPLACE
 
 # Activations with no deconvnet/guided rule, by the name shown in errors. Clamps, clips and
@@ -274,7 +280,7 @@ class _RuleMode(TorchFunctionMode):
         self.other = other_activations
         self.where = where
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         call = _relu_call(func, args, kwargs)
         if call is not None:
@@ -342,14 +348,14 @@ def rule_mode(
 
 
 def _push(stack: list[tuple[str, str]], label: tuple[str, str]) -> Callable[..., None]:
-    def hook(module, args):  # noqa: ANN001
+    def hook(module, args):
         stack.append(label)
 
     return hook
 
 
 def _pop(stack: list[tuple[str, str]]) -> Callable[..., None]:
-    def hook(module, args, output):  # noqa: ANN001
+    def hook(module, args, output):
         if stack:
             stack.pop()
 

@@ -18,7 +18,12 @@ How the pass is organised:
   checkpointed with ``checkpoint=DIR`` resumes exactly where it stopped, and under
   ``torch.distributed`` rank ``r`` takes batches ``r, r + W, r + 2W, ...``: the very batches of
   a single-process scan, whose top-k states merge into the same atlas;
-* an example that fails to load is skipped, counted, listed in the manifest, and warned about.
+* an example that fails to load, or whose shape differs from the first example's, is skipped,
+  counted, listed in the manifest, and warned about;
+* labels of ``(x, label)`` items are recorded for the hits (one kind for the whole dataset:
+  int, float or str), and a dataset's ``sample_rate`` with the data;
+* a scan with a checkpoint directory holds that directory's lock
+  (:func:`featurelens.files.exclusive_lock`): a second scan into it is refused.
 
 Order of hits: higher score first; ties go to the lower dataset index; within one example the
 first location in row-major order wins. NaN values are ignored when scoring a map; an example
@@ -29,6 +34,7 @@ least one NaN are counted per layer and channel.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import signal
@@ -45,6 +51,7 @@ import torch
 from torch import nn
 
 from featurelens.atlas import (
+    FORMAT_VERSION,
     MANIFEST,
     Atlas,
     AtlasError,
@@ -56,8 +63,19 @@ from featurelens.atlas import (
     Progress,
     ScanIdentity,
 )
-from featurelens.data import Batch, SizedDataset, data_size, iter_batches
-from featurelens.errors import DataError, UsageError
+from featurelens.data import (
+    LABEL_KINDS,
+    Batch,
+    Label,
+    SizedDataset,
+    Unrecordable,
+    check_sample_rate,
+    data_size,
+    iter_batches,
+    shape_mismatch,
+)
+from featurelens.errors import DataError, LockedError, UsageError
+from featurelens.files import LockBusy, exclusive_lock
 from featurelens.fingerprint import data_fingerprint, model_fingerprint
 from featurelens.graph import capture, model_device, preserved, resolve_layers
 from featurelens.receptive_field import try_receptive_field
@@ -228,6 +246,100 @@ class LayerCandidates:
     output_shape: tuple[int, ...]
 
 
+def _label_kind(value: Label | Unrecordable | None) -> tuple[str, str]:
+    """``(kind, description)`` of one item's label, for deciding and for messages."""
+    if value is None:
+        return "none", "no label"
+    if isinstance(value, Unrecordable):
+        return "unrecordable", f"a {value.what} label"
+    kind = "str" if isinstance(value, str) else "float" if isinstance(value, float) else "int"
+    return kind, f"the {kind} label {value!r}"
+
+
+@dataclass
+class _Labels:
+    """The labels a scan records with its hits.
+
+    The first item decides the kind: ``"int"``, ``"float"``, ``"str"`` (recorded), ``"none"``
+    (items without labels) or ``"unrecordable"`` (labels that are no scalar: not recorded);
+    ``"off"`` records nothing (a resumed checkpoint that recorded none). Every later item must
+    agree (ints and floats mix as floats), else a :class:`DataError` names both. ``values``
+    keeps the labels of the examples that may be hits, pruned to the current hits now and
+    then, so that memory stays O(hits).
+    """
+
+    kind: str | None = None
+    first: int = -1
+    first_what: str = ""
+    values: dict[int, Label] = field(default_factory=dict)
+
+    @property
+    def recorded(self) -> str | None:
+        """The kind the atlas records, or None."""
+        return self.kind if self.kind in LABEL_KINDS else None
+
+    def _agree(self, kind: str, what: str, index: int) -> None:
+        if self.kind is None:
+            self.kind, self.first, self.first_what = kind, index, what
+        elif kind != self.kind:
+            if {kind, self.kind} == {"int", "float"}:
+                if self.kind == "int":
+                    self.values = {i: float(v) for i, v in self.values.items()}
+                    self.kind = "float"
+                return
+            raise DataError(
+                f"dataset labels mix types: item {index} has {what}, item {self.first} has "
+                f"{self.first_what}; an atlas records labels of one type (int, float or str; "
+                "ints and floats mix as floats)"
+            )
+
+    def add(self, indices: np.ndarray, labels: Sequence[Label | Unrecordable | None]) -> None:
+        """Check and keep the labels of a batch's rows (``indices`` (B,), one label each)."""
+        if self.kind == "off" or not len(labels):
+            return
+        for index, value in zip(indices.tolist(), labels, strict=True):
+            kind, what = _label_kind(value)
+            self._agree(kind, what, index)
+            if self.kind in LABEL_KINDS:
+                self.values[index] = float(value) if self.kind == "float" else value  # type: ignore[arg-type, assignment]
+
+    def prune(self, tops: Mapping[str, LayerTop]) -> None:
+        """Forget the labels of examples that are no hit any more (when there are many)."""
+        slots = sum(t.indices.size for t in tops.values())
+        if len(self.values) > 2 * slots + 1024:
+            self.values = self.of_hits(tops)
+
+    def of_hits(self, tops: Mapping[str, LayerTop]) -> dict[int, Label]:
+        """The labels of the current hits."""
+        if self.recorded is None:
+            return {}
+        hits = {int(i) for t in tops.values() for i in t.indices[t.indices >= 0].tolist()}
+        return {i: self.values[i] for i in sorted(hits) if i in self.values}
+
+    def merge(self, other: _Labels) -> _Labels:
+        """The labels of both scans (their examples are disjoint)."""
+        if self.kind == "off" or other.kind == "off":
+            return _Labels(kind="off")
+        out = _Labels(self.kind, self.first, self.first_what, dict(self.values))
+        if other.kind is not None:
+            out._agree(other.kind, other.first_what, other.first)
+            cast = float if out.kind == "float" else (lambda v: v)
+            out.values = {i: cast(v) for i, v in {**out.values, **other.values}.items()}
+        return out
+
+    @classmethod
+    def of_atlas(cls, atlas: Atlas) -> _Labels:
+        """The labels of a checkpoint: its kind and its hits' labels (or "off")."""
+        kind = atlas.label_kind
+        if kind is None:
+            return cls(kind="off" if atlas.manifest.examples_scanned else None)
+        tops = [atlas.layer(name).indices for name in atlas.layers]
+        hits = np.unique(np.concatenate([t[t >= 0] for t in tops]))
+        values = {i: atlas.label(i) for i in hits.tolist()}
+        first = min(values) if values else -1
+        return cls(kind, first, f"the {kind} label {values.get(first)!r}", values)  # type: ignore[arg-type]
+
+
 @dataclass
 class _State:
     """Everything a scan accumulates; small, picklable, mergeable."""
@@ -236,6 +348,7 @@ class _State:
     skipped: dict[int, str] = field(default_factory=dict)
     scanned: int = 0
     input_shape: tuple[int, ...] | None = None
+    labels: _Labels = field(default_factory=_Labels)
 
     @classmethod
     def of_atlas(cls, atlas: Atlas) -> _State:
@@ -246,13 +359,15 @@ class _State:
             skipped={s.index: s.error for s in m.skipped},
             scanned=m.examples_scanned,
             input_shape=m.input_shape or None,
+            labels=_Labels(kind="off") if m.format_version < 2 else _Labels.of_atlas(atlas),
         )
 
     def add_batch(
         self, layer: str, indices: np.ndarray, candidates: LayerCandidates, k: int
     ) -> None:
         """Merge one batch's candidates of ``layer``; ``indices`` (B,): the batch's dataset
-        indices, which ``candidates.rows`` index."""
+        indices, which ``candidates.rows`` index.
+        """
         m, channels = candidates.scores.shape
         output_shape = candidates.output_shape
         current = self.tops.get(layer)
@@ -288,6 +403,7 @@ class _State:
             skipped={**self.skipped, **other.skipped},
             scanned=self.scanned + other.scanned,
             input_shape=self.input_shape or other.input_shape,
+            labels=self.labels.merge(other.labels),
         )
 
 
@@ -350,7 +466,8 @@ class _BatchReducer:
         self, forward: Callable[[torch.Tensor], object], x: torch.Tensor
     ) -> dict[str, LayerCandidates]:
         """Run ``forward(x)`` (the truncated pass of ``capture``) on a batch ``x`` (B, C, ...)
-        and return every captured layer's candidates."""
+        and return every captured layer's candidates.
+        """
         self._batch_size = int(x.shape[0])
         self._candidates = {}
         forward(x)
@@ -376,6 +493,8 @@ class _ScanConfig:
     resume: bool
     rank: int  # torch.distributed rank and world size (0, 1 without it)
     world: int
+    example_shape: tuple[int, ...] | None = None  # (C, *spatial) of the fingerprint's first item
+    format_version: int = FORMAT_VERSION  # 1 only to continue a version-1 checkpoint
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -448,6 +567,23 @@ def _remembered_model_spec(model: nn.Module, fingerprint: str) -> ModelSpec | No
     return None
 
 
+def _sample_rate(data: SizedDataset | torch.Tensor, data_spec: DataSpec | None) -> float | None:
+    """The data's sample rate: the spec's, or the dataset's ``sample_rate`` attribute (checked)."""
+    stated = None if data_spec is None else data_spec.sample_rate
+    attribute = None
+    rate = None if isinstance(data, torch.Tensor) else getattr(data, "sample_rate", None)
+    if rate is not None:
+        attribute = check_sample_rate(
+            rate, f"the dataset's attribute {type(data).__name__}.sample_rate"
+        )
+    if stated is not None and attribute is not None and stated != attribute:
+        raise DataError(
+            f"the data spec says sample_rate={stated!r}, the dataset's sample_rate attribute "
+            f"says {attribute!r}: give one, or make them agree"
+        )
+    return stated if stated is not None else attribute
+
+
 def _identity(
     model: nn.Module,
     data: SizedDataset | torch.Tensor,
@@ -458,9 +594,12 @@ def _identity(
     top_k: int,
     model_spec: ModelSpec | None,
     data_spec: DataSpec | None,
-) -> ScanIdentity:
-    """Fingerprint model and data (refusing channels-last layers) and fill in the specs that
-    ``ModelSpec.build()`` / ``DataSpec.build()`` left on them."""
+) -> tuple[ScanIdentity, tuple[int, ...] | None]:
+    """Fingerprint model and data (refusing channels-last layers), fill in the specs that
+    ``ModelSpec.build()`` / ``DataSpec.build()`` left on them (their paths made absolute, so
+    that the atlas can store them relative to where it is saved), and find the sample rate.
+    Returns the identity and the shape of the first example the fingerprint read.
+    """
     data_fp, example_shape = data_fingerprint(data, size)
     if example_shape is not None:
         _check_channels_first(model, example_shape, names)
@@ -469,18 +608,30 @@ def _identity(
         model_spec = _remembered_model_spec(model, model_fp)
     if data_spec is None:
         data_spec = remembered_spec(data, DataSpec)[0]
-    return ScanIdentity(
-        model=ModelRecord(model_spec, type(model).__name__, model_fp),
+    rate = _sample_rate(data, data_spec)
+    if rate is not None and example_shape is not None and len(example_shape) != 2:
+        raise UsageError(
+            f"a sample rate ({rate}) is for 1-D data (C, L); the examples are "
+            f"{example_shape}: drop sample_rate (DataSpec or the dataset's attribute)"
+        )
+    identity = ScanIdentity(
+        model=ModelRecord(
+            None if model_spec is None else model_spec.absolute(),
+            type(model).__name__,
+            model_fp,
+        ),
         data=DataRecord(
-            None if data_spec is None else DataSpecRecord.from_spec(data_spec),
+            None if data_spec is None else DataSpecRecord.from_spec(data_spec.absolute()),
             type(data).__name__,
             size,
             data_fp,
+            sample_rate=rate,
         ),
         layers=names,
         score=score,
         top_k=top_k,
     )
+    return identity, example_shape
 
 
 # --------------------------------------------------------------------------------------------
@@ -520,7 +671,10 @@ def _gather_merge(state: _State, world: int, k: int) -> _State:
 
 
 def _atlas(config: _ScanConfig, state: _State, next_index: int) -> Atlas:
-    """The atlas of ``state`` after the examples below ``next_index``."""
+    """The atlas of ``state`` after the examples below ``next_index``. Its specs are relative to
+    the checkpoint directory where they came from a checkpoint (a resumed scan keeps the
+    saved ones), so the atlas knows that directory before it is saved there.
+    """
     manifest = Manifest.of_scan(
         config.identity,
         state.tops,
@@ -528,23 +682,30 @@ def _atlas(config: _ScanConfig, state: _State, next_index: int) -> Atlas:
         examples_scanned=state.scanned,
         skipped=state.skipped,
         progress=Progress(next_index, config.batch_size),
+        labels=state.labels.recorded,
+        format_version=config.format_version,
     )
-    return Atlas(manifest, state.tops)
+    labels = state.labels.of_hits(state.tops) if state.labels.recorded else None
+    atlas = Atlas(manifest, state.tops, labels)
+    atlas._directory = config.checkpoint
+    return atlas
 
 
 def _load_checkpoint(directory: Path, identity: ScanIdentity) -> Atlas | None:
     """The scan saved in ``directory`` (None when there is none); refused when it is of
-    another scan."""
-    if not (directory / MANIFEST).is_file():
+    another scan.
+    """
+    if not os.path.lexists(directory / MANIFEST):
         return None
     atlas = Atlas.load(directory, allow_incomplete=True)
-    diffs = identity.differences(atlas.manifest.identity)
+    diffs = identity.differences(atlas.scan_identity)
     if diffs:
         raise AtlasError(
             f"cannot resume the scan in {str(directory)!r}: "
             + "; ".join(diffs)
             + " (new vs saved). Use another checkpoint directory, or delete this one to start over"
         )
+    atlas._vouch()  # its specs are the caller's own: the same scan
     return atlas
 
 
@@ -555,14 +716,36 @@ class _Resumption:
     next_index: int = 0
     done: Atlas | None = None
     error: Exception | None = None
+    saved: Manifest | None = None  # the checkpoint's manifest: its stored specs and version
+
+    def config(self, config: _ScanConfig) -> _ScanConfig:
+        """The configuration that continues the saved scan: its format version and its specs
+        as stored (equal to the caller's, relative to the checkpoint directory).
+        """
+        if self.saved is None:
+            return config
+        data = dataclasses.replace(config.identity.data, spec=self.saved.data.spec)
+        if self.saved.format_version < 2:  # version 1 records no sample rate
+            data = dataclasses.replace(data, sample_rate=None)
+        identity = dataclasses.replace(
+            config.identity,
+            model=dataclasses.replace(config.identity.model, spec=self.saved.model.spec),
+            data=data,
+        )
+        return dataclasses.replace(
+            config, identity=identity, format_version=self.saved.format_version
+        )
 
 
-def _resume(config: _ScanConfig) -> tuple[_State, _Resumption]:
+def _resume(config: _ScanConfig, lock_error: LockedError | None) -> tuple[_State, _Resumption]:
     """Where this rank starts: its state and the first index; ``done`` when the checkpoint
-    holds the complete atlas. Only rank 0 carries the saved state (merged at the end)."""
+    holds the complete atlas. Only rank 0 carries the saved state (merged at the end).
+    """
     state, found = _State(), _Resumption()
     ckpt = config.checkpoint
-    if config.rank == 0 and ckpt is not None:
+    if lock_error is not None:
+        found = _Resumption(error=lock_error)
+    elif config.rank == 0 and ckpt is not None:
         try:
             saved = _load_checkpoint(ckpt, config.identity)
         except (AtlasError, FileNotFoundError) as exc:
@@ -577,7 +760,9 @@ def _resume(config: _ScanConfig) -> tuple[_State, _Resumption]:
             elif saved is not None and saved.complete:
                 found = _Resumption(done=saved)
             elif saved is not None:
-                found = _Resumption(next_index=saved.manifest.progress.next_index)
+                found = _Resumption(
+                    next_index=saved.manifest.progress.next_index, saved=saved.manifest
+                )
                 state = _State.of_atlas(saved)
     found = _broadcast(found, config.world)
     if found.error is not None:
@@ -589,7 +774,7 @@ def _resume(config: _ScanConfig) -> tuple[_State, _Resumption]:
 # Device
 
 
-class _on_device:  # noqa: N801 - used as a context manager
+class _on_device:
     """Move the model to ``device`` for the scan and back afterwards (nothing when it is there)."""
 
     def __init__(self, model: nn.Module, device: str | torch.device | None) -> None:
@@ -615,7 +800,8 @@ class _Stop:
     """While a checkpointed scan runs: SIGINT and SIGTERM raise ``KeyboardInterrupt``, deferred
     to :meth:`check` while a batch is being recorded (:meth:`recording`); a second signal
     raises at once. The previous handlers come back on exit. Only in the main thread (where
-    Python runs signal handlers), and only when ``enabled``."""
+    Python runs signal handlers), and only when ``enabled``.
+    """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -633,7 +819,8 @@ class _Stop:
     @contextlib.contextmanager
     def recording(self) -> Iterator[None]:
         """Defer signals while the block runs; the state is consistent again only when the
-        block ends normally (an exception leaves it marked as half recorded)."""
+        block ends normally (an exception leaves it marked as half recorded).
+        """
         self.busy = True
         yield
         self.busy = False
@@ -724,7 +911,7 @@ def _forward(
     Raises
     ------
     DataError
-        The batch could not be stacked (items that are not tensors, of different shapes).
+        The batch could not be stacked (items that are not tensors).
     """
     if batch.error is not None:
         raise DataError(batch.error)
@@ -735,6 +922,17 @@ def _forward(
     return reducer.run(run, batch.x.to(device, non_blocking=True))
 
 
+def _conform(batch: Batch, expected: tuple[int, ...] | None) -> Batch:
+    """``batch``, or, when its examples have another shape than the scan's first example (a
+    batch whose items were checked against another reference), its items listed as skipped.
+    """
+    if batch.x is None or expected is None or tuple(batch.x.shape[1:]) == expected:
+        return batch
+    reason = shape_mismatch(tuple(batch.x.shape[1:]), expected)
+    skipped = {**batch.skipped, **{int(i): reason for i in batch.indices}}
+    return Batch(np.zeros(0, dtype=np.int64), None, skipped)
+
+
 def _record(
     state: _State,
     batch: Batch,
@@ -742,12 +940,20 @@ def _record(
     names: Sequence[str],
     k: int,
 ) -> None:
-    """Add one batch to ``state``: its skipped items and every layer's candidates."""
+    """Add one batch to ``state``: its skipped items, its labels and every layer's candidates.
+
+    Raises
+    ------
+    DataError
+        A label of another type than the earlier items' (see :class:`_Labels`).
+    """
     state.skipped.update(batch.skipped)
     if candidates is not None:
+        state.labels.add(batch.indices, batch.labels)
         for name in names:
             state.add_batch(name, batch.indices, candidates[name], k)
         state.scanned += len(batch.indices)
+        state.labels.prune(state.tops)
 
 
 def _scan_pass(
@@ -794,9 +1000,14 @@ def _scan_pass(
             torch.inference_mode(),
             capture(model, config.names, on_output=reducer.on_output) as run,
         ):
-            batches = iter_batches(data, mine, config.num_workers, pin_memory=dev.type == "cuda")
+            expected = state.input_shape or config.example_shape
+            batches = iter_batches(
+                data, mine, config.num_workers, pin_memory=dev.type == "cuda", expected=expected
+            )
             for t in range(rounds):
                 batch = next(batches) if t < len(mine) else None  # None: others' last round
+                if batch is not None:
+                    batch = _conform(batch, state.input_shape or expected)
                 candidates = None if batch is None else _forward(batch, reducer, run, dev, state)
                 with stop.recording():
                     if batch is not None:
@@ -848,7 +1059,9 @@ def scan(
         Any ``nn.Module``; it comes back unchanged (mode, ``requires_grad``, device, no hooks).
     data
         A ``Dataset`` whose items are tensors (C, *spatial) or ``(tensor, label)`` tuples, or
-        a tensor (N, C, *spatial). Dataset indices identify examples.
+        a tensor (N, C, *spatial). Dataset indices identify examples. Labels that are single
+        numbers or strings are recorded with the hits (:attr:`Hit.label`); a ``sample_rate``
+        attribute of 1-D data is recorded too (:attr:`Atlas.sample_rate`).
     layers
         Dotted layer names (see :func:`featurelens.layer_names`), scanned in one pass.
     top_k
@@ -868,7 +1081,8 @@ def scan(
         another model, data (told by a fingerprint: a tensor's bytes, or a dataset's length
         and its first, middle and last items), layers, score or top_k is refused.
         Ctrl-C (and SIGTERM, while a scan runs in the main thread) saves the batches done so
-        far there and raises :class:`ScanInterrupted`, which says how to continue.
+        far there and raises :class:`ScanInterrupted`, which says how to continue. The scan
+        holds the directory's lock while it runs (:func:`featurelens.files.exclusive_lock`).
     progress
         Show a tqdm bar (images/s).
     model_spec, data_spec
@@ -877,7 +1091,8 @@ def scan(
         and ``serve`` commands). When not given, the spec that ``ModelSpec.build()`` /
         ``DataSpec.build()`` left on the model / dataset (``featurelens_spec``) is used; the
         model's only when its parameters are still those it was built with (a fingerprint
-        taken at build time), else a warning says it was not recorded.
+        taken at build time), else a warning says it was not recorded. Their paths are
+        recorded absolute, and relative to the atlas directory when it is saved near them.
     num_workers
         DataLoader worker processes loading the data.
     checkpoint_every
@@ -898,12 +1113,16 @@ def scan(
         Unknown layer (listing valid names).
     UsageError
         Bad ``top_k``, ``score``, ``batch_size`` or ``checkpoint_every`` (a ``ValueError``); a
-        channels-last layer (output ``(N, *spatial, C)``, found when the model traces).
+        channels-last layer (output ``(N, *spatial, C)``, found when the model traces); a
+        sample rate for data that is not 1-D.
     DataError
-        Data that is not tensors (a dataset item, named by index), items of different shapes,
-        an empty dataset, or no example that loads.
+        Data that is not tensors (a dataset item, named by index), an empty dataset, no
+        example that loads, labels of mixed types (naming two items), or a bad ``sample_rate``
+        attribute. (Items of another shape than the first are skipped and listed, not raised.)
     AtlasError
         ``checkpoint`` holds a different scan (the message says what differs).
+    LockedError
+        Another scan is writing ``checkpoint`` (the message names it).
     ScanInterrupted
         Ctrl-C or SIGTERM during a checkpointed scan, after saving what was done.
     """
@@ -916,7 +1135,7 @@ def scan(
         batch_size=batch_size,
         checkpoint_every=checkpoint_every,
     )
-    identity = _identity(
+    identity, example_shape = _identity(
         model,
         data,
         names,
@@ -939,22 +1158,39 @@ def scan(
         resume=resume,
         rank=rank,
         world=world,
+        example_shape=example_shape,
     )
-    state, found = _resume(config)
-    if found.done is not None:
-        return found.done
-    skips = _SkipWarnings()
-    merged = _scan_pass(model, data, config, state, found.next_index, skips)
-    skips.summarize()
-    if set(merged.tops) != set(names):
-        first = list(merged.skipped.items())[:3]
-        raise DataError(
-            f"no example of the {size} could be loaded; first errors: "
-            + "; ".join(f"{i}: {e}" for i, e in first)
-        )
-    atlas = _atlas(config, merged, size)
-    if config.checkpoint is not None and config.rank == 0:
-        atlas.save(config.checkpoint)
-    if config.world > 1:
-        torch.distributed.barrier()
-    return atlas
+    with contextlib.ExitStack() as held:
+        lock_error = None
+        if config.checkpoint is not None and config.rank == 0:
+            try:  # held until the atlas is saved: a second scan into it is refused
+                held.enter_context(exclusive_lock(config.checkpoint, "scan"))
+            except LockBusy as exc:
+                lock_error = LockedError(str(exc))
+        state, found = _resume(config, lock_error)
+        if found.done is not None:
+            return found.done
+        config = found.config(config)
+        skips = _SkipWarnings()
+        merged = _scan_pass(model, data, config, state, found.next_index, skips)
+        skips.summarize()
+        if set(merged.tops) != set(names):
+            first = list(merged.skipped.items())[:3]
+            raise DataError(
+                f"no example of the {size} could be loaded; first errors: "
+                + "; ".join(f"{i}: {e}" for i, e in first)
+            )
+        if merged.labels.kind == "unrecordable" and config.rank == 0:
+            warnings.warn(
+                f"the dataset's labels are not recorded in the atlas (item "
+                f"{merged.labels.first} has {merged.labels.first_what}; an atlas records "
+                "int, float or str labels)",
+                RuntimeWarning,
+                stacklevel=_USER_FRAME,
+            )
+        atlas = _atlas(config, merged, size)
+        if config.checkpoint is not None and config.rank == 0:
+            atlas.save(config.checkpoint)
+        if config.world > 1:
+            torch.distributed.barrier()
+        return atlas

@@ -54,6 +54,7 @@ def check_location(
         location = (location,)
     elif hasattr(location, "tolist"):
         location = location.tolist()
+    assert not isinstance(location, int)  # made a sequence above
     loc = tuple(int(v) for v in location)
     shape = tuple(int(n) for n in spatial_shape)
     where = where or "the layer outputs"
@@ -105,7 +106,7 @@ def as_integer(value: object, what: str) -> int:
     with a TypeError that starts with ``what``.
     """
     if _is_integer(value):
-        return operator.index(value)
+        return operator.index(value)  # type: ignore[arg-type]  # _is_integer checked it
     raise TypeError(f"{what} must be an integer, got {_describe(value)}")
 
 

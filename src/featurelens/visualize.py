@@ -325,7 +325,8 @@ def _entry(
     **options: tuple[float | int | None, tuple[float, float]],
 ) -> Regularizer:
     """A registry entry; ``options``: ``name=(default, (low, high))``, an int default or
-    limits for a None default making the option whole-numbered."""
+    limits for a None default making the option whole-numbered.
+    """
     integers = frozenset(
         k
         for k, (v, (lo, _)) in options.items()
@@ -1410,7 +1411,8 @@ def _contribution_clip(s: _StepState, o: Mapping[str, Any]) -> None:
 
 def _clip_below(theta: torch.Tensor, score: torch.Tensor, percentile: float) -> None:
     """Set to 0 (the middle of the range) the positions whose ``score`` ``(B, *size)`` is below
-    the row's ``percentile``."""
+    the row's ``percentile``.
+    """
     if percentile <= 0:
         return
     flat = score.flatten(1).to(torch.float64)
@@ -1421,7 +1423,8 @@ def _clip_below(theta: torch.Tensor, score: torch.Tensor, percentile: float) -> 
 
 def _gaussian(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of ``x`` ``(B, C, *size)`` over its spatial axes (edges
-    replicated)."""
+    replicated).
+    """
     r = max(1, math.ceil(3 * sigma))
     t = torch.arange(-r, r + 1, dtype=torch.float64)
     kernel = torch.exp(-(t**2) / (2 * sigma**2))

@@ -230,7 +230,7 @@ def _refusal(
                 "sends it; add it to requests from programs)"
             )
     needs_token = token is not None and not static
-    if needs_token and not any(_equal(t, token) for t in presented):
+    if needs_token and not any(_equal(t, token) for t in presented):  # type: ignore[arg-type]
         return "token", (
             "this explorer needs its access token: open the URL that `featurelens serve` "
             "printed (http://HOST:PORT/?token=...), or send ?token=, the cookie it sets, or "

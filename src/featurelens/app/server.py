@@ -114,7 +114,8 @@ class ExplorerServer:
     @property
     def base_url(self) -> str:
         """The server's root, e.g. ``http://127.0.0.1:8000/``; for ``0.0.0.0`` or ``::``, the
-        machine's host name stands for the address."""
+        machine's host name stands for the address.
+        """
         host = self.host
         if host in ("0.0.0.0", "::", ""):
             host = socket.gethostname()
