@@ -359,7 +359,7 @@ def _visualize_options(p: argparse.ArgumentParser, where: str) -> None:
     p.add_argument("--visualize-seed", type=int, default=0, help="seed (default 0)")
 
 
-def _visualize_kwargs(args: argparse.Namespace) -> dict | bool:
+def _visualize_kwargs(args: argparse.Namespace) -> dict[str, int] | bool:
     if not args.visualize:
         return False
     return {"steps": args.visualize_steps, "seed": args.visualize_seed}
@@ -371,8 +371,8 @@ def _with_synthetic(image, model, atlas, args: argparse.Namespace):
 
     channels = None if args.channel is None else [args.channel]
     v = synthetic_images(
-        model, atlas, args.layer, channels, device=args.device, options=_visualize_kwargs(args),
-        progress=True,
+        model, atlas, args.layer, channels, device=args.device,
+        options={"steps": args.visualize_steps, "seed": args.visualize_seed}, progress=True,
     )  # fmt: skip
     return join([image, synthetic_sheet(v)], vertical=args.channel is None)
 

@@ -1544,7 +1544,8 @@ def _optimise(
     def objective(y: torch.Tensor) -> torch.Tensor:  # (B, K, *grid) -> (B,)
         y = y[rows, index]
         if canvas.local is not None:
-            return y[(slice(None), *canvas.local)]
+            where: tuple[slice | int, ...] = (slice(None), *canvas.local)
+            return y[where]
         return y.flatten(1).mean(dim=1) if y.dim() > 1 else y
 
     opt = torch.optim.Adam([image.theta], lr=call.lr)
