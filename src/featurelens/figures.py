@@ -472,7 +472,7 @@ def synthetic_sheet(v: Visualization, title: str | None = None, columns: int = 8
     """
     from PIL import ImageDraw
 
-    from featurelens import render as r
+    import featurelens.render as r
 
     tiles = v.tiles()
     labels = [
