@@ -164,3 +164,20 @@ def test_demo_on_fewer_images_than_top_k_shows_them_all(tmp_path, capsys):
     atlas = featurelens.Atlas.load(out / "atlas")
     assert atlas.top_k == 6
     assert sorted(h.index for h in atlas.top("0", 0)) == list(range(6))
+
+
+def test_synthetic_inputs_beat_the_top1_digit_for_most_channels(quick_demo):
+    """Issue 13: on the trained demo CNN, the synthetic input (pixels 0..1, normalised as the
+    digits are) drives its unit at least as high as the best of the 5,000 digits does."""
+    out, _ = quick_demo
+    atlas = featurelens.Atlas.load(out / "atlas")
+    model = atlas.build_model()
+    layer = "features.conv2"
+    v = featurelens.visualize(
+        model, layer, range(atlas.channels(layer)), atlas=atlas, steps=128, progress=False
+    )
+    assert v.value_range.low == ((0 - 0.1307) / 0.3081,) and v.cropped
+    top1 = torch.tensor([atlas.top(layer, c)[0].score for c in v.channels])
+    beaten = v.activations >= top1
+    print(f"synthetic >= top-1 digit on {int(beaten.sum())} of {len(beaten)} channels")
+    assert float(beaten.float().mean()) >= 0.75, (v.activations, top1)

@@ -27,11 +27,13 @@ from featurelens import (
     receptive_fields,
     sanity,
     scan,
+    visualize,
 )
 from featurelens.errors import ChannelError, DataError, UsageError
 from featurelens.figures import layer_sheet, zf_grid
 from featurelens.graph import preserved
 from featurelens.rules import METHODS, rule_mode
+from featurelens.visualize import REGULARIZERS
 
 Call = Callable[[nn.Module, torch.Tensor], object]
 
@@ -119,6 +121,16 @@ CALLS: list[tuple[str, Call]] = [
     ("write_report", lambda m, x: _report(m, x, channels=2)),
     ("explorer", lambda m, x: _explorer(m, x, EXPLORE)),
     ("show", lambda m, x: _show(m, x[1], LAYER, 2)),
+    ("visualize", lambda m, x: visualize(m, LAYER, [0, 2], input_shape=tuple(x.shape[1:]),
+                                         steps=2, progress=False)),
+    ("visualize[pixels, every regularizer]",
+     lambda m, x: visualize(m, LAYER, 1, (2, 2), input_shape=tuple(x.shape[1:]), steps=4,
+                            regularizers=[n for n in REGULARIZERS if n != "fourier"],
+                            progress=False)),
+    ("visualize[channel]", lambda m, x: visualize(m, LAYER, 3, objective="channel",
+                                                  input_shape=tuple(x.shape[1:]), steps=2,
+                                                  progress=False)),
+    ("write_report[visualize]", lambda m, x: _report(m, x, channels=2, visualize={"steps": 2})),
 ]  # fmt: skip
 """Public calls that must succeed on the intact model."""
 
@@ -155,6 +167,11 @@ FAILING: list[tuple[str, Call, type[Exception]]] = [
     ("layer_sheet: bad channel",
      lambda m, x: layer_sheet(m, x, _atlas(x), LAYER, channels=[0, 9]), ValueError),
     ("write_report: bad layer", lambda m, x: _report(m, x, layers=["head.2"]), LayerError),
+    ("visualize: bad channel",
+     lambda m, x: visualize(m, LAYER, 9, input_shape=tuple(x.shape[1:]), progress=False),
+     ValueError),
+    ("visualize: bad input shape",
+     lambda m, x: visualize(m, LAYER, 0, input_shape=(2, 20, 18), progress=False), ValueError),
     ("explorer: bad location",
      lambda m, x: _explorer(m, x, [("/api/projection.png", {"channel": 1, "location": "99,0"})]),
      LookupError),

@@ -1,7 +1,9 @@
 """featurelens: interpret the features of a convolutional network by inverting it.
 
 Receptive fields of every layer, maximally activating examples, projections of a unit back to
-the input (gradient, deconvnet, guided backprop), Zeiler-Fergus figures and an explorer.
+the input (gradient, deconvnet, guided backprop), synthetic inputs that maximise a unit
+(regularised activation maximisation on its receptive field), Zeiler-Fergus figures and an
+explorer.
 
 The public names below are imported on first use (PEP 562), so ``import featurelens`` and
 ``featurelens --help`` import neither torch nor the web stack; ``featurelens.project`` imports
@@ -28,10 +30,12 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
         AtlasError,
         CropWarning,
         DataError,
+        DeadUnitWarning,
         FeaturelensError,
         FeaturelensWarning,
         LayerError,
         LayoutError,
+        NonFiniteError,
         NotAlignedError,
         ReceptiveFieldError,
         SpecError,
@@ -57,6 +61,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
     from featurelens.scan import SCORES, scan
     from featurelens.specs import DataSpec
     from featurelens.unit import Layout, Unit
+    from featurelens.visualize import REGULARIZERS, ValueRange, Visualization, visualize
 
 __all__ = [
     "SCORES",
@@ -107,6 +112,12 @@ __all__ = [
     "write_report",
     "zf_figure",
     "zf_grid",
+    "REGULARIZERS",
+    "DeadUnitWarning",
+    "NonFiniteError",
+    "ValueRange",
+    "Visualization",
+    "visualize",
 ]
 
 _ERRORS = "featurelens.errors"
@@ -160,6 +171,12 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "show": ("featurelens.notebook", "figures"),
     "UnitView": ("featurelens.notebook", "figures"),
     "serve": ("featurelens.app", "serve"),
+    "DeadUnitWarning": (_ERRORS, None),
+    "NonFiniteError": (_ERRORS, None),
+    "REGULARIZERS": ("featurelens.visualize", None),
+    "ValueRange": ("featurelens.visualize", None),
+    "Visualization": ("featurelens.visualize", None),
+    "visualize": ("featurelens.visualize", None),
 }
 
 

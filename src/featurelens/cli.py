@@ -291,6 +291,7 @@ def _add_figure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="PNG file to write")
     _render_options(p)
     _add_trust_code(p)
+    _visualize_options(p, "beside the grid (or below the sheet)")
     p.set_defaults(func=_run_figure)
 
 
@@ -336,6 +337,8 @@ def _run_figure(args: argparse.Namespace) -> int:
             )  # fmt: skip
     except ActivationError as exc:
         raise _flags_hint(exc) from exc
+    if args.visualize:
+        image = _with_synthetic(image, model, atlas, args)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_png(image, out)
     print(f"wrote {out} ({image.size[0]} x {image.size[1]})")
@@ -358,6 +361,7 @@ def _add_report(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _render_options(p)
     _add_trust_code(p)
+    _visualize_options(p, "on every channel card (one batched optimisation per layer)")
     p.set_defaults(func=_run_report)
 
 
@@ -382,12 +386,43 @@ def _run_report(args: argparse.Namespace) -> int:
             progress=not args.quiet,
             other_activations=args.other_activations,
             signal_view=args.signal_view,
+            visualize=_visualize_kwargs(args),
             trust_code=args.trust_code,
         )
     except ActivationError as exc:
         raise _flags_hint(exc) from exc
     print(index.resolve())
     return 0
+
+
+# ---- --visualize for figure / report (issue 13) ---------------------------------------------
+def _visualize_options(p: argparse.ArgumentParser, where: str) -> None:
+    p.add_argument(
+        "--visualize",
+        action="store_true",
+        help="add the synthetic input that maximises each channel's centre unit (regularised "
+        f"activation maximisation on its receptive field), {where}",
+    )
+    p.add_argument("--visualize-steps", type=int, default=256, help="optimiser steps (default 256)")
+    p.add_argument("--visualize-seed", type=int, default=0, help="seed (default 0)")
+
+
+def _visualize_kwargs(args: argparse.Namespace) -> dict[str, int] | bool:
+    if not args.visualize:
+        return False
+    return {"steps": args.visualize_steps, "seed": args.visualize_seed}
+
+
+def _with_synthetic(image, model, atlas, args: argparse.Namespace):
+    """``image`` (a ZF grid or a layer sheet) with the synthetic inputs of its channels."""
+    from featurelens.figures import join, synthetic_images, synthetic_sheet
+
+    channels = None if args.channel is None else [args.channel]
+    v = synthetic_images(
+        model, atlas, args.layer, channels, device=args.device,
+        options={"steps": args.visualize_steps, "seed": args.visualize_seed}, progress=True,
+    )  # fmt: skip
+    return join([image, synthetic_sheet(v)], vertical=args.channel is None)
 
 
 def _add_demo(p: argparse.ArgumentParser) -> None:

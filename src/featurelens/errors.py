@@ -27,10 +27,12 @@ unknown name), so existing ``except ValueError`` code keeps working.
     ├── AtlasError (ValueError)              an atlas that cannot be used as asked
     │   ├── UntrustedAtlasError              an atlas names code it may not run without consent
     │   └── LockedError                      a directory another scan is writing
+    ├── NonFiniteError (FloatingPointError)  a value or gradient became NaN or infinite
     └── MissingExtraError (ModuleNotFoundError)  an optional dependency that is not installed
 
     FeaturelensWarning (UserWarning)
-    └── CropWarning                          a projection ran on the whole input
+    ├── CropWarning                          a projection ran on the whole input
+    └── DeadUnitWarning                      a unit visualize could not move (zero gradient)
 
 :class:`featurelens.scan.ScanInterrupted` is a ``KeyboardInterrupt`` on purpose (code that
 stops on Ctrl-C still stops) and so stands outside this hierarchy.
@@ -44,12 +46,14 @@ __all__ = [
     "ChannelError",
     "CropWarning",
     "DataError",
+    "DeadUnitWarning",
     "FeaturelensError",
     "FeaturelensWarning",
     "FormatError",
     "LayerError",
     "LayoutError",
     "LimitError",
+    "NonFiniteError",
     "LockedError",
     "MissingExtraError",
     "NotAlignedError",
@@ -171,6 +175,12 @@ class LockedError(AtlasError):
     """
 
 
+class NonFiniteError(FeaturelensError, FloatingPointError):
+    """A value or gradient became NaN or infinite (:func:`featurelens.visualize`); the message
+    names the channel and the step.
+    """
+
+
 class MissingExtraError(FeaturelensError, ModuleNotFoundError):
     """Something needs an extra that is not installed; the message names it and the command.
 
@@ -181,3 +191,9 @@ class MissingExtraError(FeaturelensError, ModuleNotFoundError):
 
 class CropWarning(FeaturelensWarning):
     """The receptive-field crop was turned off for a call (the result is still exact)."""
+
+
+class DeadUnitWarning(FeaturelensWarning):
+    """:func:`featurelens.visualize` could not move some units: their gradient was zero at
+    every step (a dead unit); their images are the starting noise.
+    """

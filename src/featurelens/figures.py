@@ -19,10 +19,11 @@ sample rate when it records them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import nn
@@ -43,6 +44,9 @@ from featurelens.render import (
 )
 from featurelens.rules import DEFAULT_METHOD, check_other_activations, get_rule
 
+if TYPE_CHECKING:
+    from featurelens.visualize import Visualization
+
 __all__ = [
     "DEFAULT_METHOD",
     "HitBatch",
@@ -53,6 +57,10 @@ __all__ = [
     "format_label",
     "hit_captions",
     "layer_field",
+    "join",
+    "normalisation",
+    "top_hits",
+    "zf_title",
     "layer_sheet",
     "load_examples",
     "model_dtype",
@@ -61,6 +69,9 @@ __all__ = [
     "project_hits",
     "sheet_title",
     "top_hits",
+    "synthetic_images",
+    "synthetic_sheet",
+    "synthetic_title",
     "zf_figure",
     "zf_grid",
     "zf_title",
@@ -569,3 +580,134 @@ def sheet_title(layer: str, method: str, style: str, rf: ReceptiveField | None) 
     """The title of a layer sheet."""
     whole = " · whole input (no receptive field)" if rf is None else ""
     return f"{layer} · top-1 of every channel · {method} · {style}{whole}"
+
+
+# --------------------------------------------------------------------------------------------
+# Synthetic images (featurelens.visualize): the fourth view of the Deep Visualization Toolbox
+
+
+def synthetic_images(
+    model: nn.Module,
+    atlas: Atlas,
+    layer: str,
+    channels: Sequence[int] | None = None,
+    *,
+    device: str | torch.device | None = None,
+    options: Mapping[str, Any] | None = None,
+    progress: bool = False,
+) -> Visualization:
+    """The inputs that maximise the centre unit of each channel, in one batched optimisation.
+
+    :func:`featurelens.visualize` with the atlas's input shape and value range (its data
+    spec's normalisation of pixels 0..1; else ``(0, 1)``, noted in the result).
+
+    Parameters
+    ----------
+    model, atlas
+        The scanned model and its atlas.
+    layer
+        A layer of the atlas.
+    channels
+        Which channels (default all of the layer).
+    device
+        Where to optimise (the model must live there).
+    options
+        Other keyword arguments of :func:`featurelens.visualize` (``steps``, ``lr``, ``seed``,
+        ``regularizers``, ``objective``, ``value_range``, ...).
+    progress
+        A tqdm bar over the steps.
+
+    Returns
+    -------
+    Visualization
+        One row per channel.
+
+    Raises
+    ------
+    LayerError, ChannelError, UsageError
+        As :func:`featurelens.visualize`.
+    """
+    from featurelens.visualize import visualize
+
+    atlas.layer(layer)  # a LayerError listing the atlas's layers
+    chosen = list(range(atlas.channels(layer))) if channels is None else list(channels)
+    kwargs = {"device": device, "progress": progress, **(options or {})}
+    return visualize(model, layer, chosen, atlas=atlas, **kwargs)
+
+
+def synthetic_title(v: Visualization) -> str:
+    """One line: the layer, the unit's location and the canvas (crop or whole input, and why)."""
+    what = "channel mean" if v.location is None else f"unit at {tuple(v.location)}"
+    if v.cropped:
+        box = ", ".join(f"{s.start}:{s.stop}" for s in v.box)
+        canvas = f"receptive-field crop [{box}] of {tuple(v.input_shape[1:])}"
+    else:
+        canvas = f"whole input ({v.fallback})" if v.fallback else "whole input"
+    return f"{v.layer} · synthetic input maximising the {what} · {canvas}"
+
+
+def synthetic_sheet(v: Visualization, title: str | None = None, columns: int = 8) -> Image.Image:
+    """The images of a :class:`~featurelens.Visualization` in a labelled grid.
+
+    Each tile is labelled ``channel: final activation``; dead channels (never moved) are
+    labelled so.
+
+    Parameters
+    ----------
+    v
+        From :func:`featurelens.visualize` or :func:`synthetic_images`.
+    title
+        Default :func:`synthetic_title`.
+    columns
+        Tiles per row.
+
+    Returns
+    -------
+    PIL.Image.Image
+        RGB.
+    """
+    from PIL import ImageDraw
+
+    import featurelens.render as r
+
+    tiles = v.tiles()
+    labels = [
+        f"{c}: dead" if c in v.dead else f"{c}: {float(a):.3g}"
+        for c, a in zip(v.channels, v.activations)
+    ]
+    title = synthetic_title(v) if title is None else title
+    th, tw = max(t.shape[0] for t in tiles), max(t.shape[1] for t in tiles)
+    cols = max(1, min(columns, len(tiles)))
+    rows = -(-len(tiles) // cols)
+    cell_w = max(tw, 64) + 3 * r.GAP
+    cell_h = th + r.LABEL_SIZE + 3 * r.GAP
+    top = r.MARGIN + (r.TITLE_SIZE + 2 * r.GAP if title else 0)
+    width = max(2 * r.MARGIN + cols * cell_w, 2 * r.MARGIN + r._text_width(title, r.TITLE_SIZE))
+    canvas = np.full((top + rows * cell_h + r.MARGIN, width, 3), r.BACKGROUND, dtype=np.uint8)
+    places = []
+    for i, t in enumerate(tiles):
+        x, y = r.MARGIN + (i % cols) * cell_w, top + (i // cols) * cell_h
+        canvas[y : y + t.shape[0], x : x + t.shape[1]] = t
+        places.append((x, y + th + r.GAP))
+    image = Image.fromarray(canvas, "RGB")
+    draw = ImageDraw.Draw(image)
+    if title:
+        draw.text((r.MARGIN, r.MARGIN), title, fill=r.TEXT, font=r._font(r.TITLE_SIZE))
+    for text, xy in zip(labels, places):
+        draw.text(xy, text, fill=r.TEXT, font=r._font(r.LABEL_SIZE))
+    return image
+
+
+def join(images: Sequence[Image.Image], *, vertical: bool = False, gap: int = 16) -> Image.Image:
+    """``images`` side by side (tops aligned) or one above the other (left-aligned), on white."""
+    from featurelens.render import BACKGROUND
+
+    sizes = [im.size for im in images]
+    along = sum(wh[1 if vertical else 0] for wh in sizes) + gap * (len(images) - 1)
+    across = max(wh[0 if vertical else 1] for wh in sizes)
+    out = Image.new("RGB", (across, along) if vertical else (along, across), BACKGROUND)
+    at = 0
+    for im in images:
+        out.paste(im.convert("RGB"), (0, at) if vertical else (at, 0))
+        at += (im.height if vertical else im.width) + gap
+    return out

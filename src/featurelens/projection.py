@@ -873,24 +873,78 @@ def _analyse(
         raise ValueError(f"layer {name!r} outputs shape {tuple(probe.shape)}: no channel axis")
     channels, spatial = shape[0], shape[1:]
     chunk_size = 1 if hazards.batch_statistics else context.chunk_size  # rows would mix
-    whole = _Crop.full(context.spatial)
     if not context.crop or len(spatial) != len(context.spatial):
-        return _Layer(name, channels, spatial, whole, chunk_size)
+        return _Layer(name, channels, spatial, _Crop.full(context.spatial), chunk_size)
+    input_shape = tuple(context.inputs.shape[1:])
+    crops, why = plan_crop(
+        name, spatial, input_shape, field, hazards, given=name in context.fields, layout=layout
+    )
+    return _Layer(name, channels, spatial, crops, chunk_size, fallback=why)
+
+
+def plan_crop(
+    layer: str,
+    spatial: tuple[int, ...],
+    input_shape: tuple[int, ...],
+    field: tuple[ReceptiveField | None, str],
+    hazards: _CropHazards,
+    *,
+    given: bool = False,
+    layout: Layout | None = None,
+) -> tuple[_Crop, str]:
+    """The receptive-field crops of ``layer``, or the whole input and why.
+
+    Shared by projections and :func:`featurelens.visualize` (both compute a unit on the crop
+    that holds its field, with the network truncated at the layer).
+
+    Parameters
+    ----------
+    layer
+        The layer's name, for messages.
+    spatial
+        Its output's spatial shape, as a forward measured it (same rank as the input's).
+    input_shape
+        ``(C, *spatial)`` of the inputs.
+    field
+        ``(receptive field, "")``, or ``(None, why it cannot be computed)``.
+    hazards
+        What the forward to the layer ran (:class:`_CropHazards`, entered around it).
+    given
+        The field is the caller's: one whose output grid is not ``spatial`` is refused.
+    layout
+        The layer's layout (channels moved first by the caller); None: the field must be of a
+        channels-first layer (checked).
+
+    Returns
+    -------
+    tuple
+        ``(crops, "")`` when units can be cropped, or their field is global (then ``crops``
+        is :meth:`_Crop.full`); ``(_Crop.full(...), why)`` when they cannot be cropped.
+
+    Raises
+    ------
+    UsageError
+        A channels-last layer; a ``given`` field of another output grid.
+    """
+    whole = _Crop.full(tuple(input_shape[1:]))
     rf, why = field
-    if rf is not None and layout.axes != tuple((a,) for a in range(len(context.spatial))):
-        # crops go by input axis: a layer whose location dims are not the input's axes in
-        # order (tokens over a grid, a transposed map) runs on the whole input
-        return _Layer(name, channels, spatial, whole, chunk_size)
+    if rf is not None and layout is not None:
+        if layout.axes != tuple((a,) for a in range(len(input_shape) - 1)):
+            # crops go by input axis: a layer whose location dims are not the input's axes in
+            # order (tokens over a grid, a transposed map) runs on the whole input
+            return whole, ""
+    elif rf is not None:  # without a layout (visualize): channels first, checked
+        rf.check_channels_first(layer)
     if rf is not None:
-        if tuple(rf.output_shape) != spatial and name in context.fields:
+        if tuple(rf.output_shape) != spatial and given:
             raise UsageError(
-                f"the receptive field given for layer {name!r} has the output grid "
+                f"the receptive field given for layer {layer!r} has the output grid "
                 f"{tuple(rf.output_shape)}, but the layer outputs {spatial} on these inputs: "
                 f"is it another layer's? Pass receptive_field(model, "
-                f"{tuple(context.inputs.shape[1:])}, {name!r}), or none"
+                f"{tuple(input_shape)}, {layer!r}), or none"
             )
         if rf.is_global:
-            return _Layer(name, channels, spatial, whole, chunk_size)
+            return whole, ""
         why = "; ".join(hazards.reasons(rf))
         if rf.anchored:
             why = "; ".join(w for w in (why, "the network depends on absolute positions "
@@ -907,8 +961,8 @@ def _analyse(
                 f"grid {rf.output_shape}"
             )
     if rf is None or why:  # without a field, why says why
-        return _Layer(name, channels, spatial, whole, chunk_size, fallback=why)
-    return _Layer(name, channels, spatial, _Crop.for_field(rf), chunk_size)
+        return whole, why
+    return _Crop.for_field(rf), ""
 
 
 def _check_target(target: _Target, layer: _Layer) -> None:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import html
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,6 +148,7 @@ def write_report(
     other_activations: str = "error",
     signal_view: str = "waveform",
     trust_code: bool = False,
+    visualize: bool | Mapping[str, Any] = False,
 ) -> Path:
     """Write the HTML atlas of ``atlas`` into ``out``; returns the path of ``index.html``.
 
@@ -190,6 +191,13 @@ def write_report(
     signal_view
         Signals only: a key of :data:`featurelens.render.SIGNAL_VIEWS` (``waveform``,
         ``spectrogram``).
+
+    visualize
+        Add to every channel card the synthetic input that maximises the channel's centre unit
+        (:func:`featurelens.visualize`, one batched optimisation per layer, on the unit's
+        receptive-field crop). True for the defaults, or a mapping of
+        :func:`featurelens.visualize`'s keyword arguments (``steps``, ``lr``, ``seed``,
+        ``regularizers``, ...).
 
     Returns
     -------
@@ -292,7 +300,18 @@ def write_report(
         try:
             for info in infos:
                 sheets[info.name] = _write_layer(
-                    out, model, data, atlas, info, options, bar, infos, clips
+                    out,
+                    model,
+                    data,
+                    atlas,
+                    info,
+                    options,
+                    bar,
+                    infos,
+                    clips,
+                    synthetic=_synthetic_layer(
+                        out, model, atlas, info, visualize, device, progress
+                    ),
                 )
         finally:
             bar.close()
@@ -318,6 +337,7 @@ def _write_layer(
     bar: Any,
     infos: list[_LayerInfo],
     clips: _Clips | None,
+    synthetic: Mapping[int, str] | None = None,
 ) -> tuple[int, int] | None:
     img_dir = out / info.img_dir
     img_dir.mkdir(parents=True, exist_ok=True)
@@ -366,7 +386,16 @@ def _write_layer(
                 ]
             histogram = _label_histogram(atlas, info.name, c, k)
             cards.append(
-                _card(info, c, hits, f"{info.img_dir}/{name}", fig.image.size, audio, histogram)
+                _card(
+                    info,
+                    c,
+                    hits,
+                    f"{info.img_dir}/{name}",
+                    fig.image.size,
+                    audio,
+                    histogram,
+                    (synthetic or {}).get(c, ""),
+                )
             )
             widths.append(fig.image.size[0])
             bar.update(1)
@@ -380,6 +409,7 @@ def _write_layer(
         atomic_write(img_dir / "sheet.png", figure.to_png())
         written.add("sheet.png")
         sheet_size = figure.image.size
+    written.update(f"synthetic-{c:04d}.png" for c in (synthetic or {}))
     _remove_stale_images(img_dir, written)
     page = _layer_page(atlas, info, infos, cards, sheet_size, options, max(widths))
     atomic_write(out / info.page, page.encode())
@@ -469,11 +499,12 @@ MAX_LABEL_CATEGORIES = 12
 def _remove_stale_images(img_dir: Path, written: set[str]) -> None:
     """Delete the images an earlier report left in ``img_dir`` that this one did not write.
 
-    Only names this module writes are touched (``channel-*.png``, ``sheet.png``): a report
+    Only names this module writes are touched (``channel-*.png``, ``synthetic-*.png``,
+    ``sheet.png``): a report
     with fewer channels must not leave pictures of channels it no longer lists.
     """
     for path in img_dir.iterdir():
-        ours = path.name == "sheet.png" or re.fullmatch(r"channel-\d+\.png", path.name)
+        ours = path.name == "sheet.png" or re.fullmatch(r"(channel|synthetic)-\d+\.png", path.name)
         if ours and path.name not in written and path.is_file():
             path.unlink(missing_ok=True)
 
@@ -670,6 +701,7 @@ def _card(
     size: tuple[int, int],
     audio: list[str | None] | None = None,
     histogram: Any = None,
+    extra: str = "",
 ) -> str:
     labels = [getattr(h, "label", None) for h in hits]
     with_labels = any(lab is not None for lab in labels)
@@ -700,7 +732,7 @@ def _card(
         f'<section class="card" id="channel-{channel}">'
         f'<h3><a href="#channel-{channel}">channel {channel}</a></h3>'
         f'<img src="{_e(src)}" width="{w}" height="{h}" loading="lazy" '
-        f'alt="Zeiler-Fergus grid of {_e(info.name)} channel {channel}">'
+        f'alt="Zeiler-Fergus grid of {_e(info.name)} channel {channel}">{extra}'
         f'<table class="hits"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody>'
         f"</table>{_histogram_html(histogram)}</section>"
     )
@@ -820,4 +852,73 @@ table.labels { font-size: 0.8em; margin-top: 6px; }
 table.labels caption { text-align: left; color: var(--muted); }
 table.labels td { padding: 0 6px; border: 0; }
 table.skipped { font-size: 0.85em; }
+figure.synthetic { margin: 0 0 6px; }
+figure.synthetic img { image-rendering: pixelated; border: 1px solid var(--line); }
+figure.synthetic figcaption { font-size: 0.85em; color: var(--muted); }
 """
+
+
+# --------------------------------------------------------------------------------------------
+# Synthetic inputs (--visualize): what each channel's centre unit wants
+
+
+def _synthetic_layer(
+    out: Path,
+    model: nn.Module,
+    atlas: Atlas,
+    info: _LayerInfo,
+    options: bool | Mapping[str, Any],
+    device: Any,
+    progress: bool,
+) -> dict[int, str]:
+    """Optimise the drawn channels of one layer in one batch; write their PNGs; HTML per card.
+
+    Returns ``{channel: <figure> html}``; empty when ``options`` is False.
+    """
+    if options is False or options is None:
+        return {}
+    from featurelens.figures import synthetic_images
+
+    given = {} if options is True else dict(options)
+    v = synthetic_images(
+        model, atlas, info.name, info.channels, device=device, options=given, progress=progress
+    )
+    img_dir = out / info.img_dir
+    img_dir.mkdir(parents=True, exist_ok=True)
+    top1 = {c: top_hits(atlas, info.name, c, 1)[0].score for c in info.channels}
+    html_by_channel = {}
+    for c, tile, act in zip(v.channels, v.tiles(), v.activations.tolist()):
+        name = f"synthetic-{c:04d}.png"
+        atomic_write(img_dir / name, _png(tile))
+        html_by_channel[c] = _synthetic_html(v, c, act, top1[c], f"{info.img_dir}/{name}", tile)
+    return html_by_channel
+
+
+def _png(rgb: Any) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rgb, "RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _synthetic_html(v: Any, channel: int, act: float, top1: float, src: str, tile: Any) -> str:
+    """The card's figure: the synthetic input, its unit's value against the top-1 example's."""
+    where = "channel mean" if v.location is None else f"unit {tuple(v.location)}"
+    if v.cropped:
+        box = ", ".join(f"{s.start}:{s.stop}" for s in v.box)
+        canvas = f"receptive-field crop [{box}]"
+    else:
+        canvas = "whole input" + (f" ({v.fallback})" if v.fallback else "")
+    value = "dead: never moved" if channel in v.dead else f"{act:.4g}"
+    low, high = v.value_range.low, v.value_range.high
+    rng = f"{low[0]:.3g}..{high[0]:.3g}" if len(low) == 1 else "per channel"
+    h, w = tile.shape[:2]
+    return (
+        f'<figure class="synthetic"><img src="{_e(src)}" width="{w}" height="{h}" '
+        f'loading="lazy" alt="synthetic input of {_e(v.layer)} channel {channel}">'
+        f"<figcaption>synthetic input ({v.steps} steps, values {_e(rng)}): {_e(where)} = "
+        f"{_e(value)} (top-1 example scored {top1:.4g}) · {_e(canvas)}</figcaption></figure>"
+    )
