@@ -38,7 +38,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from featurelens.analysis import ANALYSES, LayerLayout, structure_signature
 from featurelens.errors import CropWarning, FeaturelensError, UsageError
 from featurelens.graph import capture, model_device, preserved, resolve_layers
 from featurelens.receptive_field import ReceptiveField, try_receptive_field
@@ -338,6 +339,9 @@ class _Context:
         As in :func:`project`.
     fields
         Receptive fields given by the caller, by layer, checked against ``inputs``.
+    signature
+        The model's :func:`~featurelens.analysis.structure_signature`, read when the call
+        starts (before any hook of ours): the key of its cached fields and layouts.
     """
 
     model: nn.Module
@@ -348,6 +352,7 @@ class _Context:
     chunk_size: int | None
     other_activations: str
     fields: Mapping[str, ReceptiveField]
+    signature: Hashable = ()
 
     @classmethod
     def create(
@@ -373,7 +378,10 @@ class _Context:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         where = torch.device(device) if device is not None else model_device(model, inputs.device)
         given = _check_fields(fields, tuple(inputs.shape[1:]))
-        return cls(model, inputs, rule, where, bool(crop), chunk_size, other_activations, given)
+        signature = structure_signature(model)
+        return cls(
+            model, inputs, rule, where, bool(crop), chunk_size, other_activations, given, signature
+        )
 
     @property
     def spatial(self) -> tuple[int, ...]:
@@ -659,20 +667,14 @@ class _CropHazards(TorchFunctionMode):
         self.pools: list[str] = []
         self.resampled = False
 
-    def reasons(self, rf: ReceptiveField) -> list[str]:
-        out = []
-        if rf.statistics:
-            out.append(
-                f"the network normalises over positions before it ({', '.join(rf.statistics)})"
-            )
-        if self.resampled:
-            out.append("the network resamples before it (F.interpolate), on a grid a crop changes")
-        if self.pools:
-            out.append(
-                "the network pools to a fixed size before it, which a crop would change "
-                f"({', '.join(self.pools)})"
-            )
-        return out
+    def layout(self, output: torch.Tensor) -> LayerLayout:
+        """What the forward that produced ``output`` ``(1, K, *spatial_l)`` measured."""
+        return LayerLayout(
+            shape=tuple(output.shape[1:]),
+            batch_statistics=self.batch_statistics,
+            pools=tuple(self.pools),
+            resampled=self.resampled,
+        )
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
@@ -691,6 +693,21 @@ class _CropHazards(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _hazards(layout: LayerLayout, rf: ReceptiveField) -> list[str]:
+    """Why crops would change a unit of a layer of ``layout`` and field ``rf`` (none: [])."""
+    out = []
+    if rf.statistics:
+        out.append(f"the network normalises over positions before it ({', '.join(rf.statistics)})")
+    if layout.resampled:
+        out.append("the network resamples before it (F.interpolate), on a grid a crop changes")
+    if layout.pools:
+        out.append(
+            "the network pools to a fixed size before it, which a crop would change "
+            f"({', '.join(layout.pools)})"
+        )
+    return out
+
+
 def _fallback(layer: str, why: str) -> str:
     """The text of a :class:`CropWarning`: ``layer`` was (partly) computed on the whole input."""
     return (
@@ -700,16 +717,16 @@ def _fallback(layer: str, why: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# One layer, as the probe forward measures it
+# One layer, as its cached analysis (or the probe forward) describes it
 
 
 @dataclass(frozen=True)
 class _Layer:
     """What projecting units of one layer needs to know of it.
 
-    From the probe forward (one example through the truncated model) and the layer's receptive
-    field. All but ``chunk_size`` depends only on the model's structure, the inputs' shape and
-    the layer (and ``crop``): the value a cache across calls would keep.
+    From the layer's :class:`~featurelens.analysis.LayerLayout` (what a probe forward of one
+    example through the truncated model measured) and its receptive field, both kept across
+    calls in :data:`featurelens.analysis.ANALYSES` per model structure, input shape and layer.
 
     Attributes
     ----------
@@ -737,26 +754,30 @@ class _Layer:
 
 
 def _field(context: _Context, layer: str) -> tuple[ReceptiveField | None, str]:
-    """The layer's receptive field (the caller's, else computed), or None and why not."""
+    """The layer's receptive field (the caller's, else cached or computed), or None and why."""
     if layer in context.fields:
         return context.fields[layer], ""
-    rf, why = try_receptive_field(context.model, tuple(context.inputs.shape[1:]), layer)
-    return rf, "" if rf is not None else f"its receptive field cannot be computed ({why})"
+    shape = tuple(context.inputs.shape[1:])
+
+    def compute() -> tuple[ReceptiveField | None, str]:
+        rf, why = try_receptive_field(context.model, shape, layer)
+        return rf, "" if rf is not None else f"its receptive field cannot be computed ({why})"
+
+    return ANALYSES.get(context.model, context.signature, ("field", shape, layer), compute)
 
 
 def _analyse(
     context: _Context,
     name: str,
     field: tuple[ReceptiveField | None, str],
-    probe: torch.Tensor,
-    hazards: _CropHazards,
+    layout: LayerLayout,
 ) -> _Layer:
-    """The layer as measured by ``probe`` (its output for one example) and its ``field``."""
-    shape = tuple(probe.shape[1:])
+    """The layer as its ``layout`` (one example's output, measured) and ``field`` say."""
+    shape = layout.shape
     if len(shape) < 1:
-        raise ValueError(f"layer {name!r} outputs shape {tuple(probe.shape)}: no channel axis")
+        raise ValueError(f"layer {name!r} outputs shape {(1, *shape)}: no channel axis")
     channels, spatial = shape[0], shape[1:]
-    chunk_size = 1 if hazards.batch_statistics else context.chunk_size  # rows would mix
+    chunk_size = 1 if layout.batch_statistics else context.chunk_size  # rows would mix
     whole = _Crop.full(context.spatial)
     if not context.crop or len(spatial) != len(context.spatial):
         return _Layer(name, channels, spatial, whole, chunk_size)
@@ -772,7 +793,7 @@ def _analyse(
             )
         if rf.is_global:
             return _Layer(name, channels, spatial, whole, chunk_size)
-        why = "; ".join(hazards.reasons(rf))
+        why = "; ".join(_hazards(layout, rf))
         if not rf.regular or rf.wraps:  # crops need one (size, stride, padding), unwrapped
             why = "its receptive field is irregular or wraps around the input (upsampling, "
             why += "circular padding): no crop is known to reproduce its units"
@@ -806,7 +827,9 @@ def _check_target(target: _Target, layer: _Layer) -> None:
 # (an out-of-memory error retried on the whole input would only get worse), and for the rest
 # the call's own forwards decide:
 #
-# * The probe is the call's first forward of the caller's inputs (one example, full size).
+# * The probe is the first forward of inputs of this shape, dtype and device through this
+#   model structure (one example, full size); a call that finds the layer's layout cached
+#   (featurelens.analysis) runs none, the shape having been accepted before.
 #   When it raises while nothing but the shape can be at fault -- the inputs have the dtype of
 #   every floating parameter and buffer and go where all of them live -- the model rejects
 #   the inputs' shape. Otherwise the error is the caller's to see as it is. (One blind spot:
@@ -886,18 +909,29 @@ def _project_layer(
     field = _field(context, name) if context.crop else (None, "")
     fallbacks = []
     with capture(context.model, [name]) as run:
-        # 1. One example through the truncated model: the layer's shape, errors for
-        #    activations without a rule, operations a crop would change.
+        # 1. The layer's layout (shape, operations a crop would change), kept per model
+        #    structure, input shape, dtype and device; measured by one example through the
+        #    truncated model the first time (the probe), which also meets activations without
+        #    a rule first. Its output serves that example's arg-max.
         probe_row = next((t.row for t in targets if t.location is None), targets[0].row)
-        probe, hazards = _probe(context, run, name, probe_row)
-        layer = _analyse(context, name, field, probe, hazards)
+        measured: dict[int, torch.Tensor] = {}
+
+        def measure() -> LayerLayout:
+            probe, hazards = _probe(context, run, name, probe_row)
+            measured[probe_row] = probe[0]
+            return hazards.layout(probe)
+
+        x = context.inputs
+        key = ("layout", tuple(x.shape[1:]), x.dtype, context.device, name)
+        layout = ANALYSES.get(context.model, context.signature, key, measure)
+        layer = _analyse(context, name, field, layout)
         if layer.fallback:
             fallbacks.append(_fallback(name, layer.fallback))
         for target in targets:
             _check_target(target, layer)
 
         # 2. Arg-max locations: one truncated forward per example, shared by all its units.
-        targets = _find_locations(context, run, layer, targets, probe_row, probe[0])
+        targets = _find_locations(context, run, layer, targets, measured)
 
         # 3. Crops, then batched forward/backward passes.
         targets, missed = _place(context, layer, targets)
@@ -936,13 +970,12 @@ def _find_locations(
     run: Any,
     layer: _Layer,
     targets: list[_Target],
-    probe_row: int,
-    probe: torch.Tensor,
+    measured: Mapping[int, torch.Tensor],
 ) -> list[_Target]:
     """``targets`` with every missing location set to its channel's first arg-max.
 
-    One truncated forward per example, shared by all its targets; ``probe`` ``(K, *spatial_l)``
-    is example ``probe_row``'s output, already computed.
+    One truncated forward per example, shared by all its targets; ``measured`` holds outputs
+    ``(K, *spatial_l)`` already computed, by example (the probe's).
     """
     wanted: dict[int, list[int]] = {}  # example -> indices of its targets without a location
     for k, t in enumerate(targets):
@@ -955,9 +988,10 @@ def _find_locations(
             t = targets[k]  # the first maximum, NaN ignored
             located[k] = replace(t, location=argmax_location(y[t.channel]))
 
-    if probe_row in wanted:
-        take(probe_row, probe)
-    rest = [r for r in wanted if r != probe_row]
+    for row, y in measured.items():
+        if row in wanted:
+            take(row, y)
+    rest = [r for r in wanted if r not in measured]
     step = layer.chunk_size or max(1, AUTO_CHUNK_VALUES // context.inputs[0].numel())
     with torch.no_grad():
         for lo in range(0, len(rest), step):
@@ -994,25 +1028,49 @@ def _place(context: _Context, layer: _Layer, targets: list[_Target]) -> tuple[li
 def _run_passes(
     context: _Context, run: Any, layer: _Layer, targets: list[_Target], out: torch.Tensor
 ) -> None:
-    """Project ``targets`` in passes of crops of equal size, at most a chunk each."""
-    groups: dict[tuple[int, ...], list[_Target]] = {}
+    """Project ``targets`` in passes of crops of equal size, at most a chunk of units each.
+
+    Targets of one example whose windows coincide (every channel at one location, neighbours
+    inside one stride) share one crop: one row of the forward, one backward slot each
+    (:func:`_run_pass`). Crops are batched with others holding as many targets, so that no
+    pass carries empty slots.
+    """
+    groups: dict[tuple[int, ...], dict[tuple[int, tuple[int, ...]], list[_Target]]] = {}
     for t in targets:
-        groups.setdefault(t.placed[1].size, []).append(t)
+        _, window = t.placed
+        groups.setdefault(window.size, {}).setdefault((t.row, window.start), []).append(t)
     channels = context.inputs.shape[1]
-    for size, members in groups.items():
+    for size, crops in groups.items():
         step = layer.chunk_size or max(1, AUTO_CHUNK_VALUES // (channels * math.prod(size)))
-        for lo in range(0, len(members), step):
-            _run_pass(context, run, layer, members[lo : lo + step], out)
+        by_count: dict[int, list[list[_Target]]] = {}
+        for sharing in crops.values():
+            by_count.setdefault(len(sharing), []).append(sharing)
+        for count, shared in by_count.items():
+            per_pass = max(1, step // count)  # crops per pass: units per pass <= step
+            for lo in range(0, len(shared), per_pass):
+                _run_pass(context, run, layer, shared[lo : lo + per_pass], out, step)
 
 
 def _run_pass(
-    context: _Context, run: Any, layer: _Layer, targets: list[_Target], out: torch.Tensor
+    context: _Context,
+    run: Any,
+    layer: _Layer,
+    crops_of: list[list[_Target]],
+    out: torch.Tensor,
+    step: int,
 ) -> None:
-    """One forward and one backward for ``targets`` (crops of equal size)."""
+    """One forward of crops of equal size and the backward of every target on them.
+
+    ``crops_of[i]`` are the targets sharing crop ``i`` (same example, same window). Target
+    ``s`` of each crop goes in backward slot ``s``: a slot selects at most one unit per crop,
+    and rows are independent, so one backward of a slot's sum gives each of its units' maps.
+    Slots run batched (``is_grads_batched``: one vectorised backward over a one-hot selector
+    per slot), at most ``step`` crop-maps at once, on the one forward's graph.
+    """
     x = context.inputs
-    placed = [t.placed for t in targets]  # (location, window) per target
-    slices = [window.slices for _, window in placed]
-    crops = torch.stack([x[t.row][(slice(None), *sl)] for t, sl in zip(targets, slices)])
+    firsts = [members[0] for members in crops_of]
+    slices = [t.placed[1].slices for t in firsts]
+    crops = torch.stack([x[t.row][(slice(None), *sl)] for t, sl in zip(firsts, slices)])
     crops = crops.to(context.device).requires_grad_(True)  # (m, C, *size)
     try:
         # The rule's mode around the forward only, as the probe: the bookkeeping and the
@@ -1026,7 +1084,9 @@ def _run_pass(
             f"the model rejects receptive-field crops of shape {tuple(crops.shape)} "
             f"({_first_line(exc)})"
         ) from exc
-    local = [layer.crops.local(location, window.start) for location, window in placed]
+    # One entry per target: (crop, slot, target), crop-major.
+    units = [(i, s, t) for i, members in enumerate(crops_of) for s, t in enumerate(members)]
+    local = [layer.crops.local(t.placed[0], t.placed[1].start) for _, _, t in units]
     if any(not 0 <= u < n for loc in local for u, n in zip(loc, y.shape[2:])):
         raise _CropRejected(  # a geometry the receptive-field engine got wrong
             f"crops of shape {tuple(crops.shape)} give a {tuple(y.shape[2:])} grid that misses "
@@ -1034,14 +1094,30 @@ def _run_pass(
         )
     coords = torch.tensor(local, dtype=torch.long, device=y.device)
     index = (
-        torch.arange(len(targets), device=y.device),
-        torch.tensor([t.channel for t in targets], device=y.device),
-        *coords.reshape(len(targets), len(layer.spatial)).T,
+        torch.tensor([i for i, _, _ in units], device=y.device),
+        torch.tensor([t.channel for _, _, t in units], device=y.device),
+        *coords.reshape(len(units), len(layer.spatial)).T,
     )
-    (grad,) = torch.autograd.grad(y[index].sum(), crops)
-    grad = grad.to(out.device)
-    for g, t, sl in zip(grad, targets, slices):
-        out[t.out_row][(slice(None), *sl)] = g
+    values = y[index]  # (M,) the selected units
+    slots = max(len(members) for members in crops_of)
+    per_backward = max(1, step // len(crops_of))  # slots per backward: <= step crop-maps
+    for lo in range(0, slots, per_backward):
+        hi = min(slots, lo + per_backward)
+        chosen = [k for k, (_, s, _) in enumerate(units) if lo <= s < hi]
+        selector = torch.zeros((hi - lo, len(units)), dtype=values.dtype, device=values.device)
+        selector[[units[k][1] - lo for k in chosen], chosen] = 1
+        keep = hi < slots  # the graph serves the next slots too
+        if hi - lo == 1:
+            (grad,) = torch.autograd.grad(values, crops, selector[0], retain_graph=keep)
+            grad = grad[None]  # (1, m, C, *size)
+        else:
+            (grad,) = torch.autograd.grad(
+                values, crops, selector, retain_graph=keep, is_grads_batched=True
+            )  # (slots, m, C, *size)
+        grad = grad.to(out.device)
+        for k in chosen:
+            i, s, t = units[k]
+            out[t.out_row][(slice(None), *slices[i])] = grad[s - lo, i]
 
 
 def _rejects_crops(
