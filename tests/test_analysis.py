@@ -35,7 +35,7 @@ def plain_gradient(model: nn.Module, x: torch.Tensor, layer: str, units: list, r
     for u, r in zip(units, rows):
         xr = x[r : r + 1].clone().requires_grad_(True)
         seen = {}
-        handle = module.register_forward_hook(lambda m, i, o: seen.setdefault("y", o))
+        handle = module.register_forward_hook(lambda m, i, o, seen=seen: seen.setdefault("y", o))
         try:
             model(xr)
         finally:
