@@ -44,10 +44,18 @@ def bare_forward(model: torch.nn.Module, x: torch.Tensor, layer: str, repeats: i
     with preserved(model), torch.no_grad(), capture(model, [layer]) as run:
         run(x)  # warm-up
         for _ in range(repeats):
+            synchronize(x.device)
             start = time.perf_counter()
             run(x)
+            synchronize(x.device)
             times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the GPU's queued work (CUDA runs asynchronously); nothing on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def percentile(values: list[float], q: float) -> float:

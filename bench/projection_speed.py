@@ -57,8 +57,8 @@ def images(size: int = 224) -> torch.Tensor:
 
 
 def captum_channel(model: torch.nn.Module, x: torch.Tensor, channel: int, locs) -> torch.Tensor:  # noqa: ANN001
-    rows = torch.arange(len(x))
-    chans = torch.full((len(x),), channel)
+    rows = torch.arange(len(x), device=x.device)
+    chans = torch.full((len(x),), channel, device=x.device)
     us, vs = locs[:, 0], locs[:, 1]
 
     def selector(out: torch.Tensor) -> torch.Tensor:
@@ -81,7 +81,9 @@ def time_captum(model, x, acts, channels, maps) -> tuple[float, float]:  # noqa:
     for k, ours in zip(channels, maps):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ref = captum_channel(model, x, k, argmax_locations(acts, k))
+            device = next(model.parameters()).device
+            ref = captum_channel(model, x.to(device), k, argmax_locations(acts, k).to(device))
+            ref = ref.cpu()  # waits for the GPU too
         worst = max(worst, float((ref - ours).abs().max()))
     return (time.perf_counter() - start) / len(channels), worst
 
@@ -148,7 +150,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     model = torchvision.models.vgg16(weights=None).eval().to(args.device)
-    x = images().to(args.device)
+    x = images()  # on the CPU: featurelens copies crops to the model, maps come back here
     print(f"vgg16 (weights=None, seed 0), layer {LAYER!r}, {len(x)} images {tuple(x.shape[1:])}, "
           f"{torch.get_num_threads()} threads, {args.device}")  # fmt: skip
 
@@ -158,9 +160,9 @@ def main() -> None:
         lambda m, i, o: seen.setdefault("y", o.detach().clone())
     )
     with torch.no_grad():
-        model(x)
+        model(x.to(args.device))
     hook.remove()
-    acts = seen["y"]  # (9, 256, 56, 56)
+    acts = seen["y"].cpu()  # (9, 256, 56, 56)
     if args.job in ("small", "both"):
         small_job(model, x, acts, max(2, args.repeats))
     if args.job in ("full", "both"):

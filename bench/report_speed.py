@@ -11,11 +11,12 @@ every channel of ``features.conv3`` (64 channels x top 9 = 576 deconvnet maps):
 then the whole ``write_report`` for the three conv layers (112 channels, images included).
 Prints times, ratios, and the max abs difference between the batched and per-hit maps.
 
-Run: ``.venv/bin/python bench/report_speed.py``
+Run: ``.venv/bin/python bench/report_speed.py [--device cuda]``
 """
 
 from __future__ import annotations
 
+import argparse
 import tempfile
 import time
 
@@ -36,19 +37,25 @@ def timed(fn):  # noqa: ANN001, ANN201
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda)")
+    device = torch.device(parser.parse_args().device)
     torch.manual_seed(0)
-    model = mnist_cnn()
+    model = mnist_cnn().to(device)
     data = torch.randn(2000, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     atlas = featurelens.scan(
         model, data, ["features.conv1", "features.conv2", LAYER], top_k=9, progress=False
     )
+    print(f"device {device}")
     rf = featurelens.receptive_field(model, atlas.input_shape, LAYER)
     units = [(c, h) for c in range(atlas.channels(LAYER)) for h in atlas.top(LAYER, c)]
     print(f"{len(units)} deconvnet maps of {LAYER} (receptive field {rf.size})")
 
     def run(group: int) -> torch.Tensor:
         maps = [
-            project_hits(model, data, LAYER, units[i : i + group], rf, "deconvnet").projections
+            project_hits(
+                model, data, LAYER, units[i : i + group], rf, "deconvnet", device
+            ).projections
             for i in range(0, len(units), group)
         ]
         return torch.cat(maps)
@@ -66,7 +73,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as out:
         t_report, _ = timed(
-            lambda: write_report(atlas, out, model=model, data=data, progress=False)
+            lambda: write_report(atlas, out, model=model, data=data, progress=False, device=device)
         )
     n = sum(atlas.channels(layer) for layer in atlas.layers)
     print(
