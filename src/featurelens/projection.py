@@ -18,14 +18,18 @@ pass from that one value to ``x``, with the rectifier rule of the chosen method
   checked to hold the unit's exact field; a unit whose window does not goes uncropped.
 * **Batching.** Crops of many units (any examples, channels, locations) are stacked and go
   through one forward and one backward of the *sum* of the selected units: rows are
-  independent in eval mode, so each row's gradient is its own unit's.
+  independent in eval mode, so each row's gradient is its own unit's. Units of one example
+  whose crops coincide (every channel at one location) share one row; each takes a backward
+  slot, and the slots run as one vectorised backward (``is_grads_batched``).
 
 How a call runs: the public functions check their arguments and turn them into one
 :class:`_Context` (what the whole call shares: model, inputs, rule, device, crop, chunking,
-receptive fields given by the caller) and one :class:`_Target` per unit (its example, its row
-of the result, channel, location, label, and later its crop window). Each layer then gets one
-:func:`~featurelens.graph.capture`, under which a probe forward (one example) measures the
-layer (:class:`_Layer`: channels, output grid, crop plan), arg-max forwards fill in missing
+receptive fields given by the caller, the model's structure signature) and one
+:class:`_Target` per unit (its example, its row of the result, channel, location, label, and
+later its crop window). Each layer then gets one :func:`~featurelens.graph.capture`, under
+which the layer's field and layout come from :data:`featurelens.analysis.ANALYSES` (computed
+the first time, a probe forward of one example measuring the layout) and make its
+:class:`_Layer` (channels, output grid, crop plan), arg-max forwards fill in missing
 locations, and batched passes project the targets. Reasons to compute on the whole input are
 collected and warned once, from the public call, as :class:`CropWarning`.
 
