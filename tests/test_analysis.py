@@ -4,8 +4,8 @@
   layer) and reused; the cached values equal fresh ones; a structural change (module added,
   replaced, re-wrapped, reconfigured, a hook) drops them, so that a stale geometry is never
   used; weights are not part of the key and never leak into results.
-* Units of one example whose crops coincide share one forward row; their backward passes run
-  batched; every map equals the one-unit call and plain autograd (float64, dyadic weights:
+* Units of one example whose crops coincide (every channel at one location), in passes of any
+  chunk size: every map equals the one-unit call and plain autograd (float64, dyadic weights:
   exact).
 """
 
@@ -257,11 +257,11 @@ def test_an_error_keeps_nothing() -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Work shared among units
+# Units on one crop
 
 
 @pytest.mark.parametrize("method", list(METHODS))
-def test_every_channel_at_one_location_shares_one_forward(method: str) -> None:
+def test_every_channel_at_one_location_equals_one_unit_calls(method: str) -> None:
     model = Counting(dyadic_(Awkward2d())).double().eval()
     x = dyadic_input(2, 2, 37, 29)
     layer = "inner.conv2"
@@ -272,7 +272,7 @@ def test_every_channel_at_one_location_shares_one_forward(method: str) -> None:
     before = snapshot(model)
     shared = project_units(model, x, units, method, rows=rows)
     assert_unchanged(model, before)
-    assert sorted(s[0] for s in model.shapes) == [1, 1]  # one crop row per location
+    assert model.shapes and all(s[2:] != (37, 29) for s in model.shapes)  # crops, no probe
     for m, u, r in zip(shared, units, rows):
         one = project(model, x[r : r + 1], u.layer, u.channel, u.location, method, crop=False)
         assert torch.equal(m, one[0]), u
@@ -281,7 +281,7 @@ def test_every_channel_at_one_location_shares_one_forward(method: str) -> None:
         assert torch.equal(shared, plain)
 
 
-def test_slots_split_by_the_chunk_size_and_mixed_sharing() -> None:
+def test_units_on_one_crop_in_passes_of_any_chunk_size() -> None:
     model = dyadic_(Awkward2d())
     x = dyadic_input(3, 2, 37, 29)
     units = (
@@ -299,7 +299,7 @@ def test_slots_split_by_the_chunk_size_and_mixed_sharing() -> None:
         assert torch.equal(got, expected), chunk
 
 
-def test_shared_batched_backward_matches_to_rounding_with_random_float64_weights() -> None:
+def test_units_on_one_crop_match_autograd_with_random_float64_weights() -> None:
     model = Awkward2d().double().eval()
     x = torch.randn(2, 2, 37, 29, dtype=torch.float64)
     units = [Unit("conv3", k, (2, 1)) for k in range(5)] * 2

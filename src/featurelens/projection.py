@@ -18,9 +18,9 @@ pass from that one value to ``x``, with the rectifier rule of the chosen method
   checked to hold the unit's exact field; a unit whose window does not goes uncropped.
 * **Batching.** Crops of many units (any examples, channels, locations) are stacked and go
   through one forward and one backward of the *sum* of the selected units: rows are
-  independent in eval mode, so each row's gradient is its own unit's. Units of one example
-  whose crops coincide (every channel at one location) share one row; each takes a backward
-  slot, and the slots run as one vectorised backward (``is_grads_batched``).
+  independent in eval mode, so each row's gradient is its own unit's. (Units whose crops
+  coincide each keep their own row: a shared row with vectorised backward slots,
+  ``is_grads_batched``, measured 3-4x slower on CPU, where vmap loops over the slots.)
 
 How a call runs: the public functions check their arguments and turn them into one
 :class:`_Context` (what the whole call shares: model, inputs, rule, device, crop, chunking,
@@ -1032,49 +1032,25 @@ def _place(context: _Context, layer: _Layer, targets: list[_Target]) -> tuple[li
 def _run_passes(
     context: _Context, run: Any, layer: _Layer, targets: list[_Target], out: torch.Tensor
 ) -> None:
-    """Project ``targets`` in passes of crops of equal size, at most a chunk of units each.
-
-    Targets of one example whose windows coincide (every channel at one location, neighbours
-    inside one stride) share one crop: one row of the forward, one backward slot each
-    (:func:`_run_pass`). Crops are batched with others holding as many targets, so that no
-    pass carries empty slots.
-    """
-    groups: dict[tuple[int, ...], dict[tuple[int, tuple[int, ...]], list[_Target]]] = {}
+    """Project ``targets`` in passes of crops of equal size, at most a chunk each."""
+    groups: dict[tuple[int, ...], list[_Target]] = {}
     for t in targets:
-        _, window = t.placed
-        groups.setdefault(window.size, {}).setdefault((t.row, window.start), []).append(t)
+        groups.setdefault(t.placed[1].size, []).append(t)
     channels = context.inputs.shape[1]
-    for size, crops in groups.items():
+    for size, members in groups.items():
         step = layer.chunk_size or max(1, AUTO_CHUNK_VALUES // (channels * math.prod(size)))
-        by_count: dict[int, list[list[_Target]]] = {}
-        for sharing in crops.values():
-            by_count.setdefault(len(sharing), []).append(sharing)
-        for count, shared in by_count.items():
-            per_pass = max(1, step // count)  # crops per pass: units per pass <= step
-            for lo in range(0, len(shared), per_pass):
-                _run_pass(context, run, layer, shared[lo : lo + per_pass], out, step)
+        for lo in range(0, len(members), step):
+            _run_pass(context, run, layer, members[lo : lo + step], out)
 
 
 def _run_pass(
-    context: _Context,
-    run: Any,
-    layer: _Layer,
-    crops_of: list[list[_Target]],
-    out: torch.Tensor,
-    step: int,
+    context: _Context, run: Any, layer: _Layer, targets: list[_Target], out: torch.Tensor
 ) -> None:
-    """One forward of crops of equal size and the backward of every target on them.
-
-    ``crops_of[i]`` are the targets sharing crop ``i`` (same example, same window). Target
-    ``s`` of each crop goes in backward slot ``s``: a slot selects at most one unit per crop,
-    and rows are independent, so one backward of a slot's sum gives each of its units' maps.
-    Slots run batched (``is_grads_batched``: one vectorised backward over a one-hot selector
-    per slot), at most ``step`` crop-maps at once, on the one forward's graph.
-    """
+    """One forward and one backward for ``targets`` (crops of equal size)."""
     x = context.inputs
-    firsts = [members[0] for members in crops_of]
-    slices = [t.placed[1].slices for t in firsts]
-    crops = torch.stack([x[t.row][(slice(None), *sl)] for t, sl in zip(firsts, slices)])
+    placed = [t.placed for t in targets]  # (location, window) per target
+    slices = [window.slices for _, window in placed]
+    crops = torch.stack([x[t.row][(slice(None), *sl)] for t, sl in zip(targets, slices)])
     crops = crops.to(context.device).requires_grad_(True)  # (m, C, *size)
     try:
         # The rule's mode around the forward only, as the probe: the bookkeeping and the
@@ -1088,9 +1064,7 @@ def _run_pass(
             f"the model rejects receptive-field crops of shape {tuple(crops.shape)} "
             f"({_first_line(exc)})"
         ) from exc
-    # One entry per target: (crop, slot, target), crop-major.
-    units = [(i, s, t) for i, members in enumerate(crops_of) for s, t in enumerate(members)]
-    local = [layer.crops.local(t.placed[0], t.placed[1].start) for _, _, t in units]
+    local = [layer.crops.local(location, window.start) for location, window in placed]
     if any(not 0 <= u < n for loc in local for u, n in zip(loc, y.shape[2:])):
         raise _CropRejected(  # a geometry the receptive-field engine got wrong
             f"crops of shape {tuple(crops.shape)} give a {tuple(y.shape[2:])} grid that misses "
@@ -1098,30 +1072,14 @@ def _run_pass(
         )
     coords = torch.tensor(local, dtype=torch.long, device=y.device)
     index = (
-        torch.tensor([i for i, _, _ in units], device=y.device),
-        torch.tensor([t.channel for _, _, t in units], device=y.device),
-        *coords.reshape(len(units), len(layer.spatial)).T,
+        torch.arange(len(targets), device=y.device),
+        torch.tensor([t.channel for t in targets], device=y.device),
+        *coords.reshape(len(targets), len(layer.spatial)).T,
     )
-    values = y[index]  # (M,) the selected units
-    slots = max(len(members) for members in crops_of)
-    per_backward = max(1, step // len(crops_of))  # slots per backward: <= step crop-maps
-    for lo in range(0, slots, per_backward):
-        hi = min(slots, lo + per_backward)
-        chosen = [k for k, (_, s, _) in enumerate(units) if lo <= s < hi]
-        selector = torch.zeros((hi - lo, len(units)), dtype=values.dtype, device=values.device)
-        selector[[units[k][1] - lo for k in chosen], chosen] = 1
-        keep = hi < slots  # the graph serves the next slots too
-        if hi - lo == 1:
-            (grad,) = torch.autograd.grad(values, crops, selector[0], retain_graph=keep)
-            grad = grad[None]  # (1, m, C, *size)
-        else:
-            (grad,) = torch.autograd.grad(
-                values, crops, selector, retain_graph=keep, is_grads_batched=True
-            )  # (slots, m, C, *size)
-        grad = grad.to(out.device)
-        for k in chosen:
-            i, s, t = units[k]
-            out[t.out_row][(slice(None), *slices[i])] = grad[s - lo, i]
+    (grad,) = torch.autograd.grad(y[index].sum(), crops)
+    grad = grad.to(out.device)
+    for g, t, sl in zip(grad, targets, slices):
+        out[t.out_row][(slice(None), *sl)] = g
 
 
 def _rejects_crops(
