@@ -18,7 +18,7 @@ time (the time per layer, and their sum: the goal is under a minute), then one Z
 deepest layer drawn from projections already made (render + PNG: a grid in well under a
 second).
 
-Run: ``.venv/bin/python bench/report_speed.py [--case mnist|crepe|all]``
+Run: ``.venv/bin/python bench/report_speed.py [--case mnist|crepe|all] [--device cuda]``
 """
 
 from __future__ import annotations
@@ -46,20 +46,23 @@ def timed(fn):
     return time.perf_counter() - t0, out
 
 
-def mnist_case() -> None:
+def mnist_case(device: torch.device) -> None:
     torch.manual_seed(0)
-    model = mnist_cnn()
+    model = mnist_cnn().to(device)
     data = torch.randn(2000, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     atlas = featurelens.scan(
         model, data, ["features.conv1", "features.conv2", LAYER], top_k=9, progress=False
     )
+    print(f"device {device}")
     rf = featurelens.receptive_field(model, atlas.input_shape, LAYER)
     units = [(c, h) for c in range(atlas.channels(LAYER)) for h in atlas.top(LAYER, c)]
     print(f"{len(units)} deconvnet maps of {LAYER} (receptive field {rf.size})")
 
     def run(group: int) -> torch.Tensor:
         maps = [
-            project_hits(model, data, LAYER, units[i : i + group], rf, "deconvnet").projections
+            project_hits(
+                model, data, LAYER, units[i : i + group], rf, "deconvnet", device
+            ).projections
             for i in range(0, len(units), group)
         ]
         return torch.cat(maps)
@@ -77,7 +80,7 @@ def mnist_case() -> None:
 
     with tempfile.TemporaryDirectory() as out:
         t_report, _ = timed(
-            lambda: write_report(atlas, out, model=model, data=data, progress=False)
+            lambda: write_report(atlas, out, model=model, data=data, progress=False, device=device)
         )
     n = sum(atlas.channels(layer) for layer in atlas.layers)
     print(
@@ -164,9 +167,11 @@ def crepe_case() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", choices=["mnist", "crepe", "all"], default="all")
-    case = parser.parse_args().case
+    parser.add_argument("--device", default="cpu", help="where the mnist case runs (cpu, cuda)")
+    args = parser.parse_args()
+    case = args.case
     if case in ("mnist", "all"):
-        mnist_case()
+        mnist_case(torch.device(args.device))
     if case in ("crepe", "all"):
         crepe_case()
 

@@ -372,6 +372,82 @@ def test_lru_is_bounded_by_bytes():
     assert (cache.hits, cache.misses) == (1, 12)
 
 
+def _racing(n: int, cache: LRUCache, key, compute):
+    """n threads asking ``cache`` for ``key`` at once; their results (or exceptions)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def ask():
+        try:
+            return cache.get_or_compute(key, compute)
+        except Exception as exc:
+            return exc
+
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(lambda _: ask(), range(n)))
+
+
+def _slow(calls: list, cache: LRUCache, waiting: int, result):
+    """A compute that holds on until ``waiting`` other callers wait for it."""
+    import time
+
+    def compute():
+        calls.append(1)
+        deadline = time.monotonic() + 20
+        while cache.waits < waiting and time.monotonic() < deadline:
+            time.sleep(0.001)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    return compute
+
+
+def test_concurrent_requests_for_one_key_compute_once():
+    cache, calls = LRUCache(1 << 20), []
+    value = bytes(100)
+    got = _racing(6, cache, "k", _slow(calls, cache, 5, value))
+    assert calls == [1] and cache.waits == 5 and cache.misses == 1
+    assert all(v is value for v in got)  # every caller got the one computed value
+    assert cache.get_or_compute("k", lambda: calls.append(1)) is value and calls == [1]
+
+
+def test_a_failed_computation_fails_its_waiters_and_is_not_kept():
+    cache, calls = LRUCache(1 << 20), []
+    got = _racing(4, cache, "k", _slow(calls, cache, 3, UsageError("bad unit")))
+    assert calls == [1]
+    assert all(isinstance(v, UsageError) and str(v) == "bad unit" for v in got)
+    assert "k" not in cache
+    assert cache.get_or_compute("k", lambda: b"now") == b"now"  # asked again: computed again
+
+
+def test_concurrent_clicks_on_one_unit_project_once(atlas, model, data, monkeypatch):
+    import featurelens.explorer
+
+    ex = Explorer(atlas, model, data)
+    real, calls = featurelens.explorer.project, []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        import time
+
+        deadline = time.monotonic() + 20
+        while ex.cache.waits < 5 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(featurelens.explorer, "project", counted)
+    ref, layer = ex.input_ref("dataset:3"), LAYERS[0]
+    ex.activations(ref, layer)  # the arg-max's forward, done before the clicks race
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(6) as pool:
+        pngs = list(pool.map(lambda _: ex.projection_png(ref, layer, 2, None, "guided"), range(6)))
+    assert calls == [1]
+    assert len(set(pngs)) == 1
+    fresh = Explorer(atlas, model, data)  # its own cache: the answer is the same
+    assert fresh.projection_png(ref, layer, 2, None, "guided") == pngs[0]
+
+
 CACHE_FILL = r"""
 import gc, sys, torch
 from featurelens.explorer import LRUCache

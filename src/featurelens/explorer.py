@@ -9,7 +9,11 @@ codes.
 
 Inputs are named ``dataset:INDEX`` or ``upload:ID`` (:class:`InputRef`). Results that cost a
 forward or backward pass (activations, sprites, projections, Zeiler-Fergus grids) are cached per
-input and unit. :func:`featurelens.graph.capture` and the projection rules install hooks on the
+input and unit, and concurrent requests for one of them compute it once. A click costs one
+truncated forward for the input's activations (cached, shared by the sprite, the unit and its
+arg-max) and one forward and backward of the unit's receptive-field crop: the layer's field is
+the explorer's own, and its layout is kept across calls (:mod:`featurelens.analysis`).
+:func:`featurelens.graph.capture` and the projection rules install hooks on the
 *shared* model, so every use of the model holds :attr:`Explorer.model_lock`: concurrent callers
 run one model call at a time, and the model never sees two sets of hooks.
 
@@ -29,7 +33,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, TypedDict
@@ -110,8 +114,9 @@ class LRUCache:
 
     Attributes
     ----------
-    hits, misses
-        Lookups answered from the cache, and those that computed.
+    hits, misses, waits
+        Lookups answered from the cache, those that computed, and those that waited for
+        another caller computing the same key.
     """
 
     #: Bytes a tensor costs beyond its storage: the Python object, TensorImpl, StorageImpl and
@@ -126,8 +131,10 @@ class LRUCache:
         self._items: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
+        self._running: dict[Hashable, Future[Any]] = {}  # keys being computed now
         self.hits = 0
         self.misses = 0
+        self.waits = 0
 
     @property
     def nbytes(self) -> int:
@@ -159,13 +166,16 @@ class LRUCache:
     def get_or_compute(self, key: Hashable, compute: Callable[[], Any]) -> Any:
         """The value cached under ``key``, or ``compute()``'s, kept if it fits the budget.
 
+        Concurrent requests for one key compute it once: the first caller computes (without
+        the cache lock held: it may take seconds), the others wait for its value (or its
+        exception, raised to each of them) instead of computing it again.
+
         Parameters
         ----------
         key
             Any hashable; the explorer uses tuples naming the result, input and unit.
         compute
-            Called without the cache lock held (it may take seconds); two callers racing for
-            one key both compute, and the first value stored wins.
+            Called by one caller at a time per key.
 
         Returns
         -------
@@ -177,18 +187,33 @@ class LRUCache:
                 self._items.move_to_end(key)
                 self.hits += 1
                 return self._items[key][0]
-            self.misses += 1
-        value = compute()
+            running = self._running.get(key)
+            if running is None:
+                self.misses += 1
+                running = self._running[key] = Future()
+                mine = True
+            else:
+                self.waits += 1
+                mine = False
+        if not mine:
+            return running.result()  # the computing caller's value, or its exception
+        try:
+            value = compute()
+        except BaseException as exc:
+            with self._lock:
+                del self._running[key]
+            running.set_exception(exc)
+            raise
         size = self.size_of(key) + self.size_of(value) + self.ENTRY_OVERHEAD
         with self._lock:
-            if key in self._items:
-                return self._items[key][0]
+            del self._running[key]
             if size <= self.max_bytes:
                 self._items[key] = (value, size)
                 self._bytes += size
                 while self._bytes > self.max_bytes:
                     _, (_, old) = self._items.popitem(last=False)
                     self._bytes -= old
+        running.set_result(value)
         return value
 
     def __contains__(self, key: object) -> bool:

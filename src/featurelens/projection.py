@@ -18,14 +18,18 @@ pass from that one value to ``x``, with the rectifier rule of the chosen method
   checked to hold the unit's exact field; a unit whose window does not goes uncropped.
 * **Batching.** Crops of many units (any examples, channels, locations) are stacked and go
   through one forward and one backward of the *sum* of the selected units: rows are
-  independent in eval mode, so each row's gradient is its own unit's.
+  independent in eval mode, so each row's gradient is its own unit's. (Units whose crops
+  coincide each keep their own row: a shared row with vectorised backward slots,
+  ``is_grads_batched``, measured 3-4x slower on CPU, where vmap loops over the slots.)
 
 How a call runs: the public functions check their arguments and turn them into one
 :class:`_Context` (what the whole call shares: model, inputs, rule, device, crop, chunking,
-receptive fields given by the caller) and one :class:`_Target` per unit (its example, its row
-of the result, channel, location, label, and later its crop window). Each layer then gets one
-:func:`~featurelens.graph.capture`, under which a probe forward (one example) measures the
-layer (:class:`_Layer`: channels, output grid, crop plan), arg-max forwards fill in missing
+receptive fields given by the caller, the model's structure signature) and one
+:class:`_Target` per unit (its example, its row of the result, channel, location, label, and
+later its crop window). Each layer then gets one :func:`~featurelens.graph.capture`, under
+which the layer's field and layout come from :data:`featurelens.analysis.ANALYSES` (computed
+the first time, a probe forward of one example measuring the layout) and make its
+:class:`_Layer` (channels, output grid, crop plan), arg-max forwards fill in missing
 locations, and batched passes project the targets. Reasons to compute on the whole input are
 collected and warned once, from the public call, as :class:`CropWarning`.
 
@@ -38,7 +42,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
@@ -49,6 +53,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from featurelens._public import public
+from featurelens.analysis import ANALYSES, LayerLayout, structure_signature
 from featurelens.errors import CropWarning, FeaturelensError, LayoutError, UsageError
 from featurelens.graph import capture, model_device, preserved, resolve_layers
 from featurelens.receptive_field import ReceptiveField, try_receptive_field
@@ -370,6 +375,9 @@ class _Context:
         Receptive fields given by the caller, by layer, checked against ``inputs``.
     channel_dims
         Channel dims stated by the caller (:meth:`stated_channel_dim`).
+    signature
+        The model's :func:`~featurelens.analysis.structure_signature`, read when the call
+        starts (before any hook of ours): the key of its cached fields and layouts.
     """
 
     model: nn.Module
@@ -381,6 +389,7 @@ class _Context:
     other_activations: str
     fields: Mapping[str, ReceptiveField]
     channel_dims: int | Mapping[str, int] | None = None
+    signature: Hashable = ()
 
     @classmethod
     def create(
@@ -408,9 +417,10 @@ class _Context:
         where = torch.device(device) if device is not None else model_device(model, inputs.device)
         given = _check_fields(fields, tuple(inputs.shape[1:]))
         _check_channel_dims(channel_dim)
+        signature = structure_signature(model)
         return cls(
             model, inputs, rule, where, bool(crop), chunk_size, other_activations, given,
-            channel_dim,
+            channel_dim, signature,
         )  # fmt: skip
 
     def stated_channel_dim(self, layer: str) -> int | None:
@@ -724,20 +734,14 @@ class _CropHazards(TorchFunctionMode):
         self.pools: list[str] = []
         self.resampled = False
 
-    def reasons(self, rf: ReceptiveField) -> list[str]:
-        out = []
-        if rf.statistics:
-            out.append(
-                f"the network normalises over positions before it ({', '.join(rf.statistics)})"
-            )
-        if self.resampled:
-            out.append("the network resamples before it (F.interpolate), on a grid a crop changes")
-        if self.pools:
-            out.append(
-                "the network pools to a fixed size before it, which a crop would change "
-                f"({', '.join(self.pools)})"
-            )
-        return out
+    def layout(self, output: torch.Tensor) -> LayerLayout:
+        """What the forward that produced ``output`` ``(1, K, *spatial_l)`` measured."""
+        return LayerLayout(
+            shape=tuple(output.shape[1:]),
+            batch_statistics=self.batch_statistics,
+            pools=tuple(self.pools),
+            resampled=self.resampled,
+        )
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -756,6 +760,21 @@ class _CropHazards(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _hazards(layout: LayerLayout | _CropHazards, rf: ReceptiveField) -> list[str]:
+    """Why crops would change a unit of a layer of ``layout`` and field ``rf`` (none: [])."""
+    out = []
+    if rf.statistics:
+        out.append(f"the network normalises over positions before it ({', '.join(rf.statistics)})")
+    if layout.resampled:
+        out.append("the network resamples before it (F.interpolate), on a grid a crop changes")
+    if layout.pools:
+        out.append(
+            "the network pools to a fixed size before it, which a crop would change "
+            f"({', '.join(layout.pools)})"
+        )
+    return out
+
+
 def _fallback(layer: str, why: str) -> str:
     """The text of a :class:`CropWarning`: ``layer`` was (partly) computed on the whole input."""
     return (
@@ -765,16 +784,16 @@ def _fallback(layer: str, why: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# One layer, as the probe forward measures it
+# One layer, as its cached analysis (or the probe forward) describes it
 
 
 @dataclass(frozen=True)
 class _Layer:
     """What projecting units of one layer needs to know of it.
 
-    From the probe forward (one example through the truncated model) and the layer's receptive
-    field. All but ``chunk_size`` depends only on the model's structure, the inputs' shape and
-    the layer (and ``crop``): the value a cache across calls would keep.
+    From the layer's :class:`~featurelens.analysis.LayerLayout` (what a probe forward of one
+    example through the truncated model measured) and its receptive field, both kept across
+    calls in :data:`featurelens.analysis.ANALYSES` per model structure, input shape and layer.
 
     Attributes
     ----------
@@ -803,16 +822,22 @@ class _Layer:
 
 
 def _field(context: _Context, layer: str) -> tuple[ReceptiveField | None, str]:
-    """The layer's receptive field (the caller's, else computed), or None and why not."""
+    """The layer's receptive field (the caller's, else cached or computed), or None and why."""
     if layer in context.fields:
         return context.fields[layer], ""
-    try:
-        rf, why = try_receptive_field(context.model, tuple(context.inputs.shape[1:]), layer)
+    shape = tuple(context.inputs.shape[1:])
+
+    def compute() -> tuple[ReceptiveField | None, str]:
+        rf, why = try_receptive_field(context.model, shape, layer)
+        return rf, "" if rf is not None else f"its receptive field cannot be computed ({why})"
+
+    try:  # kept per model structure, input shape and layer; an error keeps nothing
+        return ANALYSES.get(context.model, context.signature, ("field", shape, layer), compute)
     except LayoutError as exc:  # the layout is the caller's to state (see _layout)
         if context.stated_channel_dim(layer) is None:
             raise
-        rf, why = None, f"{type(exc).__name__}: {_first_line(exc)}"
-    return rf, "" if rf is not None else f"its receptive field cannot be computed ({why})"
+        why = f"{type(exc).__name__}: {_first_line(exc)}"
+        return None, f"its receptive field cannot be computed ({why})"
 
 
 def _traced_layout(context: _Context, layer: str, rf: ReceptiveField | None) -> Layout | None:
@@ -870,7 +895,7 @@ def _analyse(
     """
     shape = tuple(probe.shape[1:])
     if len(shape) < 1:
-        raise ValueError(f"layer {name!r} outputs shape {tuple(probe.shape)}: no channel axis")
+        raise ValueError(f"layer {name!r} outputs shape {(1, *shape)}: no channel axis")
     channels, spatial = shape[0], shape[1:]
     chunk_size = 1 if hazards.batch_statistics else context.chunk_size  # rows would mix
     if not context.crop or len(spatial) != len(context.spatial):
@@ -945,7 +970,7 @@ def plan_crop(
             )
         if rf.is_global:
             return whole, ""
-        why = "; ".join(hazards.reasons(rf))
+        why = "; ".join(_hazards(hazards, rf))
         if rf.anchored:
             why = "; ".join(w for w in (why, "the network depends on absolute positions "
                                         f"before it ({', '.join(rf.anchored)})") if w)  # fmt: skip
@@ -985,7 +1010,9 @@ def _check_target(target: _Target, layer: _Layer) -> None:
 # (an out-of-memory error retried on the whole input would only get worse), and for the rest
 # the call's own forwards decide:
 #
-# * The probe is the call's first forward of the caller's inputs (one example, full size).
+# * The probe is the first forward of inputs of this shape, dtype and device through this
+#   model structure (one example, full size); a call that finds the layer's layout cached
+#   (featurelens.analysis) runs none, the shape having been accepted before.
 #   When it raises while nothing but the shape can be at fault -- the inputs have the dtype of
 #   every floating parameter and buffer and go where all of them live -- the model rejects
 #   the inputs' shape. Otherwise the error is the caller's to see as it is. (One blind spot:
@@ -1074,13 +1101,14 @@ def _project_layer(
         run = _channels_first(captured, name, layout)
         probe = layout.to_channels_first(probe)
         layer = _analyse(context, name, field, probe, hazards, layout)
+        measured = {probe_row: probe[0]}  # its example's arg-max needs no second forward
         if layer.fallback:
             fallbacks.append(_fallback(name, layer.fallback))
         for target in targets:
             _check_target(target, layer)
 
         # 2. Arg-max locations: one truncated forward per example, shared by all its units.
-        targets = _find_locations(context, run, layer, targets, probe_row, probe[0])
+        targets = _find_locations(context, run, layer, targets, measured)
 
         # 3. Crops, then batched forward/backward passes.
         targets, missed = _place(context, layer, targets)
@@ -1119,13 +1147,12 @@ def _find_locations(
     run: Any,
     layer: _Layer,
     targets: list[_Target],
-    probe_row: int,
-    probe: torch.Tensor,
+    measured: Mapping[int, torch.Tensor],
 ) -> list[_Target]:
     """``targets`` with every missing location set to its channel's first arg-max.
 
-    One truncated forward per example, shared by all its targets; ``probe`` ``(K, *spatial_l)``
-    is example ``probe_row``'s output, already computed.
+    One truncated forward per example, shared by all its targets; ``measured`` holds outputs
+    ``(K, *spatial_l)`` already computed, by example (the probe's).
     """
     wanted: dict[int, list[int]] = {}  # example -> indices of its targets without a location
     for k, t in enumerate(targets):
@@ -1138,9 +1165,10 @@ def _find_locations(
             t = targets[k]  # the first maximum, NaN ignored
             located[k] = replace(t, location=argmax_location(y[t.channel]))
 
-    if probe_row in wanted:
-        take(probe_row, probe)
-    rest = [r for r in wanted if r != probe_row]
+    for row, y in measured.items():
+        if row in wanted:
+            take(row, y)
+    rest = [r for r in wanted if r not in measured]
     step = layer.chunk_size or max(1, AUTO_CHUNK_VALUES // context.inputs[0].numel())
     with torch.no_grad():
         for lo in range(0, len(rest), step):
