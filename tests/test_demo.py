@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import textwrap
 from pathlib import Path
 
@@ -58,15 +59,17 @@ def test_demo_atlas_rebuilds_the_trained_model(quick_demo):
     assert model_fingerprint(model) != model_fingerprint(mnist_cnn())  # trained, not random
 
 
-def test_second_run_loads_the_cached_checkpoint(quick_demo, capsys):
-    out, _ = quick_demo
-    before = sorted((out / "model").iterdir())
+def test_second_run_loads_the_cached_checkpoint(quick_demo, capsys, tmp_path):
+    # on a copy: a second run replaces the whole output, and other tests read the first one's
+    out = tmp_path / "featurelens-demo"
+    shutil.copytree(quick_demo[0], out)
+    before = sorted(p.name for p in (out / "model").iterdir())
     from featurelens.demo import run_demo
 
     result = run_demo(out, quick=True, progress=False, layers=["features.conv1"], channels=1)
     log = capsys.readouterr().out
     assert "loaded the cached model" in log and "training" not in log
-    assert sorted((out / "model").iterdir()) == before
+    assert sorted(p.name for p in (out / "model").iterdir()) == before
     assert result.index.is_file()
 
 

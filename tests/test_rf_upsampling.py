@@ -614,7 +614,7 @@ def test_the_explorer_gives_no_interval_for_irregular_fields():
     from featurelens.explorer import _box
 
     rf = fl.receptive_field(UNet().eval(), (1, 12, 16), "dec1")
-    box = _box(rf, (3, 4))
+    box = _box(rf, (3, 4), rf.output_shape, "dec1")
     assert box["interval"] is None
     assert box["region"] == [[s.start, s.stop - 1] for s in rf.region((3, 4))]
 

@@ -131,7 +131,9 @@ class LRUCache:
         self._items: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
-        self._running: dict[Hashable, Future[Any]] = {}  # keys being computed now
+        # keys being computed now: None until a second caller waits (then its Future), so that
+        # an uncontended miss allocates nothing more than the entry it keeps
+        self._running: dict[Hashable, Future[Any] | None] = {}
         self.hits = 0
         self.misses = 0
         self.waits = 0
@@ -187,33 +189,37 @@ class LRUCache:
                 self._items.move_to_end(key)
                 self.hits += 1
                 return self._items[key][0]
-            running = self._running.get(key)
-            if running is None:
+            mine = key not in self._running
+            if mine:
                 self.misses += 1
-                running = self._running[key] = Future()
-                mine = True
+                self._running[key] = None
             else:
                 self.waits += 1
-                mine = False
+                waited = self._running[key]
+                if waited is None:
+                    waited = self._running[key] = Future()
         if not mine:
-            return running.result()  # the computing caller's value, or its exception
+            assert waited is not None  # made above for this waiter
+            return waited.result()  # the computing caller's value, or its exception
         try:
             value = compute()
         except BaseException as exc:
             with self._lock:
-                del self._running[key]
-            running.set_exception(exc)
+                waiting = self._running.pop(key)
+            if waiting is not None:
+                waiting.set_exception(exc)
             raise
         size = self.size_of(key) + self.size_of(value) + self.ENTRY_OVERHEAD
         with self._lock:
-            del self._running[key]
+            waiting = self._running.pop(key)
             if size <= self.max_bytes:
                 self._items[key] = (value, size)
                 self._bytes += size
                 while self._bytes > self.max_bytes:
                     _, (_, old) = self._items.popitem(last=False)
                     self._bytes -= old
-        running.set_result(value)
+        if waiting is not None:
+            waiting.set_result(value)
         return value
 
     def __contains__(self, key: object) -> bool:
