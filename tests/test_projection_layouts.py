@@ -150,3 +150,28 @@ def test_a_layout_nobody_can_establish_is_refused_until_stated():
     maps = fl.project_units(m, x, units, channel_dim={"q": 3}, crop=False)
     torch.testing.assert_close(maps[:1], got[:1])
     torch.testing.assert_close(maps[1:], reference(m, x[1:], "embed", 1, [2], [(4,)]))
+
+
+class _ValueDependent(nn.Module):
+    """The path depends on the input's values: the trace cannot reach ``conv``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) if float(x.sum()) > -1e9 else self.conv(-x)
+
+
+def test_an_unreached_layer_says_its_channel_dim_is_assumed():
+    # Without a trace the channel dim is an assumption (dim 1, as before layouts): the warning
+    # says so and how to state it; once stated, the warning no longer speaks of it.
+    model = _ValueDependent().double().eval()
+    x = torch.randn(2, 2, 7, 6, dtype=torch.float64)
+    with pytest.warns(fl.CropWarning, match=r"channels are read at dim 1 .*channel_dim="):
+        maps = fl.project(model, x, "conv", 1, (2, 3))
+    with pytest.warns(fl.CropWarning) as stated:
+        again = fl.project(model, x, "conv", 1, (2, 3), channel_dim=1)
+    assert not any("channels are read" in str(w.message) for w in stated)
+    assert torch.equal(maps, again)
+    assert torch.equal(maps, reference(model, x, "conv", 1, [1, 1], [(2, 3), (2, 3)]))

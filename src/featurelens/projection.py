@@ -1103,7 +1103,14 @@ def _project_layer(
         layer = _analyse(context, name, field, probe, hazards, layout)
         measured = {probe_row: probe[0]}  # its example's arg-max needs no second forward
         if layer.fallback:
-            fallbacks.append(_fallback(name, layer.fallback))
+            why = layer.fallback
+            if traced is None and context.stated_channel_dim(name) is None:
+                # the trace did not reach the layer: its channel dim is assumed, and said so
+                why += (
+                    f"; its channels are read at dim 1 of its output {tuple(probe.shape)} (pass "
+                    "channel_dim= if they are elsewhere)"
+                )
+            fallbacks.append(_fallback(name, why))
         for target in targets:
             _check_target(target, layer)
 
